@@ -1,0 +1,8 @@
+"""clip-prune: structured pruning of CLIP's vision tower without retraining."""
+
+from clip_prune.pruning.export import load_pruned, register_pruned_models
+
+# Lets transformers.AutoConfig / AutoModel.from_pretrained open pruned model directories.
+register_pruned_models()
+
+__all__ = ["load_pruned", "register_pruned_models"]

@@ -1,0 +1,5 @@
+"""`python -m clip_prune` runs the `clip-prune` command."""
+
+from clip_prune.cli import main
+
+main()

@@ -1,0 +1,161 @@
+"""`PruningCallback`: after the Fisher pass, search → rearrange → rescale the masks and write the run."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from clip_prune.model.module import MaskedCLIPModule
+from clip_prune.outputs import RunDirectory
+from clip_prune.pruning.fisher import FisherStatistics, save_fisher
+from clip_prune.pruning.flops import EncoderMacs, count_encoder_macs
+from clip_prune.pruning.rearrange import rearrange_mask
+from clip_prune.pruning.rescale import rescale_masks
+from clip_prune.pruning.search import search_masks
+from clip_prune.tensorboard import log_fisher, log_masks, log_search_curve
+
+
+@dataclass(frozen=True)
+class PruningOptions:
+    """Which stages run after the Fisher pass, and how rescaling is done."""
+
+    rearrange: bool = True
+    """Rearrange the searched masks with the per-layer Fisher blocks."""
+    rescale: bool = True
+    """Fit real-valued scales of the kept heads and neurons by layer-wise least squares."""
+    teacher: Literal["dense", "ta"] = "dense"
+    """Rescaling target: the dense model, or the 'teaching assistant' mask searched at √constraint."""
+    damping: float = 1e-2
+    """Pull of the scales towards 1, relative to the mean diagonal of the normal equations."""
+    max_abs_scale: float = 10.0
+    """A layer whose solved scales leave [-max, max] keeps its binary mask."""
+    rescale_samples: int = 512
+    """Calibration images used for rescaling (split across ranks)."""
+    last_layer_cls_only: bool = False
+    """At the last layer, reconstruct only the CLS token (the one CLIP pools)."""
+    export: bool = True
+    """Slice the weights and save the smaller model into OUTPUT_DIR/pruned."""
+
+    def __post_init__(self) -> None:
+        if self.damping < 0:
+            raise ValueError(f"--options.damping must be >= 0, got {self.damping}")
+        if self.rescale_samples < 1:
+            raise ValueError(f"--options.rescale_samples must be >= 1, got {self.rescale_samples}")
+
+
+def check_constraint(constraint: float) -> None:
+    """Refuse a FLOP constraint outside (0, 1] before any work starts."""
+    if not (isinstance(constraint, int | float) and 0 < constraint <= 1):
+        raise ValueError(
+            f"--constraint must be in (0, 1] (the fraction of the encoder's FLOPs to keep, e.g. 0.75), got {constraint}"
+        )
+
+
+class PruningCallback(L.Callback):
+    """Turns the Fisher statistics of the validation pass into rescaled masks and a written run.
+
+    Args:
+        run: where the outputs go (staged, renamed into place at the end).
+        constraint: fraction of the encoder's MACs to keep, in (0, 1]; None only saves the statistics.
+        options: stages and rescaling settings.
+        statistics: statistics loaded from an earlier run (`--fisher`); None gathers them.
+    """
+
+    def __init__(self, run: RunDirectory, constraint: float | None, options: PruningOptions,
+                 statistics: FisherStatistics | None = None) -> None:
+        if constraint is not None:
+            check_constraint(constraint)
+        self.run = run
+        self.constraint = constraint
+        self.options = options
+        self.statistics = statistics
+        self.timings: dict[str, float] = {}
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: MaskedCLIPModule) -> None:
+        self._started = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: MaskedCLIPModule) -> None:
+        self.timings["fisher"] = time.perf_counter() - self._started
+        stats = self.statistics if self.statistics is not None else pl_module.fisher.compute()
+        if trainer.is_global_zero:
+            save_fisher(self.run.file("fisher.safetensors"), stats, pl_module.hparams.pretrained)
+            log_fisher(trainer, stats)
+        report: dict[str, Any] = {"model": pl_module.hparams.pretrained, "fisher_samples": stats.num_samples}
+        if self.constraint is not None:
+            report |= self._prune(trainer, pl_module, stats)
+        report["timings_s"] = {**self.timings, "total": sum(self.timings.values())}
+        if trainer.is_global_zero:
+            self.run.write_json("report.json", report)
+            path = self.run.commit()
+            rank_zero_info(f"clip-prune: wrote {path}")
+        trainer.strategy.barrier()
+
+    def _prune(self, trainer: L.Trainer, pl_module: MaskedCLIPModule, stats: FisherStatistics) -> dict[str, Any]:
+        """Search, rearrange and rescale; write masks and the plan; return the report's pruning part."""
+        macs = count_encoder_macs(pl_module.vision_config)
+        head_mask, neuron_mask = self._timed("search", lambda: self._search(trainer, stats, macs))
+        log_masks(trainer, "search", 1, head_mask, neuron_mask)
+        if self.options.rearrange:
+            head_mask, neuron_mask = self._timed("rearrange", lambda: (
+                rearrange_mask(head_mask, stats.head_fisher, stats.head_gram),
+                rearrange_mask(neuron_mask, stats.neuron_fisher, stats.neuron_gram),
+            ))
+            log_masks(trainer, "rearrange", 2, head_mask, neuron_mask)
+        warnings: list[str] = []
+        if self.options.rescale:
+            result = self._timed("rescale", lambda: self._rescale(trainer, pl_module, stats, macs,
+                                                                   head_mask, neuron_mask))
+            head_mask, neuron_mask, warnings = result.head_mask, result.neuron_mask, result.warnings
+            log_masks(trainer, "rescale", 3, head_mask, neuron_mask)
+        self.head_mask, self.neuron_mask = head_mask.cpu(), neuron_mask.cpu()
+        if trainer.is_global_zero:
+            self.run.save_tensor("head_mask.pt", head_mask)
+            self.run.save_tensor("neuron_mask.pt", neuron_mask)
+        pruned = macs.of_masks(head_mask, neuron_mask)
+        return {
+            "constraint": self.constraint,
+            "options": asdict(self.options),
+            "flops": {"dense": macs.dense, "pruned": pruned, "ratio": pruned / macs.dense, "unit": "MACs per image"},
+            "kept": {"heads": int((head_mask != 0).sum()), "neurons": int((neuron_mask != 0).sum()),
+                     "heads_per_layer": (head_mask != 0).sum(1).tolist(),
+                     "neurons_per_layer": (neuron_mask != 0).sum(1).tolist()},
+            "warnings": warnings,
+        }
+
+    def _search(self, trainer: L.Trainer, stats: FisherStatistics, macs: EncoderMacs) -> tuple[torch.Tensor, ...]:
+        result = search_masks(stats.head_fisher, stats.neuron_fisher, macs, self.constraint)
+        log_search_curve(trainer, result.objective_curve, result.num_heads)
+        return result.head_mask, result.neuron_mask
+
+    def _rescale(self, trainer: L.Trainer, pl_module: MaskedCLIPModule, stats: FisherStatistics,
+                 macs: EncoderMacs, head_mask: torch.Tensor, neuron_mask: torch.Tensor) -> Any:
+        teacher: dict[str, torch.Tensor] = {}
+        if self.options.teacher == "ta":
+            assistant = search_masks(stats.head_fisher, stats.neuron_fisher, macs, math.sqrt(self.constraint))
+            teacher = {"teacher_head_mask": assistant.head_mask, "teacher_neuron_mask": assistant.neuron_mask}
+        per_rank = math.ceil(self.options.rescale_samples / trainer.world_size)
+        batches, seen = [], 0
+        for batch in itertools.takewhile(lambda _: seen < per_rank, trainer.val_dataloaders):
+            pixels = batch["pixel_values"][: per_rank - seen]
+            batches.append(pixels.to(pl_module.device))
+            seen += len(pixels)
+        return rescale_masks(
+            pl_module.model, head_mask.to(pl_module.device), neuron_mask.to(pl_module.device), batches,
+            damping=self.options.damping, max_abs_scale=self.options.max_abs_scale,
+            last_layer_cls_only=self.options.last_layer_cls_only,
+            all_reduce=lambda t: trainer.strategy.reduce(t, reduce_op="sum") if trainer.world_size > 1 else t,
+            progress=trainer.is_global_zero, **teacher,
+        )
+
+    def _timed(self, stage: str, work: Any) -> Any:
+        start = time.perf_counter()
+        result = work()
+        self.timings[stage] = time.perf_counter() - start
+        return result

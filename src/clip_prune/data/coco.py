@@ -1,0 +1,208 @@
+"""COCO-captions data for calibration (Fisher, rescaling) and evaluation (retrieval).
+
+The layout is MS-COCO's: `root/train2017/*.jpg` with `root/annotations/captions_train2017.json`,
+and the same for `val2017`. The calibration split feeds Lightning's *validation* loop (where
+the Fisher information is gathered, DESIGN.md "Shape"); the evaluation split feeds its test
+loop.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+from transformers import AutoImageProcessor, AutoTokenizer
+
+
+@dataclass(frozen=True)
+class CaptionedImage:
+    """One image file and its captions."""
+
+    path: Path
+    captions: tuple[str, ...]
+
+
+def read_coco_captions(root: Path, image_dir: str, captions_file: str) -> list[CaptionedImage]:
+    """All images of a COCO-captions split with their captions, checked for the keys COCO defines."""
+    images_path, captions_path = root / image_dir, root / captions_file
+    missing = [str(p) for p in (root, images_path, captions_path) if not p.exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"COCO data not found: {', '.join(missing)} does not exist. Point --data.root at a folder holding "
+            f"'{image_dir}/' and '{captions_file}' (or set --data.{_option_for(image_dir, captions_file)})."
+        )
+    try:
+        content = json.loads(captions_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{captions_path} is not valid JSON ({error}); expected a COCO captions file") from error
+    absent = [key for key in ("images", "annotations") if not isinstance(content, dict) or key not in content]
+    if absent:
+        raise ValueError(
+            f"{captions_path} lacks the key(s) {absent}: a COCO captions file has 'images' "
+            "(id, file_name) and 'annotations' (image_id, caption)"
+        )
+    try:
+        files = {image["id"]: image["file_name"] for image in content["images"]}
+        captions: dict[int, list[str]] = {image_id: [] for image_id in files}
+        for annotation in content["annotations"]:
+            captions[annotation["image_id"]].append(annotation["caption"].strip())
+    except (KeyError, TypeError) as error:
+        raise ValueError(
+            f"{captions_path} has a malformed entry (missing {error}): images need 'id' and 'file_name', "
+            "annotations need 'image_id' and 'caption'"
+        ) from error
+    return [
+        CaptionedImage(images_path / files[image_id], tuple(texts))
+        for image_id, texts in sorted(captions.items())
+        if texts
+    ]
+
+
+def _option_for(image_dir: str, captions_file: str) -> str:
+    return "train_images / --data.train_captions" if "train" in image_dir else "val_images / --data.val_captions"
+
+
+def check_images(images: list[CaptionedImage]) -> None:
+    """Raise naming every sampled image that is missing or cannot be decoded."""
+    problems = []
+    for image in images:
+        try:
+            with Image.open(image.path) as file:
+                file.verify()
+        except FileNotFoundError:
+            problems.append(f"{image.path} (missing)")
+        except (UnidentifiedImageError, OSError, SyntaxError) as error:
+            problems.append(f"{image.path} (cannot be decoded: {error})")
+    if problems:
+        shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
+        raise FileNotFoundError(
+            f"{len(problems)} sampled image(s) cannot be read:\n  {shown}\n"
+            "Restore the files, or remove their entries from the captions JSON."
+        )
+
+
+class CaptionPairs(Dataset):
+    """(image, caption) pairs: `pixel_values` [3, S, S], the caption text and the pair's index."""
+
+    def __init__(self, pairs: list[tuple[Path, str]], image_processor: Any) -> None:
+        self.pairs = pairs
+        self.image_processor = image_processor
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path, caption = self.pairs[index]
+        with Image.open(path) as image:
+            pixels = self.image_processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+        return {"pixel_values": pixels, "caption": caption, "index": index}
+
+
+class CaptionCollator:
+    """Stacks images and tokenizes captions, padded to the longest in the batch."""
+
+    def __init__(self, tokenizer: Any, max_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        text = self.tokenizer(
+            [item["caption"] for item in items], padding="longest", truncation=True,
+            max_length=self.max_length, return_tensors="pt",
+        )
+        return {
+            "pixel_values": torch.stack([item["pixel_values"] for item in items]),
+            "input_ids": text["input_ids"],
+            "attention_mask": text["attention_mask"],
+            "index": torch.tensor([item["index"] for item in items]),
+        }
+
+
+class CocoDataModule(L.LightningDataModule):
+    """COCO-captions calibration samples (validation loop) and evaluation split (test loop).
+
+    Args:
+        root: folder holding the image folders and `annotations/`.
+        pretrained: checkpoint whose image processor and tokenizer prepare the data (linked
+            from `--model.pretrained` by the CLI).
+        num_samples: image–caption pairs drawn for calibration, one caption per image, without
+            replacement.
+        seed: seed of that draw (and of the caption chosen per image).
+        batch_size: images per batch.
+        num_workers: data-loading worker processes.
+        train_images: calibration image folder, relative to `root`.
+        train_captions: calibration captions file, relative to `root`.
+        val_images: evaluation image folder, relative to `root`.
+        val_captions: evaluation captions file, relative to `root`.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        pretrained: str,
+        num_samples: int = 8192,
+        seed: int = 1,
+        batch_size: int = 32,
+        num_workers: int = 4,
+        train_images: str = "train2017",
+        train_captions: str = "annotations/captions_train2017.json",
+        val_images: str = "val2017",
+        val_captions: str = "annotations/captions_val2017.json",
+    ) -> None:
+        super().__init__()
+        if num_samples < 1:
+            raise ValueError(f"--data.num_samples must be at least 1, got {num_samples}")
+        if batch_size < 1:
+            raise ValueError(f"--data.batch_size must be at least 1, got {batch_size}")
+        self.save_hyperparameters()
+        self.calibration: CaptionPairs | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read, sample and check the calibration split (before any model work)."""
+        if self.calibration is not None:
+            return
+        hp = self.hparams
+        images = read_coco_captions(Path(hp.root), hp.train_images, hp.train_captions)
+        if not images:
+            raise ValueError(f"{Path(hp.root) / hp.train_captions} lists no image with a caption")
+        if hp.num_samples > len(images):
+            warnings.warn(
+                f"--data.num_samples={hp.num_samples} is larger than the {len(images)} captioned images in "
+                f"{Path(hp.root) / hp.train_captions}: using all {len(images)}.",
+                stacklevel=2,
+            )
+        rng = random.Random(hp.seed)
+        sampled = rng.sample(images, min(hp.num_samples, len(images)))
+        check_images(sampled)
+        pairs = [(image.path, rng.choice(image.captions)) for image in sampled]
+        self.calibration = CaptionPairs(pairs, AutoImageProcessor.from_pretrained(hp.pretrained))
+
+    def val_dataloader(self) -> DataLoader:
+        """Calibration batches; under DDP each sample goes to exactly one rank (no padding)."""
+        assert self.calibration is not None, "call setup() first"
+        sampler = None
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            sampler = UnrepeatedDistributedSampler(
+                self.calibration, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+            )
+        return DataLoader(
+            self.calibration, batch_size=self.hparams.batch_size, shuffle=False, sampler=sampler,
+            num_workers=self.hparams.num_workers, collate_fn=self.collator(),
+            persistent_workers=False, pin_memory=False,
+        )
+
+    def collator(self) -> CaptionCollator:
+        """Tokenizes captions with the checkpoint's tokenizer, truncated at its text length limit."""
+        tokenizer = AutoTokenizer.from_pretrained(self.hparams.pretrained)
+        limit = tokenizer.model_max_length if tokenizer.model_max_length < 100_000 else 77
+        return CaptionCollator(tokenizer, limit)

@@ -1,0 +1,138 @@
+"""`MaskedCLIPModule`: a frozen CLIP with hooked masks whose validation loop gathers Fisher information."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, CLIPModel, CLIPVisionModel, PreTrainedModel
+
+from clip_prune.model.masking import VisionMasks, mask_shapes, vision_tower
+from clip_prune.pruning.fisher import FisherInformation
+
+LossName = Literal["contrastive", "distill"]
+AttentionName = Literal["sdpa", "eager"]
+
+
+def load_clip(pretrained: str, attn_implementation: AttentionName = "sdpa") -> CLIPModel | CLIPVisionModel:
+    """Load a CLIP checkpoint (Hub name or local folder), refusing anything that is not CLIP."""
+    try:
+        config = AutoConfig.from_pretrained(pretrained)
+    except (OSError, ValueError) as error:
+        raise OSError(
+            f"cannot load a model config from --model.pretrained={pretrained!r}: {error}. Give a Hub name such "
+            "as openai/clip-vit-base-patch16 or a folder written by save_pretrained."
+        ) from error
+    classes = {"clip": CLIPModel, "clip_vision_model": CLIPVisionModel}
+    if config.model_type not in classes:
+        raise TypeError(
+            f"--model.pretrained={pretrained!r} is a {config.model_type!r} model, not a CLIP model; clip-prune "
+            "prunes the vision tower of CLIP checkpoints (model_type 'clip' or 'clip_vision_model')."
+        )
+    return classes[config.model_type].from_pretrained(pretrained, attn_implementation=attn_implementation)
+
+
+def image_embeddings(model: PreTrainedModel, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Image embeddings [B, E]: projected for a CLIPModel, pooled CLS state for a vision-only model."""
+    if isinstance(model, CLIPModel):
+        return model.get_image_features(pixel_values=pixel_values).pooler_output
+    return vision_tower(model)(pixel_values=pixel_values).pooler_output
+
+
+def contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric CLIP InfoNCE over in-batch negatives, with the model's own temperature."""
+    logits = logit_scale.exp() * F.normalize(image_embeds, dim=-1) @ F.normalize(text_embeds, dim=-1).T
+    targets = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+def distill_loss(image_embeds: torch.Tensor, sample_ids: torch.Tensor, seed: int) -> torch.Tensor:
+    """Label-free loss whose per-sample gradients estimate the true Fisher of the image embedding.
+
+    The normalised embedding e_n is pulled towards a Gaussian sample around its own value,
+    e_n + ε_n; a plain masked-vs-dense distance would have zero gradient at the dense
+    model. ε_n depends only on (seed, sample id), so the statistics do not depend on batch
+    composition or on the number of processes. Summed (not averaged) over the batch.
+    """
+    embeds = F.normalize(image_embeds.float(), dim=-1)
+    noise = torch.stack([
+        torch.randn(embeds.shape[-1], generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i)))
+        for i in sample_ids
+    ]).to(embeds.device)
+    return 0.5 * (embeds - (embeds.detach() + noise)).square().sum()
+
+
+class MaskedCLIPModule(L.LightningModule):
+    """A frozen CLIP whose vision tower carries head and neuron masks; validation gathers their Fisher information.
+
+    Args:
+        pretrained: Hub name or local folder of a CLIP checkpoint (CLIPModel or CLIPVisionModel).
+        loss: `contrastive`, CLIP's InfoNCE between image embeddings and captions of the frozen
+            text tower (needs a CLIPModel), or `distill`, label-free on images only.
+        attn_implementation: attention kernel of the vision tower.
+        noise_seed: seed of the `distill` loss's Gaussian samples.
+    """
+
+    def __init__(
+        self,
+        pretrained: str,
+        loss: LossName = "contrastive",
+        attn_implementation: AttentionName = "sdpa",
+        noise_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = load_clip(pretrained, attn_implementation)
+        if loss == "contrastive" and not isinstance(self.model, CLIPModel):
+            raise ValueError(
+                f"--model.loss=contrastive needs a CLIPModel with its text tower, but {pretrained!r} is vision-only; "
+                "use --model.loss=distill"
+            )
+        self.model.requires_grad_(False)
+        self.model.eval()
+        self.masks = VisionMasks(self.model)
+        (layers, heads), (_, neurons) = mask_shapes(self.vision_config)
+        self.fisher = FisherInformation(layers, heads, neurons)
+        self.collect_fisher = True
+
+    @property
+    def vision_config(self) -> Any:
+        """The `CLIPVisionConfig` of the vision tower."""
+        return vision_tower(self.model).config
+
+    def mask_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss whose gradients w.r.t. the masks give the Fisher information."""
+        image_embeds = image_embeddings(self.model, batch["pixel_values"])
+        match self.hparams.loss:
+            case "contrastive":
+                with torch.no_grad():
+                    text_embeds = self.model.get_text_features(
+                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                    ).pooler_output
+                return contrastive_loss(image_embeds.float(), text_embeds.float(), self.model.logit_scale.float())
+            case "distill":
+                return distill_loss(image_embeds, batch["index"], self.hparams.noise_seed)
+
+    def on_validation_epoch_start(self) -> None:
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "Fisher collection needs gradients, but the Trainer runs validation in inference mode; "
+                "set trainer.inference_mode: false (the clip-prune CLI does so by default)"
+            )
+        # bf16/half precision plugins convert submodules; the sums stay float64.
+        self.fisher.set_dtype(torch.float64)
+        self.masks.set(self.masks.head_mask.to(self.device), self.masks.neuron_mask.to(self.device))
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        if not self.collect_fisher:
+            return
+        with torch.enable_grad(), self.masks.tracking_samples():
+            loss = self.mask_loss(batch)
+            head_grads, neuron_grads = self.masks.per_sample_grads(loss)
+        self.fisher.update(head_grads, neuron_grads)
+
+    def configure_optimizers(self) -> None:
+        """Nothing is trained: all weights stay frozen."""
+        return None

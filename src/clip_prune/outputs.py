@@ -1,0 +1,64 @@
+"""Run directories that appear whole or not at all, and never replace a finished run unless asked."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class RunDirectory:
+    """An output directory written in a hidden staging sibling and renamed into place when complete.
+
+    Args:
+        path: the final output directory.
+        overwrite: replace `path` if it already exists (otherwise refuse, before any work).
+    """
+
+    def __init__(self, path: str | Path, overwrite: bool = False) -> None:
+        self.path = Path(path)
+        self.overwrite = overwrite
+        if self.path.exists() and not overwrite and (not self.path.is_dir() or any(self.path.iterdir())):
+            raise FileExistsError(
+                f"output directory {self.path} already exists and is not empty; choose another --output_dir "
+                "or pass --overwrite true to replace it"
+            )
+        self.staging = self.path.parent / f".{self.path.name}.partial-{uuid.uuid4().hex[:8]}"
+
+    def file(self, name: str) -> Path:
+        """Path of `name` inside the staging directory (created on first use)."""
+        self.staging.mkdir(parents=True, exist_ok=True)
+        return self.staging / name
+
+    def write_json(self, name: str, content: Any) -> Path:
+        path = self.file(name)
+        path.write_text(json.dumps(content, indent=2) + "\n")
+        return path
+
+    def save_tensor(self, name: str, tensor: torch.Tensor) -> Path:
+        path = self.file(name)
+        torch.save(tensor.detach().cpu().contiguous(), path)
+        return path
+
+    def commit(self) -> Path:
+        """Move the staged files into place (replacing an old run only when `overwrite`)."""
+        self.staging.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            if not self.overwrite and any(self.path.iterdir()):
+                raise FileExistsError(f"{self.path} appeared while this run was working; results are in {self.staging}")
+            trash = self.path.parent / f".{self.path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(self.path, trash)
+            os.replace(self.staging, self.path)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(self.staging, self.path)
+        return self.path
+
+    def discard(self) -> None:
+        """Remove the staging directory after a failure (the final directory is untouched)."""
+        shutil.rmtree(self.staging, ignore_errors=True)

@@ -1,0 +1,398 @@
+"""Mask rescaling by layer-wise reconstruction (DESIGN.md, "Mask rescaling"; Kwon et al., arXiv 2204.09656).
+
+Layer by layer, first to last, least squares fits real-valued scales for the kept heads and
+then for the kept neurons so that the masked student's layer output matches the teacher's
+(the dense model, or the model under the "teaching assistant" masks). CLIP is pre-LN,
+x' = x + Attn(LN1(x)) and y = x' + MLP(LN2(x')), and each kept unit adds a linear term to the
+residual stream: u_h(t) = out_proj_h(ctx_h(t)) for a head, a_n(t)·fc2[:, n] for a neuron. Both
+normal equations are built in closed form from input Gram matrices, never from a per-token
+design matrix: AᵀA = block sums of (WᵀW) ∘ Σ_t z(t)z(t)ᵀ and Aᵀr = Σ_t z(t) ∘ (Wᵀr(t)), with z
+the unit inputs (head outputs before out_proj, post-activation neurons) and W the matching
+out_proj or fc2 columns.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional
+from tqdm.auto import tqdm
+from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+
+from clip_prune.model.masking import VisionMasks, encoder_layers, vision_tower
+
+
+class ScaleSolveError(ArithmeticError):
+    """The scales of one layer and stage could not be solved (singular, not finite or too large)."""
+
+
+@dataclass
+class NormalEquations:
+    """Damping-free normal equations of one layer and stage, summed over tokens and batches."""
+
+    gram: torch.Tensor
+    """[K, K] float64 AᵀA over the K kept units."""
+    moment: torch.Tensor
+    """[K] float64 Aᵀ(b − A·s0): correlation of each unit's contribution with the residual that
+    the current scales s0 leave (DESIGN.md's Aᵀb − AᵀA·1, computed without cancellation)."""
+
+    def __add__(self, other: NormalEquations) -> NormalEquations:
+        return NormalEquations(self.gram + other.gram, self.moment + other.moment)
+
+
+@dataclass
+class RescaleResult:
+    """Masks after rescaling and what rescaling did, layer by layer."""
+
+    head_mask: torch.Tensor
+    """[L, H] float32; pruned heads stay exactly 0, kept heads carry their solved scales."""
+    neuron_mask: torch.Tensor
+    """[L, F] float32; pruned neurons stay exactly 0, kept neurons carry their solved scales."""
+    error_before: torch.Tensor
+    """[L] float64 squared error Σ‖y_teacher − y_student‖² of each layer's output on the calibration
+    data, student input from the rescaled earlier layers, this layer under its incoming masks."""
+    error_after: torch.Tensor
+    """[L] float64 the same error with this layer rescaled. With `last_layer_cls_only` the last
+    entry of both sums over the CLS token only."""
+    warnings: list[str] = field(default_factory=list)
+    """One line per layer and stage that kept its incoming (binary) mask, with the reason."""
+
+
+def weight_gram(weight: torch.Tensor) -> torch.Tensor:
+    """WᵀW in float64 for the (D, K·g) output columns `weight` of K units of width g."""
+    weight = weight.double()
+    return weight.T @ weight
+
+
+def accumulate_head_equations(
+    context: torch.Tensor,
+    out_proj_weight: torch.Tensor,
+    residual: torch.Tensor,
+    head_dim: int,
+    out_proj_gram: torch.Tensor | None = None,
+) -> NormalEquations:
+    """Normal equations of the scales of K kept heads, from one batch.
+
+    Args:
+        context: (B, T, K·d) the kept heads' outputs before out_proj, unscaled.
+        out_proj_weight: (D, K·d) the out_proj columns of the kept heads.
+        residual: (B, T, D) the teacher's mid-layer residual x' minus the student's under the current scales.
+        head_dim: d, the width of one head.
+        out_proj_gram: (K·d, K·d) `weight_gram(out_proj_weight)`, to reuse across batches.
+    """
+    return _accumulate(context, out_proj_weight, residual, head_dim, out_proj_gram)
+
+
+def accumulate_neuron_equations(
+    activations: torch.Tensor,
+    fc2_weight: torch.Tensor,
+    residual: torch.Tensor,
+    fc2_gram: torch.Tensor | None = None,
+) -> NormalEquations:
+    """Normal equations of the scales of K kept MLP neurons, from one batch.
+
+    Args:
+        activations: (B, T, K) the kept neurons' post-activation values, unscaled.
+        fc2_weight: (D, K) the fc2 columns of the kept neurons.
+        residual: (B, T, D) the teacher's layer output y minus the student's under the current scales.
+        fc2_gram: (K, K) `weight_gram(fc2_weight)`, to reuse across batches.
+    """
+    return _accumulate(activations, fc2_weight, residual, 1, fc2_gram)
+
+
+def _accumulate(inputs: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, group: int,
+                gram_of_weight: torch.Tensor | None) -> NormalEquations:
+    """Normal equations for units of `group` input columns each: block sums of (WᵀW) ∘ (ZᵀZ) and of Z ∘ (RW)."""
+    width = inputs.shape[-1]
+    if width % group or weight.shape[-1] != width:
+        raise ValueError(
+            f"inputs have {width} columns and the weight {weight.shape[-1]}: both must be the K·{group} "
+            "columns of the kept units"
+        )
+    units = width // group
+    inputs = inputs.reshape(-1, width).float()
+    residual = residual.reshape(-1, residual.shape[-1]).float()
+    if gram_of_weight is None:
+        gram_of_weight = weight_gram(weight)
+    # Per-batch products in float32 (a (K·g × tokens)·(tokens × K·g) matmul), sums across batches in float64.
+    input_gram = (inputs.T @ inputs).double()
+    gram = (input_gram * gram_of_weight).view(units, group, units, group).sum(dim=(1, 3))
+    projected = residual @ weight.float()
+    moment = torch.sum(inputs * projected, dim=0, dtype=torch.float64).view(units, group).sum(dim=1)
+    return NormalEquations(gram, moment)
+
+
+def solve_scales(gram: torch.Tensor, moment: torch.Tensor, current: torch.Tensor, *,
+                 damping: float = 1e-2, max_abs_scale: float = 10.0) -> torch.Tensor:
+    """Solve (AᵀA + λ·mean(diag AᵀA)·I) δ = Aᵀ(b − A·s0) and return s = s0 + δ, in float64.
+
+    Args:
+        gram: [K, K] AᵀA.
+        moment: [K] Aᵀ(b − A·s0).
+        current: [K] s0, the current scales of the kept units (ones for a binary mask).
+        damping: λ, the pull towards s0 relative to the mean diagonal of AᵀA (so independent of
+            the number of tokens).
+        max_abs_scale: largest |s| accepted.
+
+    Raises:
+        ScaleSolveError: if the system is singular, or a scale is not finite or exceeds `max_abs_scale`.
+    """
+    units = current.shape[0]
+    if gram.shape != (units, units) or moment.shape != (units,):
+        raise ValueError(
+            f"expected gram [{units}, {units}] and moment [{units}] for {units} kept units, got "
+            f"{list(gram.shape)} and {list(moment.shape)}"
+        )
+    gram, moment = gram.double(), moment.double()
+    regularised = gram + damping * gram.diagonal().mean() * torch.eye(units, dtype=gram.dtype, device=gram.device)
+    try:
+        delta = torch.linalg.solve(regularised, moment)
+    except torch.linalg.LinAlgError as error:
+        raise ScaleSolveError(f"singular normal equations ({error})") from error
+    scales = current.to(delta) + delta
+    if not torch.isfinite(scales).all():
+        raise ScaleSolveError("the solved scales are not finite")
+    largest = float(scales.abs().max()) if units else 0.0
+    if largest > max_abs_scale:
+        raise ScaleSolveError(f"a solved scale reaches |s| = {largest:.3g} > max_abs_scale = {max_abs_scale:g}")
+    return scales
+
+
+@contextmanager
+def _recording_inputs(*modules: nn.Module) -> Iterator[list[torch.Tensor | None]]:
+    """Record the first input of each module on every call; prepended, so it sees it before mask hooks."""
+    records: list[torch.Tensor | None] = [None] * len(modules)
+
+    def recorder(index: int):
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            records[index] = args[0]
+
+        return hook
+
+    handles = [module.register_forward_pre_hook(recorder(i), prepend=True) for i, module in enumerate(modules)]
+    try:
+        yield records
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass
+class _Run:
+    """State shared by the layers of one `rescale_masks` call."""
+
+    masks: VisionMasks
+    teacher_head_mask: torch.Tensor
+    teacher_neuron_mask: torch.Tensor
+    head_mask: torch.Tensor
+    neuron_mask: torch.Tensor
+    teacher_states: list[torch.Tensor]
+    student_states: list[torch.Tensor]
+    damping: float
+    max_abs_scale: float
+    all_reduce: Callable[[torch.Tensor], torch.Tensor]
+    warnings: list[str]
+
+    def use_teacher(self) -> None:
+        self.masks.set(head_mask=self.teacher_head_mask, neuron_mask=self.teacher_neuron_mask)
+
+    def use_student(self) -> None:
+        self.masks.set(head_mask=self.head_mask, neuron_mask=self.neuron_mask)
+
+    def solve(self, equations: NormalEquations, current: torch.Tensor, where: str) -> torch.Tensor | None:
+        """Scales for one layer and stage, or None (with a warning) when the binary mask must stay."""
+        gram, moment = self.all_reduce(equations.gram), self.all_reduce(equations.moment)
+        try:
+            return solve_scales(gram, moment, current, damping=self.damping, max_abs_scale=self.max_abs_scale)
+        except ScaleSolveError as error:
+            message = f"{where}: kept the incoming (binary) mask because {error}"
+            self.warnings.append(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=5)
+            return None
+
+
+def _squared_error(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    return torch.sum((teacher - student).double() ** 2)
+
+
+def _solve_heads(run: _Run, index: int, layer: CLIPEncoderLayer, tokens: slice) -> torch.Tensor:
+    """Pass A: teacher layer, student layer under its incoming masks, head equations; returns error before."""
+    head_dim = layer.self_attn.head_dim
+    kept = run.head_mask[index].nonzero().squeeze(1)
+    columns = (kept[:, None] * head_dim + torch.arange(head_dim, device=kept.device)).reshape(-1)
+    weight = layer.self_attn.out_proj.weight[:, columns]
+    gram_of_weight = weight_gram(weight)
+    equations = NormalEquations(gram_of_weight.new_zeros(len(kept), len(kept)), gram_of_weight.new_zeros(len(kept)))
+    error = torch.zeros((), dtype=torch.float64, device=weight.device)
+    for batch, (teacher, student) in enumerate(zip(run.teacher_states, run.student_states, strict=True)):
+        run.use_teacher()
+        with _recording_inputs(layer.layer_norm2) as (teacher_mid,):
+            run.teacher_states[batch] = teacher_output = layer(teacher, None)
+        run.use_student()
+        with _recording_inputs(layer.self_attn.out_proj, layer.layer_norm2) as (context, student_mid):
+            student_output = layer(student, None)
+        error += _squared_error(teacher_output[:, tokens], student_output[:, tokens])
+        if len(kept):
+            residual = (teacher_mid - student_mid)[:, tokens]
+            equations += accumulate_head_equations(
+                context[:, tokens][..., columns], weight, residual, head_dim, gram_of_weight
+            )
+    if len(kept):
+        scales = run.solve(equations, run.head_mask[index, kept], f"layer {index} heads")
+        if scales is not None:
+            run.head_mask[index, kept] = scales.to(run.head_mask.dtype)
+    return error
+
+
+@dataclass
+class _KeptMLP:
+    """fc1 rows and fc2 columns of the kept neurons of one layer, sliced once per layer."""
+
+    kept: torch.Tensor
+    fc1_weight: torch.Tensor
+    fc1_bias: torch.Tensor
+    fc2_weight: torch.Tensor
+
+    @classmethod
+    def of(cls, layer: CLIPEncoderLayer, kept: torch.Tensor) -> _KeptMLP:
+        mlp = layer.mlp
+        return cls(kept, mlp.fc1.weight[kept], mlp.fc1.bias[kept], mlp.fc2.weight[:, kept])
+
+    def activations(self, layer: CLIPEncoderLayer, mid: torch.Tensor) -> torch.Tensor:
+        """(B, T, K) post-activation values of the kept neurons for the mid-layer residual `mid`."""
+        hidden = functional.linear(layer.layer_norm2(mid), self.fc1_weight, self.fc1_bias)
+        return layer.mlp.activation_fn(hidden)
+
+    def output(self, layer: CLIPEncoderLayer, mid: torch.Tensor, scales: torch.Tensor,
+               activations: torch.Tensor | None = None) -> torch.Tensor:
+        """y = x' + fc2(scales ∘ a): the layer output when only the kept neurons remain."""
+        if not len(self.kept):
+            return mid + layer.mlp.fc2.bias  # an MLP without neurons outputs fc2's bias
+        if activations is None:
+            activations = self.activations(layer, mid)
+        scaled = activations * scales.to(activations.dtype)
+        return mid + functional.linear(scaled, self.fc2_weight, layer.mlp.fc2.bias)
+
+
+def _solve_neurons(run: _Run, index: int, layer: CLIPEncoderLayer, tokens: slice) -> torch.Tensor:
+    """Pass B with the new head scales, neuron equations; pass C, the student's new output; returns error after."""
+    mlp = _KeptMLP.of(layer, run.neuron_mask[index].nonzero().squeeze(1))
+    units = len(mlp.kept)
+    gram_of_weight = weight_gram(mlp.fc2_weight)
+    equations = NormalEquations(gram_of_weight.new_zeros(units, units), gram_of_weight.new_zeros(units))
+    run.use_student()
+    for batch, student in enumerate(run.student_states):
+        attention, _ = layer.self_attn(hidden_states=layer.layer_norm1(student), attention_mask=None)
+        run.student_states[batch] = mid = student + attention  # x' = x + Attn(LN1(x)), CLIP is pre-LN
+        if units:
+            activations = mlp.activations(layer, mid)
+            current = mlp.output(layer, mid, run.neuron_mask[index, mlp.kept], activations)
+            residual = (run.teacher_states[batch] - current)[:, tokens]
+            equations += accumulate_neuron_equations(activations[:, tokens], mlp.fc2_weight, residual,
+                                                     gram_of_weight)
+    if units:
+        scales = run.solve(equations, run.neuron_mask[index, mlp.kept], f"layer {index} neurons")
+        if scales is not None:
+            run.neuron_mask[index, mlp.kept] = scales.to(run.neuron_mask.dtype)
+    error = torch.zeros((), dtype=torch.float64, device=gram_of_weight.device)
+    for batch, mid in enumerate(run.student_states):
+        run.student_states[batch] = output = mlp.output(layer, mid, run.neuron_mask[index, mlp.kept])
+        error += _squared_error(run.teacher_states[batch][:, tokens], output[:, tokens])
+    return error
+
+
+def _checked_teacher(mask: torch.Tensor | None, like: torch.Tensor, name: str) -> torch.Tensor:
+    """The teacher's mask on the student mask's device (ones, i.e. dense, if None)."""
+    if mask is None:
+        return torch.ones_like(like)
+    if mask.shape != like.shape:
+        raise ValueError(
+            f"{name} has shape {list(mask.shape)} but the student's mask has {list(like.shape)}: "
+            "pass teacher masks of the same model (or None for the dense teacher)"
+        )
+    return mask.detach().to(like)
+
+
+def _ones_or(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    if mask is None:
+        return torch.ones_like(like)
+    return mask.detach().to(like)
+
+
+@torch.no_grad()
+def rescale_masks(
+    model: nn.Module,
+    head_mask: torch.Tensor,
+    neuron_mask: torch.Tensor,
+    pixel_batches: Sequence[torch.Tensor],
+    *,
+    teacher_head_mask: torch.Tensor | None = None,
+    teacher_neuron_mask: torch.Tensor | None = None,
+    damping: float = 1e-2,
+    max_abs_scale: float = 10.0,
+    last_layer_cls_only: bool = False,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    progress: bool = False,
+) -> RescaleResult:
+    """Rescale the kept heads and neurons of `model`'s vision tower, layer by layer (DESIGN.md).
+
+    Per layer, first the heads, then (with the new head scales) the neurons are fitted by damped
+    least squares to the teacher's mid-layer residual and layer output; the student's inputs come
+    from the already rescaled earlier layers. A layer and stage whose solve fails keeps its
+    incoming mask, with a warning, and the later layers go on. Only the current hidden states of
+    teacher and student are cached, 2 × (N, T, D) on the model's device.
+
+    Args:
+        model: a CLIPModel or CLIPVisionModel without mask hooks of its own; its mode is restored.
+        head_mask: [L, H] the student's heads, 0 = pruned, otherwise the current scale (1 if binary).
+        neuron_mask: [L, F] the student's neurons, same convention.
+        pixel_batches: calibration images, each (B, 3, image size, image size) on the model's device.
+        teacher_head_mask: [L, H] mask of the teacher (the √c "teaching assistant"); None = dense.
+        teacher_neuron_mask: [L, F] likewise; None = dense.
+        damping: λ, the pull towards the incoming scales relative to the mean diagonal of AᵀA.
+        max_abs_scale: a solved |scale| above this keeps the layer's incoming mask for that stage.
+        last_layer_cls_only: at the last layer, reconstruct the CLS token (t = 0) only.
+        all_reduce: returns the sum of a tensor across DDP ranks (None: one process); applied to AᵀA
+            and Aᵀb of every stage and to the reported errors, in the same order on every rank.
+        progress: show a tqdm bar over the layers.
+
+    Returns:
+        The rescaled masks (float32, on `head_mask`'s device), the warnings and the per-layer errors.
+    """
+    if not len(pixel_batches):
+        raise ValueError("pixel_batches is empty: pass at least one batch of calibration images")
+    layers = encoder_layers(model)
+    tower = vision_tower(model)
+    masks = VisionMasks(model, head_mask, neuron_mask)  # checks the shapes of the student's masks
+    reduce = all_reduce if all_reduce is not None else (lambda tensor: tensor)
+    was_training = model.training
+    model.eval()
+    try:
+        states = [tower.pre_layrnorm(tower.embeddings(pixels)) for pixels in pixel_batches]
+        run = _Run(
+            masks=masks,
+            teacher_head_mask=_checked_teacher(teacher_head_mask, masks.head_mask, "teacher_head_mask"),
+            teacher_neuron_mask=_checked_teacher(teacher_neuron_mask, masks.neuron_mask, "teacher_neuron_mask"),
+            head_mask=masks.head_mask.clone(), neuron_mask=masks.neuron_mask.clone(),
+            teacher_states=states, student_states=list(states), damping=damping,
+            max_abs_scale=max_abs_scale, all_reduce=reduce, warnings=[],
+        )
+        errors = torch.zeros(2, len(layers), dtype=torch.float64, device=masks.head_mask.device)
+        for index in tqdm(range(len(layers)), desc="rescale", disable=not progress):
+            cls_only = last_layer_cls_only and index == len(layers) - 1
+            tokens = slice(0, 1) if cls_only else slice(None)
+            errors[0, index] = _solve_heads(run, index, layers[index], tokens)
+            errors[1, index] = _solve_neurons(run, index, layers[index], tokens)
+    finally:
+        masks.remove()
+        model.train(was_training)
+    errors = reduce(errors)
+    return RescaleResult(
+        head_mask=run.head_mask.to(head_mask.device), neuron_mask=run.neuron_mask.to(neuron_mask.device),
+        error_before=errors[0].cpu(), error_after=errors[1].cpu(), warnings=run.warnings,
+    )
