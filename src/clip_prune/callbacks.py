@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -12,6 +11,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from clip_prune.apply import export_pruned
+from clip_prune.evaluation import Evaluator
 from clip_prune.model.module import MaskedCLIPModule
 from clip_prune.outputs import RunDirectory
 from clip_prune.pruning.fisher import FisherStatistics, save_fisher
@@ -19,7 +20,8 @@ from clip_prune.pruning.flops import EncoderMacs, count_encoder_macs
 from clip_prune.pruning.rearrange import rearrange_mask
 from clip_prune.pruning.rescale import rescale_masks
 from clip_prune.pruning.search import search_masks
-from clip_prune.tensorboard import log_fisher, log_masks, log_search_curve
+from clip_prune.summary import format_summary
+from clip_prune.tensorboard import log_fisher, log_masks, log_metrics, log_search_curve
 
 
 @dataclass(frozen=True)
@@ -90,10 +92,16 @@ class PruningCallback(L.Callback):
         report: dict[str, Any] = {"model": pl_module.hparams.pretrained, "fisher_samples": stats.num_samples}
         if self.constraint is not None:
             report |= self._prune(trainer, pl_module, stats)
+            if self.options.export and trainer.is_global_zero:
+                pruned, export_report = self._timed("export", lambda: self._export(trainer, pl_module))
+                report |= export_report
+                if trainer.datamodule is not None and trainer.datamodule.has_evaluation_data():
+                    report["metrics"] = self._timed("evaluate", lambda: self._evaluate(trainer, pl_module, pruned))
         report["timings_s"] = {**self.timings, "total": sum(self.timings.values())}
         if trainer.is_global_zero:
             self.run.write_json("report.json", report)
             path = self.run.commit()
+            rank_zero_info(format_summary(report))
             rank_zero_info(f"clip-prune: wrote {path}")
         trainer.strategy.barrier()
 
@@ -129,6 +137,20 @@ class PruningCallback(L.Callback):
             "warnings": warnings,
         }
 
+    def _export(self, trainer: L.Trainer, pl_module: MaskedCLIPModule) -> tuple[Any, dict[str, Any]]:
+        """Slice, verify and save the pruned model into OUTPUT_DIR/pruned."""
+        pixels = next(iter(trainer.val_dataloaders))["pixel_values"][:8].to(pl_module.device)
+        pl_module.masks.remove()  # the dense model again: the reference for verification and evaluation
+        return export_pruned(pl_module.model, self.head_mask, self.neuron_mask, self.run.file("pruned"),
+                             pl_module.hparams.pretrained, pixels)
+
+    def _evaluate(self, trainer: L.Trainer, pl_module: MaskedCLIPModule, pruned: Any) -> dict[str, Any]:
+        """Retrieval / zero-shot metrics of the dense and the pruned model (caption embeddings computed once)."""
+        evaluator = Evaluator(trainer.datamodule, pl_module.device)
+        metrics = {"dense": evaluator(pl_module.model, "dense"), "pruned": evaluator(pruned, "pruned")}
+        log_metrics(trainer, metrics)
+        return metrics
+
     def _search(self, trainer: L.Trainer, stats: FisherStatistics, macs: EncoderMacs) -> tuple[torch.Tensor, ...]:
         result = search_masks(stats.head_fisher, stats.neuron_fisher, macs, self.constraint)
         log_search_curve(trainer, result.objective_curve, result.num_heads)
@@ -142,7 +164,9 @@ class PruningCallback(L.Callback):
             teacher = {"teacher_head_mask": assistant.head_mask, "teacher_neuron_mask": assistant.neuron_mask}
         per_rank = math.ceil(self.options.rescale_samples / trainer.world_size)
         batches, seen = [], 0
-        for batch in itertools.takewhile(lambda _: seen < per_rank, trainer.val_dataloaders):
+        for batch in trainer.val_dataloaders:
+            if seen >= per_rank:
+                break
             pixels = batch["pixel_values"][: per_rank - seen]
             batches.append(pixels.to(pl_module.device))
             seen += len(pixels)

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+from jsonargparse import CLI
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from clip_prune.apply import export_pruned
 from clip_prune.callbacks import PruningCallback, PruningOptions, check_constraint
 from clip_prune.data.coco import CocoDataModule
+from clip_prune.data.synthetic import write_synthetic_coco
+from clip_prune.evaluation import Evaluator
 from clip_prune.model.masking import mask_shapes
 from clip_prune.model.module import MaskedCLIPModule
 from clip_prune.outputs import RunDirectory
+from clip_prune.pruning.export import load_pruned, read_mask_dir
 from clip_prune.pruning.fisher import load_fisher
+from clip_prune.summary import format_summary
 
 
 class ClipPruneTrainer(L.Trainer):
@@ -51,6 +60,71 @@ class ClipPruneTrainer(L.Trainer):
         self.validate(model, datamodule=datamodule, verbose=False)
 
 
+    def apply(
+        self,
+        model: MaskedCLIPModule,
+        datamodule: CocoDataModule,
+        masks: str,
+        output_dir: str = "outputs/apply",
+        overwrite: bool = False,
+        latency_repeats: int = 5,
+    ) -> None:
+        """Apply saved masks (head_mask.pt, neuron_mask.pt) and export the physically pruned model.
+
+        Args:
+            masks: folder with head_mask.pt [L, H] and neuron_mask.pt [L, F], from `clip-prune prune`
+                or the original tool (a missing neuron_mask.pt keeps every neuron).
+            output_dir: Hugging Face directory to write (refused if it exists, unless --overwrite).
+            overwrite: replace an existing output directory.
+            latency_repeats: timed forward passes per model for the latency figures.
+        """
+        run = RunDirectory(output_dir, overwrite=overwrite)
+        head_mask, neuron_mask = read_mask_dir(masks, model.vision_config)
+        device = self.strategy.root_device
+        dense = model.model.to(device)
+        model.masks.remove()
+        pixels = datamodule.sample_pixels(8).to(device)
+        _, report = export_pruned(dense, head_mask, neuron_mask, run.staging, model.hparams.pretrained, pixels,
+                                  latency_repeats)
+        report = {"model": model.hparams.pretrained, "masks": str(masks), **report}
+        if datamodule.has_evaluation_data():
+            evaluator = Evaluator(datamodule, device)
+            report["metrics"] = {"dense": evaluator(dense, "dense"),
+                                 "pruned": evaluator(load_pruned(run.staging).to(device), "pruned")}
+        run.write_json("report.json", report)
+        print(format_summary(report))
+        print(f"clip-prune: wrote {run.commit()}")
+
+    def evaluate(
+        self,
+        model: MaskedCLIPModule,
+        datamodule: CocoDataModule,
+        pruned: str | None = None,
+        output_json: str | None = None,
+    ) -> dict[str, Any]:
+        """Retrieval recall@k (and zero-shot accuracy) of the dense model and, if given, a pruned one.
+
+        Args:
+            pruned: a directory written by `clip-prune prune` (DIR/pruned) or `clip-prune apply`.
+            output_json: also write the metrics to this JSON file.
+        """
+        if not datamodule.has_evaluation_data():
+            raise FileNotFoundError(
+                f"no evaluation data: {Path(datamodule.hparams.root) / datamodule.hparams.val_captions} does not "
+                "exist and --data.zero_shot_root is not set"
+            )
+        device = self.strategy.root_device
+        model.masks.remove()
+        evaluator = Evaluator(datamodule, device)
+        metrics = {"dense": evaluator(model.model.to(device), "dense")}
+        if pruned is not None:
+            metrics["pruned"] = evaluator(load_pruned(pruned).to(device), "pruned")
+        print(format_summary({"metrics": metrics}))
+        if output_json is not None:
+            Path(output_json).write_text(json.dumps(metrics, indent=2) + "\n")
+        return metrics
+
+
 class ClipPruneCLI(LightningCLI):
     """LightningCLI whose subcommands include `prune`; the checkpoint is named once (`--model.pretrained`)."""
 
@@ -58,22 +132,57 @@ class ClipPruneCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         return {
             "prune": {"model", "datamodule"},
-            "validate": {"model", "dataloaders", "datamodule"},
+            "apply": {"model", "datamodule"},
+            "evaluate": {"model", "datamodule"},
         }
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.pretrained", "data.pretrained")
 
 
-def main(args: list[str] | None = None) -> Any:
+def make_demo_data(root: str = "demo_data", num_train: int = 2000, num_val: int = 500, image_size: int = 64,
+                   seed: int = 0, overwrite: bool = False) -> None:
+    """Write the synthetic COCO-format demo data set (shapes with colours, sizes and positions).
+
+    Args:
+        root: folder to create (train2017/, val2017/, annotations/).
+        num_train: calibration / training images.
+        num_val: evaluation images (5 captions each).
+        image_size: image side in pixels.
+        seed: the data set is byte-identical for a seed.
+        overwrite: replace an existing folder.
+    """
+    path = write_synthetic_coco(root, num_train=num_train, num_val=num_val, image_size=image_size, seed=seed,
+                                overwrite=overwrite)
+    print(f"clip-prune: wrote the demo data set to {path}")
+
+
+EXTRA_COMMANDS = {
+    "make-demo-data": "write the synthetic COCO-format demo data set",
+    "fit": "train a CLIP contrastively (builds the demo model: --config configs/demo_train.yaml)",
+}
+
+
+def main(args: list[str] | None = None) -> None:
     """Entry point of `clip-prune`; `args` replaces sys.argv[1:] (for tests)."""
-    return ClipPruneCLI(
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["make-demo-data"]:
+        CLI(make_demo_data, args=argv[1:], prog="clip-prune make-demo-data")
+        return
+    if argv[:1] == ["fit"]:
+        from clip_prune.model.training import TrainingCLI
+
+        TrainingCLI(args=argv)
+        return
+    extra = "; ".join(f"'{name}' ({text})" for name, text in EXTRA_COMMANDS.items())
+    ClipPruneCLI(
         MaskedCLIPModule,
         CocoDataModule,
         trainer_class=ClipPruneTrainer,
         trainer_defaults={"inference_mode": False, "enable_checkpointing": False},
         save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
         args=args,
-        parser_kwargs={"description": "Prune the vision tower of a CLIP model without retraining."},
+        parser_kwargs={"description": f"Prune the vision tower of a CLIP model without retraining. Also: {extra}."},
     )
 

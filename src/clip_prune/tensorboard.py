@@ -63,3 +63,15 @@ def log_search_curve(trainer: Trainer, curve: torch.Tensor, chosen_heads: int) -
             writer.add_scalar("search/objective_by_kept_heads", value, heads)
     writer.add_scalar("search/chosen_kept_heads", chosen_heads, 0)
     writer.flush()
+
+
+def log_metrics(trainer: Trainer, metrics: dict[str, dict[str, dict[str, float]]]) -> None:
+    """Retrieval and zero-shot metrics of the dense (step 0) and pruned (step 1) models."""
+    writer = summary_writer(trainer)
+    if writer is None:
+        return
+    for step, model in enumerate(("dense", "pruned")):
+        for task, values in metrics.get(model, {}).items():
+            for name, value in values.items():
+                writer.add_scalar(f"metrics/{task}/{name}", value, step)
+    writer.flush()

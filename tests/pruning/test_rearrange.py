@@ -90,10 +90,7 @@ def test_rearrange_never_increases_damage_and_keeps_counts(layers, units, sample
     generator = torch.Generator().manual_seed(seed)
     gram = _random_gram(layers, units, samples, generator).float()
     mask = _random_mask(layers, units, generator)
-    if random_scores:
-        scores = torch.rand(layers, units, generator=generator)
-    else:
-        scores = torch.diagonal(gram, dim1=1, dim2=2)
+    scores = torch.rand(layers, units, generator=generator) if random_scores else torch.diagonal(gram, dim1=1, dim2=2)
     result = rearrange_mask(mask, scores, gram)
     assert result.dtype == mask.dtype
     assert torch.equal((result == 0).sum(dim=1), (mask == 0).sum(dim=1))

@@ -107,6 +107,42 @@ class CaptionPairs(Dataset):
         return {"pixel_values": pixels, "caption": caption, "index": index}
 
 
+class LabelledImages(Dataset):
+    """Images with an integer label each (the image index for retrieval, the class for zero-shot)."""
+
+    def __init__(self, items: list[tuple[Path, int]], image_processor: Any) -> None:
+        self.items = items
+        self.image_processor = image_processor
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path, label = self.items[index]
+        with Image.open(path) as image:
+            pixels = self.image_processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+        return {"pixel_values": pixels, "label": label}
+
+
+@dataclass(frozen=True)
+class RetrievalSplit:
+    """The evaluation split: every image with all of its captions (COCO 5k protocol)."""
+
+    images: LabelledImages
+    captions: list[str]
+    text_to_image: torch.Tensor
+    """[N_txt] index of each caption's image."""
+
+
+@dataclass(frozen=True)
+class ZeroShotSplit:
+    """Labelled images of an ImageFolder tree and one prompt per (class, template)."""
+
+    images: LabelledImages
+    class_names: list[str]
+    templates: list[str]
+
+
 class CaptionCollator:
     """Stacks images and tokenizes captions, padded to the longest in the batch."""
 
@@ -143,6 +179,10 @@ class CocoDataModule(L.LightningDataModule):
         train_captions: calibration captions file, relative to `root`.
         val_images: evaluation image folder, relative to `root`.
         val_captions: evaluation captions file, relative to `root`.
+        eval_samples: evaluation images (all captions of each); None uses the whole split.
+        zero_shot_root: an ImageFolder tree (one folder per class, named by the class) for
+            zero-shot accuracy; None skips it.
+        zero_shot_templates: prompt templates with `{}` for the class name.
     """
 
     def __init__(
@@ -157,6 +197,9 @@ class CocoDataModule(L.LightningDataModule):
         train_captions: str = "annotations/captions_train2017.json",
         val_images: str = "val2017",
         val_captions: str = "annotations/captions_val2017.json",
+        eval_samples: int | None = None,
+        zero_shot_root: str | None = None,
+        zero_shot_templates: list[str] | None = None,
     ) -> None:
         super().__init__()
         if num_samples < 1:
@@ -184,7 +227,12 @@ class CocoDataModule(L.LightningDataModule):
         sampled = rng.sample(images, min(hp.num_samples, len(images)))
         check_images(sampled)
         pairs = [(image.path, rng.choice(image.captions)) for image in sampled]
-        self.calibration = CaptionPairs(pairs, AutoImageProcessor.from_pretrained(hp.pretrained))
+        self.calibration = CaptionPairs(pairs, self.image_processor())
+
+    def sample_pixels(self, count: int) -> torch.Tensor:
+        """Up to `count` processed calibration images [B, 3, S, S] (for checks that need a few real inputs)."""
+        self.setup("validate")
+        return torch.stack([self.calibration[i]["pixel_values"] for i in range(min(count, len(self.calibration)))])
 
     def val_dataloader(self) -> DataLoader:
         """Calibration batches; under DDP each sample goes to exactly one rank (no padding)."""
@@ -201,8 +249,56 @@ class CocoDataModule(L.LightningDataModule):
             persistent_workers=False, pin_memory=False,
         )
 
+    def image_processor(self) -> Any:
+        return AutoImageProcessor.from_pretrained(self.hparams.pretrained)
+
+    def tokenizer(self) -> Any:
+        return AutoTokenizer.from_pretrained(self.hparams.pretrained)
+
+    def has_evaluation_data(self) -> bool:
+        """Whether the evaluation split (or a zero-shot tree) is there to measure what pruning costs."""
+        hp = self.hparams
+        return (Path(hp.root) / hp.val_captions).is_file() or hp.zero_shot_root is not None
+
+    def retrieval_split(self) -> RetrievalSplit | None:
+        """The evaluation split's images and all their captions, checked; None when it is absent."""
+        hp = self.hparams
+        if not (Path(hp.root) / hp.val_captions).is_file():
+            return None
+        images = read_coco_captions(Path(hp.root), hp.val_images, hp.val_captions)
+        if hp.eval_samples is not None:
+            images = random.Random(hp.seed).sample(images, min(hp.eval_samples, len(images)))
+        check_images(images)
+        captions = [caption for image in images for caption in image.captions]
+        owners = [index for index, image in enumerate(images) for _ in image.captions]
+        items = [(image.path, index) for index, image in enumerate(images)]
+        return RetrievalSplit(LabelledImages(items, self.image_processor()), captions, torch.tensor(owners))
+
+    def zero_shot_split(self) -> ZeroShotSplit | None:
+        """Labelled images of `zero_shot_root` (class = folder name, underscores read as spaces)."""
+        hp = self.hparams
+        if hp.zero_shot_root is None:
+            return None
+        root = Path(hp.zero_shot_root)
+        classes = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        if not classes:
+            raise FileNotFoundError(
+                f"--data.zero_shot_root={root} must be a folder with one sub-folder of images per class"
+            )
+        suffixes = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+        items = [(path, label) for label, folder in enumerate(classes)
+                 for path in sorted(folder.iterdir()) if path.suffix.lower() in suffixes]
+        check_images([CaptionedImage(path, ()) for path, _ in items])
+        templates = hp.zero_shot_templates or ["a photo of a {}."]
+        names = [folder.name.replace("_", " ") for folder in classes]
+        return ZeroShotSplit(LabelledImages(items, self.image_processor()), names, templates)
+
     def collator(self) -> CaptionCollator:
         """Tokenizes captions with the checkpoint's tokenizer, truncated at its text length limit."""
-        tokenizer = AutoTokenizer.from_pretrained(self.hparams.pretrained)
-        limit = tokenizer.model_max_length if tokenizer.model_max_length < 100_000 else 77
-        return CaptionCollator(tokenizer, limit)
+        tokenizer = self.tokenizer()
+        return CaptionCollator(tokenizer, text_length_limit(tokenizer))
+
+
+def text_length_limit(tokenizer: Any) -> int:
+    """The tokenizer's maximum length, or CLIP's 77 when the tokenizer leaves it unset."""
+    return tokenizer.model_max_length if tokenizer.model_max_length < 100_000 else 77

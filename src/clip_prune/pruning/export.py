@@ -31,6 +31,7 @@ from transformers.initialization import no_init_weights
 
 from clip_prune.model.masking import mask_shapes, vision_tower
 from clip_prune.pruning.structural import (
+    Bias,
     ConstantAttention,
     ConstantMLP,
     LayerPlan,
@@ -77,7 +78,9 @@ class PrunedCLIPVisionConfig(CLIPVisionConfig):
         for name, widths, dense in (("heads_per_layer", self.heads_per_layer, self.num_attention_heads),
                                     ("neurons_per_layer", self.neurons_per_layer, self.intermediate_size)):
             if len(widths) != self.num_hidden_layers:
-                raise ValueError(f"{name} has {len(widths)} entries but num_hidden_layers is {self.num_hidden_layers}")
+                raise ValueError(
+                    f"{name} has {len(widths)} entries but num_hidden_layers is {self.num_hidden_layers}"
+                )
             if not all(0 <= width <= dense for width in widths):
                 raise ValueError(f"{name} must lie in [0, {dense}], got {widths}")
 
@@ -107,13 +110,13 @@ class PrunedCLIPConfig(CLIPConfig):
         """Part of `@strict` validation: the vision config must record the per-layer widths."""
         if not isinstance(self.vision_config, PrunedCLIPVisionConfig):
             raise TypeError(
-                f"vision_config must be a PrunedCLIPVisionConfig (or a dict), got {type(self.vision_config).__name__}; "
-                "build it with config_from_plan"
+                "vision_config must be a PrunedCLIPVisionConfig (or a dict), got "
+                f"{type(self.vision_config).__name__}; build it with config_from_plan"
             )
 
 
 def _resize_layers(vision: CLIPVisionModel, config: PrunedCLIPVisionConfig) -> None:
-    """Give each encoder layer of the dense `vision` the widths recorded in `config`, with new (unset) weights."""
+    """Give each layer of the dense `vision` the widths recorded in `config`, with new (unset) weights."""
     for layer, heads, neurons in zip(vision.encoder.layers, config.heads_per_layer, config.neurons_per_layer,
                                      strict=True):
         attention, mlp = layer.self_attn, layer.mlp
@@ -134,7 +137,7 @@ def _resize_layers(vision: CLIPVisionModel, config: PrunedCLIPVisionConfig) -> N
 
 
 class PrunedCLIPVisionModel(CLIPVisionModel):
-    """A CLIPVisionModel whose encoder layers have the widths of `config.heads_per_layer` and `neurons_per_layer`.
+    """A CLIPVisionModel whose layers have the widths of `config.heads_per_layer` and `neurons_per_layer`.
 
     Builds the dense structure, then swaps in narrower projections (or constant modules
     for layers with no heads or neurons); `from_pretrained` fills in the weights.
@@ -150,11 +153,10 @@ class PrunedCLIPVisionModel(CLIPVisionModel):
 
     def _init_weights(self, module: torch.nn.Module) -> None:
         super()._init_weights(module)
-        match module:
-            case ConstantAttention():
-                init.zeros_(module.out_proj.bias)
-            case ConstantMLP():
-                init.zeros_(module.fc2.bias)
+        # The Bias module itself, not ConstantAttention/ConstantMLP: transformers treats this
+        # class as custom code and skips modules without parameters of their own.
+        if isinstance(module, Bias):
+            init.zeros_(module.bias)
 
 
 class PrunedCLIPModel(CLIPModel):
@@ -178,7 +180,8 @@ def register_pruned_models() -> None:
 
 def _pruned_vision_config(config: CLIPVisionConfig, plan: list[LayerPlan]) -> PrunedCLIPVisionConfig:
     values = config.to_dict()
-    for key in ("model_type", "architectures", "transformers_version", "heads_per_layer", "neurons_per_layer"):
+    for key in ("model_type", "architectures", "transformers_version", "heads_per_layer",
+                "neurons_per_layer"):
         values.pop(key, None)
     return PrunedCLIPVisionConfig(**values, heads_per_layer=[len(layer.heads) for layer in plan],
                                   neurons_per_layer=[len(layer.neurons) for layer in plan])
@@ -197,7 +200,9 @@ def config_from_plan(config: CLIPConfig | CLIPVisionConfig,
 
 def prune_model(model: CLIPModel | CLIPVisionModel, head_mask: torch.Tensor,
                 neuron_mask: torch.Tensor) -> PrunedCLIPModel | PrunedCLIPVisionModel:
-    """A physically pruned copy of `model` that saves and reloads with `from_pretrained`; `model` is unchanged.
+    """A physically pruned copy of `model`, which saves and reloads with `from_pretrained`.
+
+    `model` itself is left unchanged.
 
     Args:
         model: a dense CLIPModel or CLIPVisionModel.
@@ -246,9 +251,9 @@ def save_pruned(model: PrunedCLIPModel | PrunedCLIPVisionModel, output_dir: str 
     if ([len(layer.heads) for layer in plan] != list(config.heads_per_layer)
             or [len(layer.neurons) for layer in plan] != list(config.neurons_per_layer)):
         raise ValueError(
-            "the plan does not match the model: it keeps "
-            f"{[len(layer.heads) for layer in plan]} heads and {[len(layer.neurons) for layer in plan]} neurons "
-            f"per layer, the model has {config.heads_per_layer} and {config.neurons_per_layer}"
+            f"the plan does not match the model: it keeps {[len(layer.heads) for layer in plan]} heads and "
+            f"{[len(layer.neurons) for layer in plan]} neurons per layer, the model has "
+            f"{config.heads_per_layer} and {config.neurons_per_layer}"
         )
     output = Path(output_dir)
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
@@ -282,7 +287,7 @@ def _replace(source: Path, target: Path) -> None:
 
 
 def load_pruned(path: str | Path, **kwargs: Any) -> PrunedCLIPModel | PrunedCLIPVisionModel:
-    """Load a directory written by `save_pruned`; `kwargs` go to `from_pretrained` (e.g. attn_implementation)."""
+    """Load a directory written by `save_pruned`; `kwargs` go to `from_pretrained` (e.g. `dtype`)."""
     directory = Path(path)
     config_file = directory / "config.json"
     if not config_file.is_file():
@@ -291,11 +296,13 @@ def load_pruned(path: str | Path, **kwargs: Any) -> PrunedCLIPModel | PrunedCLIP
             "directory of clip-prune prune/apply (save_pruned)"
         )
     model_type = json.loads(config_file.read_text()).get("model_type")
-    classes = {PrunedCLIPConfig.model_type: PrunedCLIPModel, PrunedCLIPVisionConfig.model_type: PrunedCLIPVisionModel}
+    classes = {PrunedCLIPConfig.model_type: PrunedCLIPModel,
+               PrunedCLIPVisionConfig.model_type: PrunedCLIPVisionModel}
     if model_type not in classes:
         raise ValueError(
-            f"{directory} holds a model of type {model_type!r}, not a pruned CLIP model ({' or '.join(classes)}); "
-            "load a dense checkpoint with transformers.CLIPModel.from_pretrained, or prune it first"
+            f"{directory} holds a model of type {model_type!r}, not a pruned CLIP model "
+            f"({' or '.join(classes)}); load a dense checkpoint with transformers.CLIPModel.from_pretrained, "
+            "or prune it first"
         )
     return classes[model_type].from_pretrained(directory, **kwargs)
 
@@ -305,9 +312,13 @@ def _read_mask(path: Path) -> torch.Tensor:
     try:
         mask = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ValueError(f"could not read {path} as a tensor with torch.load(weights_only=True): {error}") from error
+        raise ValueError(
+            f"could not read {path} as a tensor with torch.load(weights_only=True): {error}"
+        ) from error
     if not isinstance(mask, torch.Tensor):
-        raise ValueError(f"{path} holds a {type(mask).__name__}, expected a tensor (the original tool's format)")
+        raise ValueError(
+            f"{path} holds a {type(mask).__name__}, expected a tensor (the original tool's format)"
+        )
     return mask.float()
 
 

@@ -104,8 +104,11 @@ def load_fisher(path: str | Path, head_shape: tuple[int, int], neuron_shape: tup
         tensors = load_file(str(path))
         metadata = fisher_metadata(path)
     except (SafetensorError, OSError, ValueError) as error:
-        raise ValueError(f"{path} is not a readable safetensors file ({error}); collect the statistics again") from error
-    missing = [key for key in FISHER_KEYS if key not in tensors] + (["num_samples"] if "num_samples" not in metadata else [])
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({error}); collect the statistics again"
+        ) from error
+    missing = [key for key in FISHER_KEYS if key not in tensors]
+    missing += [] if "num_samples" in metadata else ["num_samples"]
     if missing:
         raise ValueError(f"{path} lacks {missing}: it was not written by `clip-prune prune`")
     L, H = head_shape

@@ -64,9 +64,9 @@ class RescaleResult:
 
 
 def weight_gram(weight: torch.Tensor) -> torch.Tensor:
-    """WᵀW in float64 for the (D, K·g) output columns `weight` of K units of width g."""
-    weight = weight.double()
-    return weight.T @ weight
+    """WᵀW, returned in float64, for the (D, K·g) output columns `weight` of K units of width g."""
+    weight = weight.float()
+    return (weight.T @ weight).double()
 
 
 def accumulate_head_equations(
@@ -107,7 +107,7 @@ def accumulate_neuron_equations(
 
 def _accumulate(inputs: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, group: int,
                 gram_of_weight: torch.Tensor | None) -> NormalEquations:
-    """Normal equations for units of `group` input columns each: block sums of (WᵀW) ∘ (ZᵀZ) and of Z ∘ (RW)."""
+    """Normal equations of units of `group` input columns: block sums of (WᵀW) ∘ (ZᵀZ) and of Z ∘ (RW)."""
     width = inputs.shape[-1]
     if width % group or weight.shape[-1] != width:
         raise ValueError(
@@ -149,7 +149,8 @@ def solve_scales(gram: torch.Tensor, moment: torch.Tensor, current: torch.Tensor
             f"{list(gram.shape)} and {list(moment.shape)}"
         )
     gram, moment = gram.double(), moment.double()
-    regularised = gram + damping * gram.diagonal().mean() * torch.eye(units, dtype=gram.dtype, device=gram.device)
+    identity = torch.eye(units, dtype=gram.dtype, device=gram.device)
+    regularised = gram + damping * gram.diagonal().mean() * identity
     try:
         delta = torch.linalg.solve(regularised, moment)
     except torch.linalg.LinAlgError as error:
@@ -159,22 +160,29 @@ def solve_scales(gram: torch.Tensor, moment: torch.Tensor, current: torch.Tensor
         raise ScaleSolveError("the solved scales are not finite")
     largest = float(scales.abs().max()) if units else 0.0
     if largest > max_abs_scale:
-        raise ScaleSolveError(f"a solved scale reaches |s| = {largest:.3g} > max_abs_scale = {max_abs_scale:g}")
+        raise ScaleSolveError(f"a solved scale reaches |s| = {largest:.3g} > max_abs_scale {max_abs_scale:g}")
     return scales
 
 
-@contextmanager
-def _recording_inputs(*modules: nn.Module) -> Iterator[list[torch.Tensor | None]]:
-    """Record the first input of each module on every call; prepended, so it sees it before mask hooks."""
-    records: list[torch.Tensor | None] = [None] * len(modules)
+class _Recorded:
+    """The first input of a module's latest call (see `_recording_inputs`)."""
 
-    def recorder(index: int):
+    value: torch.Tensor
+
+
+@contextmanager
+def _recording_inputs(*modules: nn.Module) -> Iterator[list[_Recorded]]:
+    """Record the first input of each module; prepended, so it sees the input before any mask hook."""
+    records = [_Recorded() for _ in modules]
+
+    def recorder(record: _Recorded):
         def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            records[index] = args[0]
+            record.value = args[0]
 
         return hook
 
-    handles = [module.register_forward_pre_hook(recorder(i), prepend=True) for i, module in enumerate(modules)]
+    handles = [module.register_forward_pre_hook(recorder(record), prepend=True)
+               for record, module in zip(records, modules, strict=True)]
     try:
         yield records
     finally:
@@ -216,37 +224,18 @@ class _Run:
             return None
 
 
+def _zero_equations(units: int, like: torch.Tensor) -> NormalEquations:
+    return NormalEquations(like.new_zeros(units, units), like.new_zeros(units))
+
+
 def _squared_error(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
-    return torch.sum((teacher - student).double() ** 2)
+    return torch.sum((teacher - student) ** 2, dtype=torch.float64)
 
 
-def _solve_heads(run: _Run, index: int, layer: CLIPEncoderLayer, tokens: slice) -> torch.Tensor:
-    """Pass A: teacher layer, student layer under its incoming masks, head equations; returns error before."""
-    head_dim = layer.self_attn.head_dim
-    kept = run.head_mask[index].nonzero().squeeze(1)
-    columns = (kept[:, None] * head_dim + torch.arange(head_dim, device=kept.device)).reshape(-1)
-    weight = layer.self_attn.out_proj.weight[:, columns]
-    gram_of_weight = weight_gram(weight)
-    equations = NormalEquations(gram_of_weight.new_zeros(len(kept), len(kept)), gram_of_weight.new_zeros(len(kept)))
-    error = torch.zeros((), dtype=torch.float64, device=weight.device)
-    for batch, (teacher, student) in enumerate(zip(run.teacher_states, run.student_states, strict=True)):
-        run.use_teacher()
-        with _recording_inputs(layer.layer_norm2) as (teacher_mid,):
-            run.teacher_states[batch] = teacher_output = layer(teacher, None)
-        run.use_student()
-        with _recording_inputs(layer.self_attn.out_proj, layer.layer_norm2) as (context, student_mid):
-            student_output = layer(student, None)
-        error += _squared_error(teacher_output[:, tokens], student_output[:, tokens])
-        if len(kept):
-            residual = (teacher_mid - student_mid)[:, tokens]
-            equations += accumulate_head_equations(
-                context[:, tokens][..., columns], weight, residual, head_dim, gram_of_weight
-            )
-    if len(kept):
-        scales = run.solve(equations, run.head_mask[index, kept], f"layer {index} heads")
-        if scales is not None:
-            run.head_mask[index, kept] = scales.to(run.head_mask.dtype)
-    return error
+def _mid_residual(layer: CLIPEncoderLayer, hidden: torch.Tensor) -> torch.Tensor:
+    """x' = x + Attn(LN1(x)) (CLIP is pre-LN), under whatever head mask the hooks apply."""
+    attention, _ = layer.self_attn(hidden_states=layer.layer_norm1(hidden), attention_mask=None)
+    return hidden + attention
 
 
 @dataclass
@@ -279,16 +268,44 @@ class _KeptMLP:
         return mid + functional.linear(scaled, self.fc2_weight, layer.mlp.fc2.bias)
 
 
-def _solve_neurons(run: _Run, index: int, layer: CLIPEncoderLayer, tokens: slice) -> torch.Tensor:
-    """Pass B with the new head scales, neuron equations; pass C, the student's new output; returns error after."""
-    mlp = _KeptMLP.of(layer, run.neuron_mask[index].nonzero().squeeze(1))
+def _head_pass(run: _Run, index: int, layer: CLIPEncoderLayer, mlp: _KeptMLP, tokens: slice) -> torch.Tensor:
+    """Pass A: teacher layer, student layer under its incoming masks, head scales; returns error before."""
+    head_dim = layer.self_attn.head_dim
+    kept = run.head_mask[index].nonzero().squeeze(1)
+    columns = (kept[:, None] * head_dim + torch.arange(head_dim, device=kept.device)).reshape(-1)
+    weight = layer.self_attn.out_proj.weight[:, columns]
+    gram_of_weight = weight_gram(weight)
+    equations = _zero_equations(len(kept), gram_of_weight)
+    error = gram_of_weight.new_zeros(())
+    for batch, (teacher, student) in enumerate(zip(run.teacher_states, run.student_states, strict=True)):
+        run.use_teacher()
+        with _recording_inputs(layer.layer_norm2) as (teacher_mid,):
+            run.teacher_states[batch] = teacher_output = layer(teacher, None)
+        run.use_student()
+        with _recording_inputs(layer.self_attn.out_proj) as (context,):
+            student_mid = _mid_residual(layer, student)
+        student_output = mlp.output(layer, student_mid, run.neuron_mask[index, mlp.kept])
+        error += _squared_error(teacher_output[:, tokens], student_output[:, tokens])
+        if len(kept):
+            residual = (teacher_mid.value - student_mid)[:, tokens]
+            equations += accumulate_head_equations(
+                context.value[:, tokens][..., columns], weight, residual, head_dim, gram_of_weight
+            )
+    if len(kept):
+        scales = run.solve(equations, run.head_mask[index, kept], f"layer {index} heads")
+        if scales is not None:
+            run.head_mask[index, kept] = scales.to(run.head_mask.dtype)
+    return error
+
+
+def _neuron_pass(run: _Run, index: int, layer: CLIPEncoderLayer, mlp: _KeptMLP, tokens: slice) -> None:
+    """Pass B: the student's mid-layer residual under the new head scales (kept), then the neuron scales."""
     units = len(mlp.kept)
     gram_of_weight = weight_gram(mlp.fc2_weight)
-    equations = NormalEquations(gram_of_weight.new_zeros(units, units), gram_of_weight.new_zeros(units))
+    equations = _zero_equations(units, gram_of_weight)
     run.use_student()
     for batch, student in enumerate(run.student_states):
-        attention, _ = layer.self_attn(hidden_states=layer.layer_norm1(student), attention_mask=None)
-        run.student_states[batch] = mid = student + attention  # x' = x + Attn(LN1(x)), CLIP is pre-LN
+        run.student_states[batch] = mid = _mid_residual(layer, student)
         if units:
             activations = mlp.activations(layer, mid)
             current = mlp.output(layer, mid, run.neuron_mask[index, mlp.kept], activations)
@@ -299,7 +316,12 @@ def _solve_neurons(run: _Run, index: int, layer: CLIPEncoderLayer, tokens: slice
         scales = run.solve(equations, run.neuron_mask[index, mlp.kept], f"layer {index} neurons")
         if scales is not None:
             run.neuron_mask[index, mlp.kept] = scales.to(run.neuron_mask.dtype)
-    error = torch.zeros((), dtype=torch.float64, device=gram_of_weight.device)
+
+
+def _output_pass(run: _Run, index: int, layer: CLIPEncoderLayer, mlp: _KeptMLP,
+                 tokens: slice) -> torch.Tensor:
+    """Pass C: the student's layer output under the new scales (kept); returns the error after."""
+    error = torch.zeros((), dtype=torch.float64, device=run.head_mask.device)
     for batch, mid in enumerate(run.student_states):
         run.student_states[batch] = output = mlp.output(layer, mid, run.neuron_mask[index, mlp.kept])
         error += _squared_error(run.teacher_states[batch][:, tokens], output[:, tokens])
@@ -315,12 +337,6 @@ def _checked_teacher(mask: torch.Tensor | None, like: torch.Tensor, name: str) -
             f"{name} has shape {list(mask.shape)} but the student's mask has {list(like.shape)}: "
             "pass teacher masks of the same model (or None for the dense teacher)"
         )
-    return mask.detach().to(like)
-
-
-def _ones_or(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    if mask is None:
-        return torch.ones_like(like)
     return mask.detach().to(like)
 
 
@@ -377,7 +393,9 @@ def rescale_masks(
         run = _Run(
             masks=masks,
             teacher_head_mask=_checked_teacher(teacher_head_mask, masks.head_mask, "teacher_head_mask"),
-            teacher_neuron_mask=_checked_teacher(teacher_neuron_mask, masks.neuron_mask, "teacher_neuron_mask"),
+            teacher_neuron_mask=_checked_teacher(
+                teacher_neuron_mask, masks.neuron_mask, "teacher_neuron_mask"
+            ),
             head_mask=masks.head_mask.clone(), neuron_mask=masks.neuron_mask.clone(),
             teacher_states=states, student_states=list(states), damping=damping,
             max_abs_scale=max_abs_scale, all_reduce=reduce, warnings=[],
@@ -386,8 +404,11 @@ def rescale_masks(
         for index in tqdm(range(len(layers)), desc="rescale", disable=not progress):
             cls_only = last_layer_cls_only and index == len(layers) - 1
             tokens = slice(0, 1) if cls_only else slice(None)
-            errors[0, index] = _solve_heads(run, index, layers[index], tokens)
-            errors[1, index] = _solve_neurons(run, index, layers[index], tokens)
+            layer = layers[index]
+            mlp = _KeptMLP.of(layer, run.neuron_mask[index].nonzero().squeeze(1))
+            errors[0, index] = _head_pass(run, index, layer, mlp, tokens)
+            _neuron_pass(run, index, layer, mlp, tokens)
+            errors[1, index] = _output_pass(run, index, layer, mlp, tokens)
     finally:
         masks.remove()
         model.train(was_training)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
-from transformers.models.clip.modeling_clip import CLIPAttention, CLIPEncoderLayer, CLIPMLP
+from transformers.models.clip.modeling_clip import CLIPMLP, CLIPAttention, CLIPEncoderLayer
 
 from clip_prune.model.masking import encoder_layers, mask_shapes, vision_tower
 
@@ -66,7 +66,8 @@ def check_masks(head_mask: torch.Tensor, neuron_mask: torch.Tensor,
     if problems:
         raise ValueError("invalid masks:\n  " + "\n  ".join(problems))
     if shapes is not None:
-        for name, mask, shape in (("head_mask", head_mask, shapes[0]), ("neuron_mask", neuron_mask, shapes[1])):
+        named = (("head_mask", head_mask, shapes[0]), ("neuron_mask", neuron_mask, shapes[1]))
+        for name, mask, shape in named:
             if tuple(mask.shape) != tuple(shape):
                 problems.append(
                     f"{name} has shape {list(mask.shape)} but the model needs {list(shape)}: "
@@ -98,8 +99,9 @@ def plan_from_masks(head_mask: torch.Tensor, neuron_mask: torch.Tensor) -> list[
     return plan
 
 
-def masks_from_plan(plan: list[LayerPlan], num_heads: int, num_neurons: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The float32 masks ([L, H], [L, F]) that `plan` was read from, for H = `num_heads`, F = `num_neurons`."""
+def masks_from_plan(plan: list[LayerPlan], num_heads: int,
+                    num_neurons: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 masks ([L, H], [L, F]) `plan` was read from, for H = `num_heads`, F = `num_neurons`."""
     head_mask = torch.zeros(len(plan), num_heads)
     neuron_mask = torch.zeros(len(plan), num_neurons)
     for index, layer in enumerate(plan):
@@ -109,7 +111,7 @@ def masks_from_plan(plan: list[LayerPlan], num_heads: int, num_neurons: int) -> 
 
 
 def write_plan(plan: list[LayerPlan], path: str | Path) -> None:
-    """Write `plan` as JSON: a list with one {"heads", "head_scales", "neurons", "neuron_scales"} per layer."""
+    """Write `plan` as JSON: one {"heads", "head_scales", "neurons", "neuron_scales"} object per layer."""
     Path(path).write_text(json.dumps([asdict(layer) for layer in plan], indent=1) + "\n")
 
 
@@ -118,14 +120,17 @@ def read_plan(path: str | Path) -> list[LayerPlan]:
     try:
         layers = json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"no pruning plan at {path}: is this a directory written by save_pruned?") from None
+        raise FileNotFoundError(
+            f"no pruning plan at {path}: is this a directory written by save_pruned?"
+        ) from None
     keys = {"heads", "head_scales", "neurons", "neuron_scales"}
-    if not isinstance(layers, list) or not all(isinstance(layer, dict) and set(layer) == keys for layer in layers):
+    if not (isinstance(layers, list)
+            and all(isinstance(layer, dict) and set(layer) == keys for layer in layers)):
         raise ValueError(f"{path} is not a pruning plan: expected a list of objects with keys {sorted(keys)}")
     return [LayerPlan(**layer) for layer in layers]
 
 
-class _Bias(nn.Module):
+class Bias(nn.Module):
     """A bias vector alone, standing in for a Linear layer that lost all its inputs."""
 
     def __init__(self, bias: torch.Tensor) -> None:
@@ -141,12 +146,14 @@ class ConstantAttention(nn.Module):
 
     def __init__(self, bias: torch.Tensor) -> None:
         super().__init__()
-        self.out_proj = _Bias(bias)
+        self.out_proj = Bias(bias)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 **kwargs) -> tuple[torch.Tensor, None]:
         """(B, T, D) copies of the bias, and no attention weights."""
-        return self.out_proj.bias.expand_as(hidden_states), None
+        # A new tensor rather than an expanded view: a view of a parameter taken under no_grad
+        # reports requires_grad without a grad_fn, which breaks torch's ModuleTracker (FLOP counting).
+        return torch.zeros_like(hidden_states) + self.out_proj.bias, None
 
 
 class ConstantMLP(nn.Module):
@@ -154,11 +161,11 @@ class ConstantMLP(nn.Module):
 
     def __init__(self, bias: torch.Tensor) -> None:
         super().__init__()
-        self.fc2 = _Bias(bias)
+        self.fc2 = Bias(bias)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """(B, T, D) copies of the bias."""
-        return self.fc2.bias.expand_as(hidden_states)
+        """(B, T, D) copies of the bias (a new tensor, as in ConstantAttention)."""
+        return torch.zeros_like(hidden_states) + self.fc2.bias
 
 
 def _new_linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Linear) -> nn.Linear:
@@ -269,12 +276,15 @@ def count_vision_flops(model: nn.Module, image_size: int | None = None) -> int:
     config = vision.config
     size = config.image_size if image_size is None else image_size
     parameter = next(vision.parameters())
-    pixel_values = torch.zeros(1, config.num_channels, size, size, dtype=parameter.dtype, device=parameter.device)
+    pixel_values = torch.zeros(1, config.num_channels, size, size, dtype=parameter.dtype,
+                               device=parameter.device)
     counter = FlopCounterMode(display=False)
     with sdpa_kernel(SDPBackend.MATH), counter, torch.no_grad():
         vision(pixel_values=pixel_values, interpolate_pos_encoding=size != config.image_size)
     # FlopCounterMode names modules after the root's class: "<Class>.encoder".
-    encoder_counts = counter.get_flop_counts().get(f"{type(vision).__name__}.encoder", {})
-    flops = sum(encoder_counts.values())
+    counts = counter.get_flop_counts()
+    encoder = f"{type(vision).__name__}.encoder"
+    assert encoder in counts, f"FlopCounterMode saw no module {encoder}, only {sorted(counts)[:5]}..."
+    flops = sum(counts[encoder].values())
     assert flops % 2 == 0, "matmul FLOPs are counted as 2 per multiply-accumulate"
     return flops // 2

@@ -1,0 +1,93 @@
+"""Time mask rescaling against one dense forward pass at ViT-B/16 shapes (DESIGN.md, "Mask rescaling").
+
+Target: `rescale_masks` takes at most 5x one dense forward pass over the same calibration images.
+Run: python benchmarks/bench_rescale.py [--samples 64] [--batch-size 16] [--constraint 0.6] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from transformers import CLIPVisionConfig, CLIPVisionModel
+
+from clip_prune.pruning.flops import count_encoder_macs
+from clip_prune.pruning.rescale import rescale_masks
+from clip_prune.pruning.search import search_masks
+
+TARGET_RATIO = 5.0
+
+
+def _parse_args(args: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=64, help="calibration images N")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per batch")
+    parser.add_argument("--constraint", type=float, default=0.6, help="fraction of the encoder MACs kept")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights, images and scores")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--last-layer-cls-only", action="store_true", help="fit the CLS token at the last layer")
+    return parser.parse_args(args)
+
+
+def _random_masks(config: CLIPVisionConfig, constraint: float, generator: torch.Generator):
+    """Masks of a FLOP-constrained search on random scores: about `constraint` of each layer survives."""
+    macs = count_encoder_macs(config)
+    # Scores scaled by the MAC ratio so heads and neurons compete evenly per MAC (a near-uniform mix).
+    head_scores = torch.rand(macs.num_layers, macs.num_heads, generator=generator) * (
+        macs.per_head / macs.per_neuron
+    )
+    neuron_scores = torch.rand(macs.num_layers, macs.num_neurons, generator=generator)
+    result = search_masks(head_scores, neuron_scores, macs, constraint)
+    return result.head_mask, result.neuron_mask, result.macs / macs.dense
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(args: list[str] | None = None) -> None:
+    options = _parse_args(args)
+    if options.threads is not None:
+        torch.set_num_threads(options.threads)
+    device = torch.device(options.device)
+    generator = torch.Generator().manual_seed(options.seed)
+    torch.manual_seed(options.seed)
+    config = CLIPVisionConfig(image_size=224, patch_size=16)  # ViT-B/16: L=12, H=12, F=3072, D=768, T=197
+    model = CLIPVisionModel(config).eval().to(device)
+    head_mask, neuron_mask, kept = _random_masks(config, options.constraint, generator)
+    sizes = [options.batch_size] * (options.samples // options.batch_size)
+    if options.samples % options.batch_size:
+        sizes.append(options.samples % options.batch_size)
+    batches = [torch.randn(size, 3, 224, 224, generator=generator).to(device) for size in sizes]
+    print(f"ViT-B/16 random weights on {device}, torch threads {torch.get_num_threads()}, "
+          f"N = {options.samples} in batches of {options.batch_size}")
+    print(f"masks: {int(head_mask.sum())} heads, {int(neuron_mask.sum())} neurons, {kept:.3f} of dense MACs")
+
+    with torch.no_grad():
+        model(batches[0][:1])  # warm-up
+        _synchronize(device)
+        start = time.perf_counter()
+        for pixels in batches:
+            model(pixels)
+        _synchronize(device)
+        forward_s = time.perf_counter() - start
+
+    start = time.perf_counter()
+    result = rescale_masks(model, head_mask.to(device), neuron_mask.to(device), batches,
+                           last_layer_cls_only=options.last_layer_cls_only)
+    _synchronize(device)
+    rescale_s = time.perf_counter() - start
+
+    reduction = 1 - result.error_after / result.error_before
+    print(f"dense forward  {forward_s:8.2f} s")
+    print(f"rescale_masks  {rescale_s:8.2f} s")
+    print(f"ratio          {rescale_s / forward_s:8.2f} x (target <= {TARGET_RATIO:g} x)")
+    print(f"layer-output error reduction per layer: {[round(float(value), 3) for value in reduction]}")
+    print(f"warnings: {len(result.warnings)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Masks → a physically smaller model on disk, verified against the masked model and measured.
+
+Shared by `clip-prune prune` (which ends by exporting into `DIR/pruned/`) and `clip-prune apply`.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel, CLIPVisionModel
+
+from clip_prune.model.masking import VisionMasks, vision_tower
+from clip_prune.model.module import image_embeddings
+from clip_prune.pruning.export import prune_model, save_pruned
+from clip_prune.pruning.flops import count_encoder_macs
+from clip_prune.pruning.structural import count_vision_flops, plan_from_masks
+
+EQUIVALENCE_TOLERANCE = 1e-3
+"""Largest accepted |masked − pruned| of image embeddings in float32 (sums reordered by slicing)."""
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(parameter.numel() for parameter in module.parameters())
+
+
+@torch.inference_mode()
+def measure_latency(model: nn.Module, pixels: torch.Tensor, repeats: int = 5) -> float:
+    """Median seconds of one vision-tower forward pass over `pixels` (after one warm-up pass)."""
+    tower = vision_tower(model)
+    tower(pixel_values=pixels)
+    timings = []
+    for _ in range(repeats):
+        if pixels.is_cuda:
+            torch.cuda.synchronize(pixels.device)
+        start = time.perf_counter()
+        tower(pixel_values=pixels)
+        if pixels.is_cuda:
+            torch.cuda.synchronize(pixels.device)
+        timings.append(time.perf_counter() - start)
+    return statistics.median(timings)
+
+
+@torch.no_grad()
+def masked_embeddings(model: CLIPModel | CLIPVisionModel, head_mask: torch.Tensor, neuron_mask: torch.Tensor,
+                      pixels: torch.Tensor) -> torch.Tensor:
+    """Image embeddings of the dense model under hook masks: the reference the pruned model must match."""
+    masks = VisionMasks(model, head_mask, neuron_mask)
+    try:
+        return image_embeddings(model, pixels)
+    finally:
+        masks.remove()
+
+
+def export_pruned(model: CLIPModel | CLIPVisionModel, head_mask: torch.Tensor, neuron_mask: torch.Tensor,
+                  directory: Path, pretrained: str, pixels: torch.Tensor,
+                  latency_repeats: int = 5) -> tuple[nn.Module, dict[str, Any]]:
+    """Slice `model` by the masks, check it against the masked model, save it to `directory`; return it and a report.
+
+    Args:
+        model: the dense model (left unchanged).
+        head_mask: [L, H] scales, 0 = pruned.
+        neuron_mask: [L, F] scales, 0 = pruned.
+        directory: where the Hugging Face directory goes (created or replaced).
+        pretrained: checkpoint whose image processor and tokenizer are saved alongside.
+        pixels: [B, 3, S, S] images on the model's device for the equivalence check and latency.
+        latency_repeats: timed forward passes per model.
+    """
+    head_mask, neuron_mask = head_mask.float().cpu(), neuron_mask.float().cpu()
+    pruned = prune_model(model, head_mask, neuron_mask).eval()
+    reference = masked_embeddings(model, head_mask.to(pixels.device), neuron_mask.to(pixels.device), pixels)
+    with torch.no_grad():
+        difference = (image_embeddings(pruned, pixels) - reference).abs().max().item()
+    if not difference <= EQUIVALENCE_TOLERANCE:
+        raise RuntimeError(
+            f"the pruned model's image embeddings differ from the masked model's by {difference:.3g} "
+            f"(tolerance {EQUIVALENCE_TOLERANCE}); this is a bug in clip-prune, please report it"
+        )
+    save_pruned(pruned, directory, plan_from_masks(head_mask, neuron_mask),
+                processor=AutoImageProcessor.from_pretrained(pretrained), overwrite=True)
+    _save_tokenizer(pretrained, directory)
+    return pruned, {
+        "equivalence": {"max_abs_diff": difference, "tolerance": EQUIVALENCE_TOLERANCE, "samples": len(pixels)},
+        **measure_costs(model, pruned, head_mask, neuron_mask, pixels, latency_repeats),
+    }
+
+
+def measure_costs(dense: nn.Module, pruned: nn.Module, head_mask: torch.Tensor, neuron_mask: torch.Tensor,
+                  pixels: torch.Tensor, latency_repeats: int) -> dict[str, Any]:
+    """Analytic and counted MACs, parameters and measured latency of the dense and pruned vision towers."""
+    macs = count_encoder_macs(vision_tower(dense).config)
+    analytic = macs.of_masks(head_mask, neuron_mask)
+    counted_dense, counted_pruned = count_vision_flops(dense), count_vision_flops(pruned)
+    dense_latency = measure_latency(dense, pixels, latency_repeats)
+    pruned_latency = measure_latency(pruned, pixels, latency_repeats)
+    parameters = count_parameters(vision_tower(dense)), count_parameters(vision_tower(pruned))
+    return {
+        "flops": {"dense": macs.dense, "pruned": analytic, "ratio": analytic / macs.dense,
+                  "unit": "encoder MACs per image (analytic)"},
+        "flops_counted": {"dense": counted_dense, "pruned": counted_pruned, "ratio": counted_pruned / counted_dense,
+                          "unit": "encoder MACs per image (torch.utils.flop_counter)"},
+        "parameters": {"dense": parameters[0], "pruned": parameters[1], "ratio": parameters[1] / parameters[0],
+                       "unit": "vision tower"},
+        "latency_s": {"dense": dense_latency, "pruned": pruned_latency, "speedup": dense_latency / pruned_latency,
+                      "batch": len(pixels), "device": str(pixels.device)},
+    }
+
+
+def _save_tokenizer(pretrained: str, directory: Path) -> None:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(pretrained)
+    except (OSError, ValueError):
+        return  # a vision-only checkpoint has no tokenizer to carry over
+    tokenizer.save_pretrained(directory)

@@ -1,0 +1,42 @@
+"""The short table `clip-prune` prints at the end of a run: what pruning gained and what it cost."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _row(name: str, dense: str, pruned: str, change: str = "") -> str:
+    return f"  {name:<22}{dense:>14}{pruned:>14}{change:>12}"
+
+
+def format_summary(report: dict[str, Any]) -> str:
+    """A plain-text table of FLOPs, parameters, latency, metrics and stage timings from `report.json`."""
+    lines = ["", "clip-prune summary", _row("", "dense", "pruned", "ratio")]
+    if "flops" in report:
+        flops = report["flops"]
+        lines.append(_row("encoder GMACs/image", f"{flops['dense'] / 1e9:.4f}", f"{flops['pruned'] / 1e9:.4f}",
+                          f"{flops['ratio']:.3f}"))
+    if "flops_counted" in report:
+        counted = report["flops_counted"]
+        lines.append(_row("  counted (torch)", f"{counted['dense'] / 1e9:.4f}", f"{counted['pruned'] / 1e9:.4f}",
+                          f"{counted['ratio']:.3f}"))
+    if "parameters" in report:
+        params = report["parameters"]
+        lines.append(_row("vision params (M)", f"{params['dense'] / 1e6:.3f}", f"{params['pruned'] / 1e6:.3f}",
+                          f"{params['ratio']:.3f}"))
+    if "latency_s" in report:
+        latency = report["latency_s"]
+        lines.append(_row(f"latency ms (batch {latency['batch']})", f"{latency['dense'] * 1e3:.1f}",
+                          f"{latency['pruned'] * 1e3:.1f}", f"{latency['speedup']:.2f}x"))
+    metrics = report.get("metrics", {})
+    for task, values in metrics.get("dense", {}).items():
+        for name, dense in values.items():
+            pruned = metrics.get("pruned", {}).get(task, {}).get(name, float("nan"))
+            lines.append(_row(f"{task} {name} (%)", f"{dense:.1f}", f"{pruned:.1f}", f"{pruned - dense:+.1f}"))
+    if "kept" in report:
+        lines.append(f"  kept {report['kept']['heads']} heads, {report['kept']['neurons']} neurons")
+    timings = ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in report.get("timings_s", {}).items())
+    lines.append(f"  time: {timings}")
+    for warning in report.get("warnings", []):
+        lines.append(f"  warning: {warning}")
+    return "\n".join(lines)

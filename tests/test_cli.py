@@ -1,0 +1,151 @@
+"""`clip-prune` end to end on a tiny saved CLIP and a tiny COCO-format folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import BertConfig
+
+from clip_prune.cli import main
+from clip_prune.pruning.fisher import fisher_metadata
+
+CONFIG = Path(__file__).parents[1] / "configs" / "tiny.yaml"
+
+
+def run_prune(model_dir: Path, data_root: Path, output_dir: Path, *extra: str) -> None:
+    main(["prune", "--config", str(CONFIG), "--model.pretrained", str(model_dir), "--data.root", str(data_root),
+          "--output_dir", str(output_dir), *extra])
+
+
+def test_prune_writes_masks_statistics_report_and_tensorboard(tiny_clip_dir, tiny_coco_root, tmp_path,
+                                                              monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    run_prune(tiny_clip_dir, tiny_coco_root, out, "--constraint", "0.6")
+    report = json.loads((out / "report.json").read_text())
+    assert report["flops"]["ratio"] <= 0.6
+    assert report["fisher_samples"] == 10
+    assert set(report["timings_s"]) >= {"fisher", "search", "rearrange", "rescale", "total"}
+    head_mask = torch.load(out / "head_mask.pt", weights_only=True)
+    neuron_mask = torch.load(out / "neuron_mask.pt", weights_only=True)
+    assert head_mask.shape == (3, 4) and neuron_mask.shape == (3, 37)
+    assert report["kept"]["heads"] == int((head_mask != 0).sum())
+    stats = load_file(out / "fisher.safetensors")
+    assert stats["head_fisher"].dtype == torch.float64 and stats["head_fisher"].sum() > 0
+    assert fisher_metadata(out / "fisher.safetensors")["num_samples"] == "10"
+    assert list((tmp_path / "lightning_logs").rglob("events.out.tfevents.*"))
+
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        run_prune(tiny_clip_dir, tiny_coco_root, out, "--constraint", "0.6")
+    # Re-solving from the saved statistics skips the gradient pass.
+    again = tmp_path / "again"
+    run_prune(tiny_clip_dir, tiny_coco_root, again, "--constraint", "0.6", "--fisher", str(out / "fisher.safetensors"),
+              "--options.rescale", "false")
+    assert json.loads((again / "report.json").read_text())["kept"]["heads"] == report["kept"]["heads"]
+
+
+def test_help_and_print_config(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "prune" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    text = capsys.readouterr().out
+    assert "--constraint" in text and "--model.pretrained" in text and "--data.root" in text
+    with pytest.raises(SystemExit):
+        main(["prune", "--config", str(CONFIG), "--print_config"])
+    assert "constraint: 0.6" in capsys.readouterr().out
+
+
+@pytest.fixture
+def coco_copy(tiny_coco_root: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "coco"
+    shutil.copytree(tiny_coco_root, root)
+    return root
+
+
+def _captions(root: Path) -> Path:
+    return root / "annotations" / "captions_train2017.json"
+
+
+@pytest.mark.parametrize(
+    ("damage", "error", "match"),
+    [
+        (lambda root: shutil.rmtree(root), FileNotFoundError, "COCO data not found"),
+        (lambda root: _captions(root).unlink(), FileNotFoundError, "captions_train2017.json does not exist"),
+        (lambda root: _captions(root).write_text("{not json"), ValueError, "is not valid JSON"),
+        (lambda root: _captions(root).write_text('{"images": []}'), ValueError,
+         r"lacks the key\(s\) \['annotations'\]"),
+        (lambda root: next((root / "train2017").iterdir()).unlink(), FileNotFoundError, r"\(missing\)"),
+        (lambda root: next((root / "train2017").iterdir()).write_bytes(b"garbage"), FileNotFoundError,
+         "cannot be decoded"),
+    ],
+    ids=["no-root", "no-captions", "bad-json", "no-annotations-key", "missing-image", "broken-image"],
+)
+def test_bad_data_is_reported_before_work(damage, error, match, tiny_clip_dir, coco_copy, tmp_path) -> None:
+    damage(coco_copy)
+    with pytest.raises(error, match=match):
+        run_prune(tiny_clip_dir, coco_copy, tmp_path / "out", "--data.num_samples", "12")
+    assert not (tmp_path / "out").exists()
+
+
+def test_too_many_samples_warns_and_uses_all(tiny_clip_dir, tiny_coco_root, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(UserWarning, match="larger than the 12 captioned images"):
+        run_prune(tiny_clip_dir, tiny_coco_root, tmp_path / "out", "--data.num_samples", "500", "--constraint", "null")
+    assert fisher_metadata(tmp_path / "out" / "fisher.safetensors")["num_samples"] == "12"
+
+
+def test_bad_model_and_constraint(tiny_clip_dir, tiny_coco_root, tmp_path) -> None:
+    bert = tmp_path / "bert"
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37).save_pretrained(bert)
+    with pytest.raises(TypeError, match="'bert' model, not a CLIP model"):
+        run_prune(bert, tiny_coco_root, tmp_path / "out")
+    for value in ("0", "1.5", "-0.2"):
+        with pytest.raises(ValueError, match=r"--constraint must be in \(0, 1\]"):
+            run_prune(tiny_clip_dir, tiny_coco_root, tmp_path / "out", "--constraint", value)
+
+
+def test_fisher_file_of_another_model_is_refused(tiny_clip_dir, tiny_coco_root, tmp_path) -> None:
+    other = tmp_path / "other.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({k: torch.zeros(2, 2, dtype=torch.float64) for k in
+               ("head_fisher", "neuron_fisher", "head_gram", "neuron_gram")}, str(other), metadata={"num_samples": "4"})
+    with pytest.raises(ValueError, match="statistics of another model"):
+        run_prune(tiny_clip_dir, tiny_coco_root, tmp_path / "out", "--constraint", "0.5", "--fisher", str(other))
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x00\x01 not safetensors")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        run_prune(tiny_clip_dir, tiny_coco_root, tmp_path / "out", "--constraint", "0.5", "--fisher", str(corrupt))
+
+
+def _prune_subprocess(model_dir: Path, data_root: Path, output_dir: Path, *extra: str) -> None:
+    command = [sys.executable, "-m", "clip_prune", "prune", "--config", str(CONFIG), "--model.pretrained",
+               str(model_dir), "--data.root", str(data_root), "--output_dir", str(output_dir),
+               "--model.loss", "distill", "--trainer.logger", "false", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=output_dir.parent, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("num_samples", [8, 11])
+def test_fisher_from_two_ddp_processes_equals_one(num_samples, tiny_clip_dir, tiny_coco_root, tmp_path) -> None:
+    common = ("--data.num_samples", str(num_samples), "--constraint", "0.6")
+    _prune_subprocess(tiny_clip_dir, tiny_coco_root, tmp_path / "one", *common)
+    _prune_subprocess(tiny_clip_dir, tiny_coco_root, tmp_path / "two", *common,
+                      "--trainer.strategy", "ddp", "--trainer.devices", "2")
+    one, two = load_file(tmp_path / "one" / "fisher.safetensors"), load_file(tmp_path / "two" / "fisher.safetensors")
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-9)
+    assert fisher_metadata(tmp_path / "two" / "fisher.safetensors")["num_samples"] == str(num_samples)
+    masks = [torch.load(tmp_path / run / "head_mask.pt", weights_only=True) for run in ("one", "two")]
+    torch.testing.assert_close(masks[1], masks[0], rtol=1e-3, atol=1e-4)
