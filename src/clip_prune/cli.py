@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from jsonargparse import CLI
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -21,7 +22,22 @@ from clip_prune.model.module import MaskedCLIPModule
 from clip_prune.outputs import RunDirectory
 from clip_prune.pruning.export import load_pruned, read_mask_dir
 from clip_prune.pruning.fisher import load_fisher
+from clip_prune.pruning.structural import check_masks
+from clip_prune.sensitivity import run_sensitivity
 from clip_prune.summary import format_summary
+
+
+def read_masks(masks: str, vision_config: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masks from a folder (head_mask.pt, neuron_mask.pt) or from one head-mask file and the neuron_mask.pt beside it."""
+    path = Path(masks)
+    if not path.is_file():
+        return read_mask_dir(path, vision_config)
+    neuron_path = path.parent / "neuron_mask.pt"
+    head_mask = torch.load(path, map_location="cpu", weights_only=True).float()
+    neuron_mask = (torch.load(neuron_path, map_location="cpu", weights_only=True).float() if neuron_path.is_file()
+                   else torch.ones(mask_shapes(vision_config)[1]))
+    check_masks(head_mask, neuron_mask, mask_shapes(vision_config))
+    return head_mask, neuron_mask
 
 
 class ClipPruneTrainer(L.Trainer):
@@ -73,13 +89,15 @@ class ClipPruneTrainer(L.Trainer):
 
         Args:
             masks: folder with head_mask.pt [L, H] and neuron_mask.pt [L, F], from `clip-prune prune`
-                or the original tool (a missing neuron_mask.pt keeps every neuron).
+                or the original tool (a missing neuron_mask.pt keeps every neuron); or one head mask
+                file such as a `clip-prune sensitivity` run's DIR/head_mask_3.pt (neurons from the
+                neuron_mask.pt beside it).
             output_dir: Hugging Face directory to write (refused if it exists, unless --overwrite).
             overwrite: replace an existing output directory.
             latency_repeats: timed forward passes per model for the latency figures.
         """
         run = RunDirectory(output_dir, overwrite=overwrite)
-        head_mask, neuron_mask = read_mask_dir(masks, model.vision_config)
+        head_mask, neuron_mask = read_masks(masks, model.vision_config)
         device = self.strategy.root_device
         dense = model.model.to(device)
         model.masks.remove()
@@ -125,6 +143,38 @@ class ClipPruneTrainer(L.Trainer):
         return metrics
 
 
+    def sensitivity(
+        self,
+        model: MaskedCLIPModule,
+        datamodule: CocoDataModule,
+        output_dir: str = "outputs/sensitivity",
+        stop_ratio: float = 0.8,
+        stop_metric: str = "retrieval/i2t_R@1",
+        overwrite: bool = False,
+    ) -> None:
+        """Iterative sensitivity pruning: each round reduces one more layer to its best head (head_mask_{i}.pt).
+
+        Args:
+            output_dir: run directory to write (refused if it exists, unless --overwrite).
+            stop_ratio: stop when the round's metric falls below this fraction of the dense model's.
+            stop_metric: `task/name` of the metric watched for the early stop (needs evaluation data),
+                e.g. retrieval/i2t_R@1, retrieval/t2i_R@5 or zero_shot/top1.
+            overwrite: replace an existing output directory.
+        """
+        if not 0 <= stop_ratio <= 1.5:
+            raise ValueError(f"--stop_ratio must be a fraction of the dense metric (e.g. 0.8), got {stop_ratio}")
+        run = RunDirectory(output_dir, overwrite=overwrite)
+        report = run_sensitivity(self, model, datamodule, run, stop_ratio, stop_metric)
+        if self.is_global_zero:
+            run.write_json("report.json", {"model": model.hparams.pretrained, **report})
+            for entry in report["rounds"]:
+                print(f"  round {entry['round']:2d}: layer {entry['layer']:2d} keeps head {entry['head']:2d}, "
+                      f"FLOPs {entry['flops_ratio']:.3f}" + (f", metric {entry['metric']:.2f}" if "metric" in entry
+                                                              else ""))
+            print(f"clip-prune: wrote {run.commit()}")
+        self.strategy.barrier()
+
+
 class ClipPruneCLI(LightningCLI):
     """LightningCLI whose subcommands include `prune`; the checkpoint is named once (`--model.pretrained`)."""
 
@@ -134,6 +184,7 @@ class ClipPruneCLI(LightningCLI):
             "prune": {"model", "datamodule"},
             "apply": {"model", "datamodule"},
             "evaluate": {"model", "datamodule"},
+            "sensitivity": {"model", "datamodule"},
         }
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

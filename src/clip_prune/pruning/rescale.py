@@ -65,7 +65,7 @@ class RescaleResult:
 
 def weight_gram(weight: torch.Tensor) -> torch.Tensor:
     """WᵀW, returned in float64, for the (D, K·g) output columns `weight` of K units of width g."""
-    weight = weight.float()
+    weight = weight.to(torch.promote_types(weight.dtype, torch.float32))
     return (weight.T @ weight).double()
 
 
@@ -115,14 +115,16 @@ def _accumulate(inputs: torch.Tensor, weight: torch.Tensor, residual: torch.Tens
             "columns of the kept units"
         )
     units = width // group
-    inputs = inputs.reshape(-1, width).float()
-    residual = residual.reshape(-1, residual.shape[-1]).float()
+    # Per-batch products in (at least) float32, sums across batches in float64: the (K·g × tokens) ·
+    # (tokens × K·g) Gram matmul dominates the cost of rescaling, and float64 would double it on a GPU or CPU.
+    dtype = torch.promote_types(inputs.dtype, torch.float32)
+    inputs = inputs.reshape(-1, width).to(dtype)
+    residual = residual.reshape(-1, residual.shape[-1]).to(dtype)
     if gram_of_weight is None:
         gram_of_weight = weight_gram(weight)
-    # Per-batch products in float32 (a (K·g × tokens)·(tokens × K·g) matmul), sums across batches in float64.
     input_gram = (inputs.T @ inputs).double()
     gram = (input_gram * gram_of_weight).view(units, group, units, group).sum(dim=(1, 3))
-    projected = residual @ weight.float()
+    projected = residual @ weight.to(dtype)
     moment = torch.sum(inputs * projected, dim=0, dtype=torch.float64).view(units, group).sum(dim=1)
     return NormalEquations(gram, moment)
 
@@ -268,44 +270,68 @@ class _KeptMLP:
         return mid + functional.linear(scaled, self.fc2_weight, layer.mlp.fc2.bias)
 
 
-def _head_pass(run: _Run, index: int, layer: CLIPEncoderLayer, mlp: _KeptMLP, tokens: slice) -> torch.Tensor:
-    """Pass A: teacher layer, student layer under its incoming masks, head scales; returns error before."""
-    head_dim = layer.self_attn.head_dim
-    kept = run.head_mask[index].nonzero().squeeze(1)
-    columns = (kept[:, None] * head_dim + torch.arange(head_dim, device=kept.device)).reshape(-1)
-    weight = layer.self_attn.out_proj.weight[:, columns]
-    gram_of_weight = weight_gram(weight)
-    equations = _zero_equations(len(kept), gram_of_weight)
+@dataclass
+class _KeptHeads:
+    """Kept heads of one layer and their out_proj columns, sliced once per layer."""
+
+    kept: torch.Tensor
+    columns: torch.Tensor
+    out_proj_weight: torch.Tensor
+    head_dim: int
+
+    @classmethod
+    def of(cls, layer: CLIPEncoderLayer, kept: torch.Tensor) -> _KeptHeads:
+        head_dim = layer.self_attn.head_dim
+        columns = (kept[:, None] * head_dim + torch.arange(head_dim, device=kept.device)).reshape(-1)
+        return cls(kept, columns, layer.self_attn.out_proj.weight[:, columns], head_dim)
+
+    def shift(self, context: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) change of the attention output when the kept heads' scales change by `change` [K]."""
+        scale = change.to(context.dtype).repeat_interleave(self.head_dim)
+        return functional.linear(context * scale, self.out_proj_weight)
+
+
+def _head_pass(run: _Run, index: int, layer: CLIPEncoderLayer, heads: _KeptHeads, mlp: _KeptMLP,
+               tokens: slice) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Pass A: teacher layer, student layer under its incoming masks, head scales.
+
+    Leaves the teacher's layer outputs and the student's mid-layer residuals x' in the run and returns
+    the error before rescaling and the kept heads' outputs before out_proj, (B, T, K·d) per batch.
+    """
+    gram_of_weight = weight_gram(heads.out_proj_weight)
+    equations = _zero_equations(len(heads.kept), gram_of_weight)
     error = gram_of_weight.new_zeros(())
+    contexts = []
     for batch, (teacher, student) in enumerate(zip(run.teacher_states, run.student_states, strict=True)):
         run.use_teacher()
         with _recording_inputs(layer.layer_norm2) as (teacher_mid,):
             run.teacher_states[batch] = teacher_output = layer(teacher, None)
         run.use_student()
         with _recording_inputs(layer.self_attn.out_proj) as (context,):
-            student_mid = _mid_residual(layer, student)
+            run.student_states[batch] = student_mid = _mid_residual(layer, student)
         student_output = mlp.output(layer, student_mid, run.neuron_mask[index, mlp.kept])
         error += _squared_error(teacher_output[:, tokens], student_output[:, tokens])
-        if len(kept):
+        if len(heads.kept):
+            contexts.append(context.value[..., heads.columns])
             residual = (teacher_mid.value - student_mid)[:, tokens]
-            equations += accumulate_head_equations(
-                context.value[:, tokens][..., columns], weight, residual, head_dim, gram_of_weight
-            )
-    if len(kept):
-        scales = run.solve(equations, run.head_mask[index, kept], f"layer {index} heads")
+            equations += accumulate_head_equations(contexts[-1][:, tokens], heads.out_proj_weight, residual,
+                                                   heads.head_dim, gram_of_weight)
+    if len(heads.kept):
+        scales = run.solve(equations, run.head_mask[index, heads.kept], f"layer {index} heads")
         if scales is not None:
-            run.head_mask[index, kept] = scales.to(run.head_mask.dtype)
-    return error
+            run.head_mask[index, heads.kept] = scales.to(run.head_mask.dtype)
+    return error, contexts
 
 
-def _neuron_pass(run: _Run, index: int, layer: CLIPEncoderLayer, mlp: _KeptMLP, tokens: slice) -> None:
-    """Pass B: the student's mid-layer residual under the new head scales (kept), then the neuron scales."""
+def _neuron_pass(run: _Run, index: int, layer: CLIPEncoderLayer, mlp: _KeptMLP, tokens: slice,
+                 mid_shifts: Iterator[torch.Tensor] | None) -> None:
+    """Pass B: the student's x' moved by the new head scales (`mid_shifts`, one per batch), neuron scales."""
     units = len(mlp.kept)
     gram_of_weight = weight_gram(mlp.fc2_weight)
     equations = _zero_equations(units, gram_of_weight)
-    run.use_student()
-    for batch, student in enumerate(run.student_states):
-        run.student_states[batch] = mid = _mid_residual(layer, student)
+    for batch, mid in enumerate(run.student_states):
+        if mid_shifts is not None:
+            run.student_states[batch] = mid = mid + next(mid_shifts)
         if units:
             activations = mlp.activations(layer, mid)
             current = mlp.output(layer, mid, run.neuron_mask[index, mlp.kept], activations)
@@ -316,6 +342,20 @@ def _neuron_pass(run: _Run, index: int, layer: CLIPEncoderLayer, mlp: _KeptMLP, 
         scales = run.solve(equations, run.neuron_mask[index, mlp.kept], f"layer {index} neurons")
         if scales is not None:
             run.neuron_mask[index, mlp.kept] = scales.to(run.neuron_mask.dtype)
+
+
+def _rescale_layer(run: _Run, index: int, layer: CLIPEncoderLayer,
+                   tokens: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rescale the heads, then the neurons of one layer; advance both states; return the errors."""
+    heads = _KeptHeads.of(layer, run.head_mask[index].nonzero().squeeze(1))
+    mlp = _KeptMLP.of(layer, run.neuron_mask[index].nonzero().squeeze(1))
+    incoming = run.head_mask[index, heads.kept].clone()
+    error_before, contexts = _head_pass(run, index, layer, heads, mlp, tokens)
+    change = run.head_mask[index, heads.kept] - incoming
+    # x'_new = x'_old + out_proj_kept(ctx ∘ Δs): the contexts of pass A spare a second attention pass.
+    shifts = (heads.shift(context, change) for context in contexts) if bool(change.any()) else None
+    _neuron_pass(run, index, layer, mlp, tokens, shifts)
+    return error_before, _output_pass(run, index, layer, mlp, tokens)
 
 
 def _output_pass(run: _Run, index: int, layer: CLIPEncoderLayer, mlp: _KeptMLP,
@@ -404,11 +444,7 @@ def rescale_masks(
         for index in tqdm(range(len(layers)), desc="rescale", disable=not progress):
             cls_only = last_layer_cls_only and index == len(layers) - 1
             tokens = slice(0, 1) if cls_only else slice(None)
-            layer = layers[index]
-            mlp = _KeptMLP.of(layer, run.neuron_mask[index].nonzero().squeeze(1))
-            errors[0, index] = _head_pass(run, index, layer, mlp, tokens)
-            _neuron_pass(run, index, layer, mlp, tokens)
-            errors[1, index] = _output_pass(run, index, layer, mlp, tokens)
+            errors[:, index] = torch.stack(_rescale_layer(run, index, layers[index], tokens))
     finally:
         masks.remove()
         model.train(was_training)
