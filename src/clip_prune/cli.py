@@ -28,7 +28,7 @@ from clip_prune.summary import format_summary
 
 
 def read_masks(masks: str, vision_config: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masks from a folder (head_mask.pt, neuron_mask.pt) or from one head-mask file and the neuron_mask.pt beside it."""
+    """Masks from a folder (head_mask.pt, neuron_mask.pt), or one head-mask file and the neuron_mask.pt beside it."""
     path = Path(masks)
     if not path.is_file():
         return read_mask_dir(path, vision_config)
