@@ -192,7 +192,7 @@ class ClipPruneCLI(LightningCLI):
 
 
 def make_demo_data(root: str = "demo_data", num_train: int = 2000, num_val: int = 500, image_size: int = 64,
-                   seed: int = 0, overwrite: bool = False) -> None:
+                   seed: int = 0, overwrite: bool = False, zero_shot_per_class: int = 40) -> None:
     """Write the synthetic COCO-format demo data set (shapes with colours, sizes and positions).
 
     Args:
@@ -202,9 +202,11 @@ def make_demo_data(root: str = "demo_data", num_train: int = 2000, num_val: int 
         image_size: image side in pixels.
         seed: the data set is byte-identical for a seed.
         overwrite: replace an existing folder.
+        zero_shot_per_class: single-shape images per shape kind in ROOT/zeroshot/ (an ImageFolder
+            tree for zero-shot accuracy; 0 writes none).
     """
     path = write_synthetic_coco(root, num_train=num_train, num_val=num_val, image_size=image_size, seed=seed,
-                                overwrite=overwrite)
+                                overwrite=overwrite, zero_shot_per_class=zero_shot_per_class)
     print(f"clip-prune: wrote the demo data set to {path}")
 
 

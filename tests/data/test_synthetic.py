@@ -81,3 +81,11 @@ def test_refuses_existing_root_unless_overwrite(tmp_path):
 def test_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match=r"num_val=-1 must be >= 0; image_size=8"):
         write_synthetic_coco(tmp_path / "coco", num_val=-1, image_size=8)
+
+
+def test_zero_shot_tree_is_an_image_folder_per_shape(tmp_path) -> None:
+    root = write_synthetic_coco(tmp_path / "demo", num_train=2, num_val=1, image_size=32, zero_shot_per_class=3)
+    classes = sorted(path.name for path in (root / "zeroshot").iterdir())
+    assert classes == sorted(["circle", "square", "triangle", "star", "cross"])
+    assert all(len(list((root / "zeroshot" / name).glob("*.jpg"))) == 3 for name in classes)
+    assert set(classes) <= set(caption_vocabulary())

@@ -219,6 +219,18 @@ def _write_split(
     }
 
 
+def _write_zero_shot(folder: Path, per_class: int, image_size: int, seed: int) -> None:
+    """An ImageFolder tree `folder/<shape>/<n>.jpg` of single-shape scenes, labelled by the shape."""
+    for label, kind in enumerate(_SHAPES):
+        (folder / kind).mkdir(parents=True)
+        for offset in range(per_class):
+            rng = np.random.default_rng([seed, len(_SPLITS), label, offset])
+            shape = _Shape(kind, str(rng.choice(list(_COLOURS))), str(rng.choice(list(_SIZES))),
+                           str(rng.choice(list(_CELLS))))
+            scene = _Scene((shape,), tone=str(rng.choice(list(_TONES))), texture=str(rng.choice(_TEXTURES)))
+            _draw_scene(scene, image_size, rng).save(folder / kind / f"{offset:06d}.jpg", format="JPEG", **_JPEG)
+
+
 def write_synthetic_coco(
     root: str | Path,
     num_train: int = 2000,
@@ -226,6 +238,7 @@ def write_synthetic_coco(
     image_size: int = 64,
     seed: int = 0,
     overwrite: bool = False,
+    zero_shot_per_class: int = 0,
 ) -> Path:
     """Write a synthetic data set of coloured shapes in the MS-COCO captions layout.
 
@@ -243,6 +256,8 @@ def write_synthetic_coco(
         image_size: Side of the square images, in pixels.
         seed: Seed of the generator; each image depends only on the seed, its split and its index.
         overwrite: Replace an existing non-empty ``root``.
+        zero_shot_per_class: Also write ``root/zeroshot/<shape>/`` with this many single-shape
+            images per shape kind, for zero-shot classification (0 writes none).
 
     Returns:
         The path of the written data set.
@@ -252,7 +267,7 @@ def write_synthetic_coco(
         ValueError: If a count is negative or ``image_size`` is below 16.
     """
     root = Path(root)
-    counts = {"num_train": num_train, "num_val": num_val}
+    counts = {"num_train": num_train, "num_val": num_val, "zero_shot_per_class": zero_shot_per_class}
     problems = [f"{name}={value} must be >= 0" for name, value in counts.items() if value < 0]
     if image_size < 16:
         problems.append(f"image_size={image_size} must be >= 16 for the shapes to be legible")
@@ -270,6 +285,8 @@ def write_synthetic_coco(
             coco = _write_split(staging / split, index, first_ids[index], count, image_size, seed)
             with open(staging / "annotations" / f"captions_{split}.json", "w", encoding="utf-8") as file:
                 json.dump(coco, file)
+        if zero_shot_per_class > 0:
+            _write_zero_shot(staging / "zeroshot", zero_shot_per_class, image_size, seed)
         staging.chmod(0o755)  # mkdtemp creates the folder as 0o700
         if root.is_dir() and not root.is_symlink():
             shutil.rmtree(root)

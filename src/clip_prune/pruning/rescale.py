@@ -222,7 +222,7 @@ class _Run:
         except ScaleSolveError as error:
             message = f"{where}: kept the incoming (binary) mask because {error}"
             self.warnings.append(message)
-            warnings.warn(message, RuntimeWarning, stacklevel=5)
+            warnings.warn(message, RuntimeWarning, stacklevel=6)
             return None
 
 
@@ -344,6 +344,16 @@ def _neuron_pass(run: _Run, index: int, layer: CLIPEncoderLayer, mlp: _KeptMLP, 
             run.neuron_mask[index, mlp.kept] = scales.to(run.neuron_mask.dtype)
 
 
+def _output_pass(run: _Run, index: int, layer: CLIPEncoderLayer, mlp: _KeptMLP,
+                 tokens: slice) -> torch.Tensor:
+    """Pass C: the student's layer output under the new scales (kept); returns the error after."""
+    error = torch.zeros((), dtype=torch.float64, device=run.head_mask.device)
+    for batch, mid in enumerate(run.student_states):
+        run.student_states[batch] = output = mlp.output(layer, mid, run.neuron_mask[index, mlp.kept])
+        error += _squared_error(run.teacher_states[batch][:, tokens], output[:, tokens])
+    return error
+
+
 def _rescale_layer(run: _Run, index: int, layer: CLIPEncoderLayer,
                    tokens: slice) -> tuple[torch.Tensor, torch.Tensor]:
     """Rescale the heads, then the neurons of one layer; advance both states; return the errors."""
@@ -356,16 +366,6 @@ def _rescale_layer(run: _Run, index: int, layer: CLIPEncoderLayer,
     shifts = (heads.shift(context, change) for context in contexts) if bool(change.any()) else None
     _neuron_pass(run, index, layer, mlp, tokens, shifts)
     return error_before, _output_pass(run, index, layer, mlp, tokens)
-
-
-def _output_pass(run: _Run, index: int, layer: CLIPEncoderLayer, mlp: _KeptMLP,
-                 tokens: slice) -> torch.Tensor:
-    """Pass C: the student's layer output under the new scales (kept); returns the error after."""
-    error = torch.zeros((), dtype=torch.float64, device=run.head_mask.device)
-    for batch, mid in enumerate(run.student_states):
-        run.student_states[batch] = output = mlp.output(layer, mid, run.neuron_mask[index, mlp.kept])
-        error += _squared_error(run.teacher_states[batch][:, tokens], output[:, tokens])
-    return error
 
 
 def _checked_teacher(mask: torch.Tensor | None, like: torch.Tensor, name: str) -> torch.Tensor:
@@ -400,8 +400,9 @@ def rescale_masks(
     Per layer, first the heads, then (with the new head scales) the neurons are fitted by damped
     least squares to the teacher's mid-layer residual and layer output; the student's inputs come
     from the already rescaled earlier layers. A layer and stage whose solve fails keeps its
-    incoming mask, with a warning, and the later layers go on. Only the current hidden states of
-    teacher and student are cached, 2 × (N, T, D) on the model's device.
+    incoming mask, with a warning, and the later layers go on. Only the current layer's states are
+    cached on the model's device: the hidden states of teacher and student, 2 × (N, T, D), and the
+    kept heads' outputs of the student, at most (N, T, D), which spare a second attention pass.
 
     Args:
         model: a CLIPModel or CLIPVisionModel without mask hooks of its own; its mode is restored.
@@ -413,8 +414,9 @@ def rescale_masks(
         damping: λ, the pull towards the incoming scales relative to the mean diagonal of AᵀA.
         max_abs_scale: a solved |scale| above this keeps the layer's incoming mask for that stage.
         last_layer_cls_only: at the last layer, reconstruct the CLS token (t = 0) only.
-        all_reduce: returns the sum of a tensor across DDP ranks (None: one process); applied to AᵀA
-            and Aᵀb of every stage and to the reported errors, in the same order on every rank.
+        all_reduce: returns the sum of a tensor across DDP ranks (None: one process); applied to the
+            normal equations (AᵀA, Aᵀb) of every stage and to the reported errors, in the same order
+            on every rank, so that all ranks solve the same scales.
         progress: show a tqdm bar over the layers.
 
     Returns:
