@@ -4,19 +4,21 @@ For each FLOP constraint c, two pruned copies of one random-weight ViT-B/16 towe
 uniform one (every layer keeps round(c·H) heads and round(c·F) neurons) and a random
 one with the same totals spread over the layers at random, so both have the same
 analytic FLOPs (DESIGN.md, "FLOP-constrained search"). Prints the analytic FLOP ratio of
-the encoder, the ideal speedup 1/ratio, the measured speedup (median latency) and
-measured/ideal. Example:
+the encoder, the ideal speedup 1/ratio, the measured speedup and measured/ideal. The models are
+timed round-robin, so load from other processes slows them alike. Example:
 
     python benchmarks/bench_latency.py --constraints 0.4 0.5 0.75 --runs 5 --threads 2
 """
 
 import argparse
+import os
 import statistics
 import time
 
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
+from clip_prune.model.masking import mask_shapes
 from clip_prune.pruning.export import prune_model
 from clip_prune.pruning.flops import count_encoder_macs
 
@@ -55,16 +57,24 @@ def random_masks(head_mask: torch.Tensor, neuron_mask: torch.Tensor,
 
 
 @torch.inference_mode()
-def median_latency(model: torch.nn.Module, pixel_values: torch.Tensor, warmup: int, runs: int) -> float:
-    """Median wall-clock seconds of one forward pass, after `warmup` untimed passes."""
-    for _ in range(warmup):
-        model(pixel_values=pixel_values)
-    times = []
+def forward_seconds(model: torch.nn.Module, pixel_values: torch.Tensor) -> float:
+    """Wall-clock seconds of one forward pass."""
+    start = time.perf_counter()
+    model(pixel_values=pixel_values)
+    return time.perf_counter() - start
+
+
+def interleaved_seconds(models: dict[str, torch.nn.Module], pixel_values: torch.Tensor, warmup: int,
+                        runs: int) -> dict[str, list[float]]:
+    """Forward times of each model, timed round-robin so that load from other processes hits all alike."""
+    for model in models.values():
+        for _ in range(warmup):
+            forward_seconds(model, pixel_values)
+    seconds: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(runs):
-        start = time.perf_counter()
-        model(pixel_values=pixel_values)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, model in models.items():
+            seconds[name].append(forward_seconds(model, pixel_values))
+    return seconds
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -93,31 +103,33 @@ def main(argv: list[str] | None = None) -> None:
     macs = count_encoder_macs(config)
     generator = torch.Generator().manual_seed(args.seed)
 
+    rows = {("dense", 1.0): (torch.ones(mask_shapes(config)[0]), torch.ones(mask_shapes(config)[1]))}
+    for constraint in args.constraints:
+        uniform = uniform_masks(config, constraint)
+        rows[("uniform", constraint)] = uniform
+        rows[("random", constraint)] = random_masks(*uniform, generator)
+    models = {key: dense if key[0] == "dense" else prune_model(dense, *masks) for key, masks in rows.items()}
+    load_before = os.getloadavg()[0]
+    seconds = interleaved_seconds(models, pixel_values, args.warmup, args.runs)
+
     print(f"ViT-B/16 vision tower, {args.image_size} px, batch {args.batch_size}, fp32, CPU, "
-          f"{torch.get_num_threads()} threads, {args.attn} attention; median of {args.runs} runs after "
-          f"{args.warmup} warm-up; FLOP ratio = analytic encoder MACs / dense "
-          f"({macs.dense / 1e9:.2f} G per image)")
+          f"{torch.get_num_threads()} threads, {args.attn} attention; {args.runs} round-robin runs after "
+          f"{args.warmup} warm-up; load average {load_before:.1f} -> {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} CPUs")
+    print(f"FLOP ratio = analytic encoder MACs / dense ({macs.dense / 1e9:.2f} G per image); measured x = "
+          "median over runs of dense time / pruned time in the same run")
     header = (f"{'masks':<8} {'c':>5} {'heads':>5} {'neurons':>7} {'per-layer heads':<38} "
               f"{'FLOP ratio':>10} {'ideal x':>7} {'median s':>8} {'measured x':>10} {'meas/ideal':>10}")
     print(header)
     print("-" * len(header))
-    dense_seconds = median_latency(dense, pixel_values, args.warmup, args.runs)
-    print(f"{'dense':<8} {1.0:>5.2f} {macs.num_layers * macs.num_heads:>5} "
-          f"{macs.num_layers * macs.num_neurons:>7} {'':<38} {1.0:>10.3f} {1.0:>7.2f} "
-          f"{dense_seconds:>8.3f} {1.0:>10.2f} {1.0:>10.2f}")
-    for constraint in args.constraints:
-        uniform = uniform_masks(config, constraint)
-        variants = (("uniform", uniform), ("random", random_masks(*uniform, generator)))
-        for name, (head_mask, neuron_mask) in variants:
-            pruned = prune_model(dense, head_mask, neuron_mask)
-            seconds = median_latency(pruned, pixel_values, args.warmup, args.runs)
-            ratio = macs.of_masks(head_mask, neuron_mask) / macs.dense
-            widths = ",".join(str(int(row.count_nonzero())) for row in head_mask)
-            measured = dense_seconds / seconds
-            print(f"{name:<8} {constraint:>5.2f} {int(head_mask.count_nonzero()):>5} "
-                  f"{int(neuron_mask.count_nonzero()):>7} {widths:<38} {ratio:>10.3f} {1 / ratio:>7.2f} "
-                  f"{seconds:>8.3f} {measured:>10.2f} {measured * ratio:>10.2f}")
-            del pruned
+    for (name, constraint), (head_mask, neuron_mask) in rows.items():
+        ratio = macs.of_masks(head_mask, neuron_mask) / macs.dense
+        widths = ",".join(str(int(row.count_nonzero())) for row in head_mask) if name != "dense" else ""
+        times = seconds[(name, constraint)]
+        measured = statistics.median(d / p for d, p in zip(seconds[("dense", 1.0)], times, strict=True))
+        print(f"{name:<8} {constraint:>5.2f} {int(head_mask.count_nonzero()):>5} "
+              f"{int(neuron_mask.count_nonzero()):>7} {widths:<38} {ratio:>10.3f} {1 / ratio:>7.2f} "
+              f"{statistics.median(times):>8.3f} {measured:>10.2f} {measured * ratio:>10.2f}")
 
 
 if __name__ == "__main__":

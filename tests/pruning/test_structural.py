@@ -1,6 +1,7 @@
 """Physical pruning: sliced model vs hook-masked model, save/reload, counted vs analytic FLOPs, errors."""
 
 import copy
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,15 @@ LAYERS, HEADS, NEURONS, IMAGE_SIZE = 3, 4, 37, 30
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = REPO_ROOT.parent / "shared" / "fixtures" / "original-tool-masks"
 ORIGINAL_MASKS = FIXTURES / "clip-vit-base-patch16" / "mscoco"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """One CPU thread: faster for these small models, and a busy machine cannot stall a thread barrier."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def vision_config(**overrides: object) -> CLIPVisionConfig:

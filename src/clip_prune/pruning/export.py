@@ -255,7 +255,7 @@ def save_pruned(model: PrunedCLIPModel | PrunedCLIPVisionModel, output_dir: str 
             f"{[len(layer.neurons) for layer in plan]} neurons per layer, the model has "
             f"{config.heads_per_layer} and {config.neurons_per_layer}"
         )
-    output = Path(output_dir)
+    output = Path(output_dir).resolve()
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
         raise FileExistsError(f"{output} already exists and is not empty; pass --overwrite to replace it")
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -279,7 +279,11 @@ def _replace(source: Path, target: Path) -> None:
         return
     old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
     os.rename(target, old)
-    os.rename(source, target)
+    try:
+        os.rename(source, target)
+    except OSError:
+        os.rename(old, target)
+        raise
     if old.is_dir():
         shutil.rmtree(old)
     else:
