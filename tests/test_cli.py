@@ -149,3 +149,40 @@ def test_fisher_from_two_ddp_processes_equals_one(num_samples, tiny_clip_dir, ti
     assert fisher_metadata(tmp_path / "two" / "fisher.safetensors")["num_samples"] == str(num_samples)
     masks = [torch.load(tmp_path / run / "head_mask.pt", weights_only=True) for run in ("one", "two")]
     torch.testing.assert_close(masks[1], masks[0], rtol=1e-3, atol=1e-4)
+
+
+def run_apply(model_dir: Path, data_root: Path, masks: Path, output_dir: Path, *extra: str) -> None:
+    main(["apply", "--model.pretrained", str(model_dir), "--data.root", str(data_root), "--data.num_workers", "0",
+          "--masks", str(masks), "--output_dir", str(output_dir), "--latency_repeats", "1", *extra])
+
+
+def test_apply_reproduces_the_model_exported_by_prune(tiny_clip_dir, tiny_coco_root, tmp_path) -> None:
+    run_prune(tiny_clip_dir, tiny_coco_root, tmp_path / "run", "--constraint", "0.5")
+    run_apply(tiny_clip_dir, tiny_coco_root, tmp_path / "run", tmp_path / "applied")
+    exported = load_file(tmp_path / "run" / "pruned" / "model.safetensors")
+    applied = load_file(tmp_path / "applied" / "model.safetensors")
+    assert exported.keys() == applied.keys()
+    for key in exported:
+        torch.testing.assert_close(applied[key], exported[key], rtol=0, atol=0)
+    report = json.loads((tmp_path / "applied" / "report.json").read_text())
+    assert report["equivalence"]["max_abs_diff"] <= 1e-5
+    assert report["flops_counted"]["ratio"] == pytest.approx(report["flops"]["ratio"], abs=1e-9)
+    assert report["metrics"]["dense"]["retrieval"]["i2t_R@10"] >= 0
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        run_apply(tiny_clip_dir, tiny_coco_root, tmp_path / "run", tmp_path / "applied")
+
+
+def test_apply_refuses_bad_masks(tiny_clip_dir, tiny_coco_root, tmp_path) -> None:
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    torch.save(torch.ones(12, 12), masks / "head_mask.pt")
+    with pytest.raises(ValueError, match="shape"):
+        run_apply(tiny_clip_dir, tiny_coco_root, masks, tmp_path / "out")
+    torch.save(torch.full((3, 4), float("nan")), masks / "head_mask.pt")
+    with pytest.raises(ValueError, match="NaN"):
+        run_apply(tiny_clip_dir, tiny_coco_root, masks, tmp_path / "out")
+    torch.save(torch.zeros(3, 4), masks / "head_mask.pt")
+    torch.save(torch.zeros(3, 37), masks / "neuron_mask.pt")
+    with pytest.raises(ValueError, match="prune every head and every neuron"):
+        run_apply(tiny_clip_dir, tiny_coco_root, masks, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -211,28 +211,31 @@ class CocoDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Read, sample and check the calibration split (before any model work)."""
-        if self.calibration is not None:
-            return
+        if self.calibration is None:
+            self.calibration = self._calibration_pairs(self.hparams.num_samples)
+
+    def _calibration_pairs(self, count: int) -> CaptionPairs:
+        """`count` image–caption pairs of the calibration split, drawn with the seed and checked."""
         hp = self.hparams
         images = read_coco_captions(Path(hp.root), hp.train_images, hp.train_captions)
         if not images:
             raise ValueError(f"{Path(hp.root) / hp.train_captions} lists no image with a caption")
-        if hp.num_samples > len(images):
+        if count > len(images):
             warnings.warn(
-                f"--data.num_samples={hp.num_samples} is larger than the {len(images)} captioned images in "
+                f"--data.num_samples={count} is larger than the {len(images)} captioned images in "
                 f"{Path(hp.root) / hp.train_captions}: using all {len(images)}.",
-                stacklevel=2,
+                stacklevel=3,
             )
         rng = random.Random(hp.seed)
-        sampled = rng.sample(images, min(hp.num_samples, len(images)))
+        sampled = rng.sample(images, min(count, len(images)))
         check_images(sampled)
         pairs = [(image.path, rng.choice(image.captions)) for image in sampled]
-        self.calibration = CaptionPairs(pairs, self.image_processor())
+        return CaptionPairs(pairs, self.image_processor())
 
     def sample_pixels(self, count: int) -> torch.Tensor:
-        """Up to `count` processed calibration images [B, 3, S, S] (for checks that need a few real inputs)."""
-        self.setup("validate")
-        return torch.stack([self.calibration[i]["pixel_values"] for i in range(min(count, len(self.calibration)))])
+        """Up to `count` processed calibration images [B, 3, S, S], without reading the whole sample."""
+        pairs = self.calibration if self.calibration is not None else self._calibration_pairs(count)
+        return torch.stack([pairs[i]["pixel_values"] for i in range(min(count, len(pairs)))])
 
     def val_dataloader(self) -> DataLoader:
         """Calibration batches; under DDP each sample goes to exactly one rank (no padding)."""
