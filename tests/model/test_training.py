@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -82,11 +83,11 @@ def test_loss_decreases_on_a_fixed_batch(tiny_init: Path, shapes_root: Path) -> 
 
 def test_fit_exports_a_trained_model(tiny_init: Path, shapes_root: Path, tmp_path: Path) -> None:
     export = tmp_path / "trained"
-    TrainingCLI(
-        ContrastiveTrainingModule, CocoTrainingDataModule,
+    TrainingCLI(  # the default classes: ContrastiveTrainingModule and CocoTrainingDataModule
         args=["fit", "--config", str(TRAIN_CONFIG), "--model.pretrained", str(tiny_init),
               "--model.export_dir", str(export), "--model.warmup_steps", "1", "--data.root", str(shapes_root),
               "--data.batch_size", "8", "--trainer.max_steps", "2", "--trainer.check_val_every_n_epoch", "1",
+              "--trainer.log_every_n_steps", "1",
               "--trainer.default_root_dir", str(tmp_path)],
     )
     # seed_everything(0) before the model is built: the same seed rebuilds the untrained weights.
@@ -113,8 +114,9 @@ def test_demo_train_config_parses_and_links_the_checkpoint(tmp_path: Path, monke
 
 def test_demo_init_is_what_write_demo_init_writes(tmp_path: Path) -> None:
     written = write_demo_init(tmp_path / "init")
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
-        assert (written / name).read_text() == (DEMO_INIT / name).read_text(), name
+    assert _config_fields(CLIPConfig.from_pretrained(written)) == _config_fields(CLIPConfig.from_pretrained(DEMO_INIT))
+    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
+        assert json.loads((written / name).read_text()) == json.loads((DEMO_INIT / name).read_text()), name
 
 
 def test_shipped_demo_model_matches_its_init_and_retrieves(tmp_path: Path) -> None:
@@ -123,7 +125,7 @@ def test_shipped_demo_model_matches_its_init_and_retrieves(tmp_path: Path) -> No
     assert (DEMO_TRAINED / "model.safetensors").stat().st_size < 6_000_000
     tokenizer, processor = AutoTokenizer.from_pretrained(DEMO_TRAINED), AutoImageProcessor.from_pretrained(DEMO_TRAINED)
     assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(DEMO_INIT).get_vocab()
-    # Fresh images of the demo distribution (seed 7, not the training seed): far above chance (1/100 at R@1).
+    # Fresh images of the demo distribution (seed 7, not the training seed): far above chance (5% at R@1).
     root = write_synthetic_coco(tmp_path / "shapes", num_train=0, num_val=20, seed=7)
     images = read_coco_captions(root, "val2017", "annotations/captions_val2017.json")
     captions = [caption for image in images for caption in image.captions]
@@ -132,4 +134,4 @@ def test_shipped_demo_model_matches_its_init_and_retrieves(tmp_path: Path) -> No
         image_embeds = model.get_image_features(pixel_values=pixels["pixel_values"]).pooler_output
         text_embeds = model.get_text_features(**tokenizer(captions, padding=True, return_tensors="pt")).pooler_output
     recall = retrieval_recall(image_embeds, text_embeds, torch.arange(len(images)).repeat_interleave(5))
-    assert recall["i2t_R@1"] >= 50 and recall["t2i_R@5"] >= 50, recall
+    assert recall["i2t_R@1"] >= 75 and recall["t2i_R@1"] >= 75, recall  # measured 95 and 94

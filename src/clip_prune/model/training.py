@@ -239,7 +239,19 @@ class ContrastiveTrainingModule(L.LightningModule):
 
 
 class TrainingCLI(LightningCLI):
-    """LightningCLI for `fit`: the checkpoint folder is named once (`--model.pretrained`)."""
+    """LightningCLI for `fit` on `ContrastiveTrainingModule` and `CocoTrainingDataModule` by default.
+
+    The checkpoint folder is named once (`--model.pretrained`) and linked to the data module's.
+    Other arguments go to `LightningCLI` (`args`, `run`, `trainer_defaults`, ...).
+    """
+
+    def __init__(
+        self,
+        model_class: type[L.LightningModule] = ContrastiveTrainingModule,
+        datamodule_class: type[L.LightningDataModule] = CocoTrainingDataModule,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(model_class, datamodule_class, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.pretrained", "data.pretrained")
