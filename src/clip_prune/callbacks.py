@@ -40,8 +40,9 @@ class PruningOptions:
     """A layer whose solved scales leave [-max, max] keeps its binary mask."""
     rescale_samples: int = 512
     """Calibration images used for rescaling (split across ranks)."""
-    last_layer_cls_only: bool = False
-    """At the last layer, reconstruct only the CLS token (the one CLIP pools)."""
+    last_layer_cls_only: bool = True
+    """At the last layer, reconstruct only the CLS token (the one CLIP pools); on the demo model this
+    kept the pruned embeddings closer to the dense ones at constraints 0.4-0.6 than all tokens did."""
     export: bool = True
     """Slice the weights and save the smaller model into OUTPUT_DIR/pruned."""
 

@@ -130,7 +130,7 @@ def zero_shot_accuracy(image_embeds: Tensor, class_text_embeds: Tensor, labels: 
         labels: True class of each image, shape [N], integer in [0, C).
 
     Returns:
-        ``{"top1": ...}``, plus ``"top5"`` when C >= 5, in percent (0-100).
+        ``{"top1": ...}``, plus ``"top5"`` when C > 5, in percent (0-100).
 
     Raises:
         ValueError: If shapes disagree or a label is out of range.
@@ -161,6 +161,6 @@ def zero_shot_accuracy(image_embeds: Tensor, class_text_embeds: Tensor, labels: 
     target = scores.gather(1, labels.to(device=scores.device, dtype=torch.long)[:, None])
     rank = ((_nan_first(scores) >= target).sum(dim=1) - 1).masked_fill(target[:, 0].isnan(), num_classes)
     accuracy = {"top1": 100.0 * (rank < 1).double().mean().item()}
-    if num_classes >= 5:
+    if num_classes > 5:  # with 5 classes or fewer, top-5 is always 100%
         accuracy["top5"] = 100.0 * (rank < 5).double().mean().item()
     return accuracy

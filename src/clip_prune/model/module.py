@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -21,9 +22,11 @@ def load_clip(pretrained: str, attn_implementation: AttentionName = "sdpa") -> C
     try:
         config = AutoConfig.from_pretrained(pretrained)
     except (OSError, ValueError) as error:
+        local = Path(pretrained).resolve()
         raise OSError(
-            f"cannot load a model config from --model.pretrained={pretrained!r}: {error}. Give a Hub name such "
-            "as openai/clip-vit-base-patch16 or a folder written by save_pretrained."
+            f"cannot load a model config from --model.pretrained={pretrained!r} (no folder {local} exists, and "
+            f"the Hub lookup failed: {error}). Give a Hub name such as openai/clip-vit-base-patch16 or a folder "
+            "written by save_pretrained."
         ) from error
     classes = {"clip": CLIPModel, "clip_vision_model": CLIPVisionModel}
     if config.model_type not in classes:
