@@ -12,18 +12,13 @@ def _row(name: str, dense: str, pruned: str, change: str = "") -> str:
 def format_summary(report: dict[str, Any]) -> str:
     """A plain-text table of FLOPs, parameters, latency, metrics and stage timings from `report.json`."""
     lines = ["", "clip-prune summary", _row("", "dense", "pruned", "ratio")]
-    if "flops" in report:
-        flops = report["flops"]
-        lines.append(_row("encoder GMACs/image", f"{flops['dense'] / 1e9:.4f}", f"{flops['pruned'] / 1e9:.4f}",
-                          f"{flops['ratio']:.3f}"))
-    if "flops_counted" in report:
-        counted = report["flops_counted"]
-        lines.append(_row("  counted (torch)", f"{counted['dense'] / 1e9:.4f}", f"{counted['pruned'] / 1e9:.4f}",
-                          f"{counted['ratio']:.3f}"))
-    if "parameters" in report:
-        params = report["parameters"]
-        lines.append(_row("vision params (M)", f"{params['dense'] / 1e6:.3f}", f"{params['pruned'] / 1e6:.3f}",
-                          f"{params['ratio']:.3f}"))
+    for key, name, scale, unit in (("flops", "encoder GMACs/image", 1e9, "{:.4f}"),
+                                   ("flops_counted", "  counted (torch)", 1e9, "{:.4f}"),
+                                   ("parameters", "vision params (M)", 1e6, "{:.3f}")):
+        if key in report:
+            values = report[key]
+            lines.append(_row(name, unit.format(values["dense"] / scale), unit.format(values["pruned"] / scale),
+                              f"{values['ratio']:.3f}"))
     if "latency_s" in report:
         latency = report["latency_s"]
         lines.append(_row(f"latency ms (batch {latency['batch']})", f"{latency['dense'] * 1e3:.1f}",

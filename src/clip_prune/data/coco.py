@@ -90,6 +90,12 @@ def check_images(images: list[CaptionedImage]) -> None:
         )
 
 
+def load_pixels(path: Path, image_processor: Any) -> torch.Tensor:
+    """One image file as CLIP pixels [3, S, S] (converted to RGB, resized and normalised by the processor)."""
+    with Image.open(path) as image:
+        return image_processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+
+
 class CaptionPairs(Dataset):
     """(image, caption) pairs: `pixel_values` [3, S, S], the caption text and the pair's index."""
 
@@ -102,9 +108,7 @@ class CaptionPairs(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         path, caption = self.pairs[index]
-        with Image.open(path) as image:
-            pixels = self.image_processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
-        return {"pixel_values": pixels, "caption": caption, "index": index}
+        return {"pixel_values": load_pixels(path, self.image_processor), "caption": caption, "index": index}
 
 
 class LabelledImages(Dataset):
@@ -119,9 +123,7 @@ class LabelledImages(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         path, label = self.items[index]
-        with Image.open(path) as image:
-            pixels = self.image_processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
-        return {"pixel_values": pixels, "label": label}
+        return {"pixel_values": load_pixels(path, self.image_processor), "label": label}
 
 
 @dataclass(frozen=True)

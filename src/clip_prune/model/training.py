@@ -11,11 +11,17 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
 
-from clip_prune.data.coco import CaptionedImage, CaptionPairs, CocoDataModule, check_images, read_coco_captions
+from clip_prune.data.coco import (
+    CaptionedImage,
+    CaptionPairs,
+    CocoDataModule,
+    check_images,
+    load_pixels,
+    read_coco_captions,
+)
 from clip_prune.data.synthetic import caption_vocabulary
 from clip_prune.data.tokenizer import build_word_tokenizer
 from clip_prune.metrics import retrieval_recall
@@ -87,9 +93,7 @@ class RandomCaptionImages(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         image = self.images[index]
         caption = image.captions[int(torch.randint(len(image.captions), ()))]
-        with Image.open(image.path) as file:
-            pixels = self.image_processor(images=file.convert("RGB"), return_tensors="pt")["pixel_values"][0]
-        return {"pixel_values": pixels, "caption": caption, "index": index}
+        return {"pixel_values": load_pixels(image.path, self.image_processor), "caption": caption, "index": index}
 
 
 class CocoTrainingDataModule(CocoDataModule):
