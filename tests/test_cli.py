@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import BertConfig
 
 from clip_prune.cli import main
@@ -41,7 +42,10 @@ def test_prune_writes_masks_statistics_report_and_tensorboard(tiny_clip_dir, tin
     stats = load_file(out / "fisher.safetensors")
     assert stats["head_fisher"].dtype == torch.float64 and stats["head_fisher"].sum() > 0
     assert fisher_metadata(out / "fisher.safetensors")["num_samples"] == "10"
-    assert list((tmp_path / "lightning_logs").rglob("events.out.tfevents.*"))
+    events = EventAccumulator(str(next((tmp_path / "lightning_logs").glob("version_*")))).Reload().Tags()
+    assert {"fisher/head_scores/layer_00", "fisher/neuron_scores/layer_02"} <= set(events["histograms"])
+    assert {"fisher/head_scores_map", "masks/1_search/kept_heads", "masks/3_rescale/kept_heads"} <= set(events["images"])
+    assert {"search/objective_by_kept_heads", "metrics/retrieval/i2t_R@1"} <= set(events["scalars"])
 
     with pytest.raises(FileExistsError, match="--overwrite"):
         run_prune(tiny_clip_dir, tiny_coco_root, out, "--constraint", "0.6")
