@@ -44,7 +44,8 @@ def test_prune_writes_masks_statistics_report_and_tensorboard(tiny_clip_dir, tin
     assert fisher_metadata(out / "fisher.safetensors")["num_samples"] == "10"
     events = EventAccumulator(str(next((tmp_path / "lightning_logs").glob("version_*")))).Reload().Tags()
     assert {"fisher/head_scores/layer_00", "fisher/neuron_scores/layer_02"} <= set(events["histograms"])
-    assert {"fisher/head_scores_map", "masks/1_search/kept_heads", "masks/3_rescale/kept_heads"} <= set(events["images"])
+    images = {"fisher/head_scores_map", "masks/1_search/kept_heads", "masks/3_rescale/kept_heads"}
+    assert images <= set(events["images"])
     assert {"search/objective_by_kept_heads", "metrics/retrieval/i2t_R@1"} <= set(events["scalars"])
 
     with pytest.raises(FileExistsError, match="--overwrite"):
