@@ -9,7 +9,6 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 
 from clip_prune.apply import export_pruned
 from clip_prune.evaluation import Evaluator
@@ -102,8 +101,8 @@ class PruningCallback(L.Callback):
         if trainer.is_global_zero:
             self.run.write_json("report.json", report)
             path = self.run.commit()
-            rank_zero_info(format_summary(report))
-            rank_zero_info(f"clip-prune: wrote {path}")
+            print(format_summary(report))
+            print(f"clip-prune: wrote {path}")
         trainer.strategy.barrier()
 
     def _prune(self, trainer: L.Trainer, pl_module: MaskedCLIPModule, stats: FisherStatistics) -> dict[str, Any]:
