@@ -39,6 +39,11 @@ def test_prune_writes_masks_statistics_report_and_tensorboard(tiny_clip_dir, tin
     neuron_mask = torch.load(out / "neuron_mask.pt", weights_only=True)
     assert head_mask.shape == (3, 4) and neuron_mask.shape == (3, 37)
     assert report["kept"]["heads"] == int((head_mask != 0).sum())
+    plan = json.loads((out / "plan.json").read_text())
+    assert [len(layer["heads"]) for layer in plan] == (head_mask != 0).sum(1).tolist()
+    assert [layer["head_scales"] for layer in plan] == [row[row != 0].tolist() for row in head_mask]
+    assert report["equivalence"]["max_abs_diff"] <= 1e-5
+    assert (out / "pruned" / "model.safetensors").is_file()
     stats = load_file(out / "fisher.safetensors")
     assert stats["head_fisher"].dtype == torch.float64 and stats["head_fisher"].sum() > 0
     assert fisher_metadata(out / "fisher.safetensors")["num_samples"] == "10"

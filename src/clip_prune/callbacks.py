@@ -19,6 +19,7 @@ from clip_prune.pruning.flops import EncoderMacs, count_encoder_macs
 from clip_prune.pruning.rearrange import rearrange_mask
 from clip_prune.pruning.rescale import rescale_masks
 from clip_prune.pruning.search import search_masks
+from clip_prune.pruning.structural import plan_from_masks, write_plan
 from clip_prune.summary import format_summary
 from clip_prune.tensorboard import log_fisher, log_masks, log_metrics, log_search_curve
 
@@ -126,6 +127,7 @@ class PruningCallback(L.Callback):
         if trainer.is_global_zero:
             self.run.save_tensor("head_mask.pt", head_mask)
             self.run.save_tensor("neuron_mask.pt", neuron_mask)
+            write_plan(plan_from_masks(self.head_mask, self.neuron_mask), self.run.file("plan.json"))
         pruned = macs.of_masks(head_mask, neuron_mask)
         return {
             "constraint": self.constraint,
