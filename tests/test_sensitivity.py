@@ -95,3 +95,16 @@ def test_sensitivity_mask_exports_to_an_equivalent_model(tiny_clip_dir, tiny_coc
         expected = dense.get_image_features(pixel_values=pixels).pooler_output
         actual = pruned.get_image_features(pixel_values=pixels).pooler_output
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+
+
+def test_vision_only_model_runs_all_rounds_without_early_stop(tiny_vision_dir, tiny_coco_root, tmp_path,
+                                                              capsys) -> None:
+    report = run_sensitivity(tiny_vision_dir, tiny_coco_root, tmp_path / "vision", "--model.loss", "distill")
+    assert len(report["rounds"]) == 3 and report["dense_metric"] is None
+    assert "no early stop" in capsys.readouterr().out
+
+
+def test_sensitivity_defaults_to_128_samples(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["sensitivity", "--model.pretrained", "m", "--data.root", "d", "--print_config"])
+    assert "num_samples: 128" in capsys.readouterr().out

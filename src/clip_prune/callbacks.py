@@ -1,14 +1,17 @@
-"""`PruningCallback`: after the Fisher pass, search → rearrange → rescale the masks and write the run."""
+"""Callbacks that turn Fisher passes into masks: `PruningCallback` (search → rearrange → rescale → export)
+and `SensitivityCallback` (one layer reduced to its best head per pass)."""
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import lightning as L
 import torch
+from transformers import CLIPModel
 
 from clip_prune.apply import export_pruned
 from clip_prune.evaluation import Evaluator
@@ -19,9 +22,10 @@ from clip_prune.pruning.flops import EncoderMacs, count_encoder_macs
 from clip_prune.pruning.rearrange import rearrange_mask
 from clip_prune.pruning.rescale import rescale_masks
 from clip_prune.pruning.search import search_masks
+from clip_prune.pruning.sensitivity import choose_head, keep_single_head
 from clip_prune.pruning.structural import plan_from_masks, write_plan
 from clip_prune.summary import format_summary
-from clip_prune.tensorboard import log_fisher, log_masks, log_metrics, log_search_curve
+from clip_prune.tensorboard import log_fisher, log_masks, log_metrics, log_search_curve, log_sensitivity_round
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,21 @@ class PruningOptions:
             raise ValueError(f"--options.damping must be >= 0, got {self.damping}")
         if self.rescale_samples < 1:
             raise ValueError(f"--options.rescale_samples must be >= 1, got {self.rescale_samples}")
+
+
+def on_rank_zero(trainer: L.Trainer, work: Callable[[], None]) -> None:
+    """Run `work` on rank zero only; every rank learns whether it failed, so no rank waits forever."""
+    error = None
+    if trainer.is_global_zero:
+        try:
+            work()
+        except Exception as exception:  # re-raised below, after the other ranks are told
+            error = exception
+    failed = trainer.strategy.broadcast(error is not None)
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError("clip-prune failed on rank 0; its error is reported there")
 
 
 def check_constraint(constraint: float) -> None:
@@ -92,19 +111,21 @@ class PruningCallback(L.Callback):
             log_fisher(trainer, stats)
         report: dict[str, Any] = {"model": pl_module.hparams.pretrained, "fisher_samples": stats.num_samples}
         if self.constraint is not None:
-            report |= self._prune(trainer, pl_module, stats)
-            if self.options.export and trainer.is_global_zero:
-                pruned, export_report = self._timed("export", lambda: self._export(trainer, pl_module))
-                report |= export_report
-                if trainer.datamodule is not None and trainer.datamodule.has_evaluation_data():
-                    report["metrics"] = self._timed("evaluate", lambda: self._evaluate(trainer, pl_module, pruned))
+            report |= self._prune(trainer, pl_module, stats)  # every rank: rescaling sums across ranks
+        on_rank_zero(trainer, lambda: self._finish(trainer, pl_module, report))
+
+    def _finish(self, trainer: L.Trainer, pl_module: MaskedCLIPModule, report: dict[str, Any]) -> None:
+        """Rank zero: export and evaluate the pruned model, write the report, move the run into place."""
+        if self.constraint is not None and self.options.export:
+            pruned, export_report = self._timed("export", lambda: self._export(trainer, pl_module))
+            report |= export_report
+            if trainer.datamodule is not None and trainer.datamodule.has_evaluation_data():
+                report["metrics"] = self._timed("evaluate", lambda: self._evaluate(trainer, pl_module, pruned))
         report["timings_s"] = {**self.timings, "total": sum(self.timings.values())}
-        if trainer.is_global_zero:
-            self.run.write_json("report.json", report)
-            path = self.run.commit()
-            print(format_summary(report))
-            print(f"clip-prune: wrote {path}")
-        trainer.strategy.barrier()
+        self.run.write_json("report.json", report)
+        path = self.run.commit()
+        print(format_summary(report))
+        print(f"clip-prune: wrote {path}")
 
     def _prune(self, trainer: L.Trainer, pl_module: MaskedCLIPModule, stats: FisherStatistics) -> dict[str, Any]:
         """Search, rearrange and rescale; write masks and the plan; return the report's pruning part."""
@@ -185,3 +206,88 @@ class PruningCallback(L.Callback):
         result = work()
         self.timings[stage] = time.perf_counter() - start
         return result
+
+
+class SensitivityCallback(L.Callback):
+    """One round of sensitivity pruning per validation pass (DESIGN.md, "Sensitivity-based pruning").
+
+    Before the pass the module's head mask is set to the current one; after it, the head
+    scores under that mask pick the next layer to reduce to its best head, `head_mask_{i}.pt`
+    is written and, with evaluation data, the round's metric decides the early stop.
+
+    Args:
+        run: where the masks and the report go.
+        stop_ratio: stop once the round's metric is below this fraction of the dense model's.
+        stop_metric: `task/name` of the watched metric, e.g. `retrieval/i2t_R@1`.
+    """
+
+    def __init__(self, run: RunDirectory, stop_ratio: float, stop_metric: str) -> None:
+        self.run = run
+        self.stop_ratio = stop_ratio
+        self.stop_metric = stop_metric
+        self.rounds: list[dict[str, Any]] = []
+        self.reduced: set[int] = set()
+        self.head_mask: torch.Tensor | None = None
+        self.evaluator: Evaluator | None = None
+        self.dense_metric: float | None = None
+        self.finished = False
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: MaskedCLIPModule) -> None:
+        if self.head_mask is None:
+            config = pl_module.vision_config
+            self.head_mask = torch.ones(config.num_hidden_layers, config.num_attention_heads)
+            on_rank_zero(trainer, lambda: self._score_dense(trainer, pl_module))
+        pl_module.fisher.reset()
+        pl_module.masks.set(head_mask=self.head_mask)
+
+    def _score_dense(self, trainer: L.Trainer, pl_module: MaskedCLIPModule) -> None:
+        """Rank zero: the dense model's metric, the reference of the early stop (if it can be measured)."""
+        datamodule = trainer.datamodule
+        if datamodule is None or not datamodule.has_evaluation_data() or not isinstance(pl_module.model, CLIPModel):
+            print("clip-prune sensitivity: no evaluation data for this model, so no early stop; all rounds run")
+            return
+        self.evaluator = Evaluator(datamodule, pl_module.device)
+        self.dense_metric = metric_value(self.evaluator(pl_module.model, "dense"), self.stop_metric)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: MaskedCLIPModule) -> None:
+        scores = pl_module.fisher.compute().head_fisher.cpu()  # synced across ranks, on their devices
+        layer, head = choose_head(scores, self.reduced)
+        self.reduced.add(layer)
+        self.head_mask = keep_single_head(self.head_mask, layer, head)
+        macs = count_encoder_macs(pl_module.vision_config)
+        neuron_mask = torch.ones(macs.num_layers, macs.num_neurons)
+        entry: dict[str, Any] = {"round": len(self.rounds), "layer": layer, "head": head,
+                                 "score": float(scores[layer, head]),
+                                 "flops_ratio": macs.of_masks(self.head_mask, neuron_mask) / macs.dense}
+        on_rank_zero(trainer, lambda: self._finish_round(trainer, pl_module, entry))
+        entry = trainer.strategy.broadcast(entry)  # rank zero's metric and stop decision for every rank
+        self.rounds.append(entry)
+        self.finished = "stopped" in entry or len(self.reduced) == macs.num_layers
+        if self.finished:
+            on_rank_zero(trainer, lambda: self.run.save_tensor("neuron_mask.pt", neuron_mask))
+
+    def _finish_round(self, trainer: L.Trainer, pl_module: MaskedCLIPModule, entry: dict[str, Any]) -> None:
+        """Rank zero: write the round's mask, measure it, decide the early stop."""
+        self.run.save_tensor(f"head_mask_{entry['round']}.pt", self.head_mask)
+        if self.evaluator is not None:
+            pl_module.masks.set(head_mask=self.head_mask)
+            entry["metric"] = metric_value(self.evaluator(pl_module.model, f"round {entry['round']}"),
+                                           self.stop_metric)
+            if entry["metric"] < self.stop_ratio * self.dense_metric:
+                entry["stopped"] = (f"{self.stop_metric} {entry['metric']:.2f} < {self.stop_ratio} x dense "
+                                    f"{self.dense_metric:.2f}")
+        log_sensitivity_round(trainer, entry)
+
+    def report(self) -> dict[str, Any]:
+        return {"stop_metric": self.stop_metric, "stop_ratio": self.stop_ratio, "dense_metric": self.dense_metric,
+                "rounds": self.rounds}
+
+
+def metric_value(metrics: dict[str, Any], name: str) -> float:
+    """The metric `task/name` (e.g. `retrieval/i2t_R@1`) from an `Evaluator` result, with a clear error."""
+    task, _, key = name.partition("/")
+    try:
+        return float(metrics[task][key])
+    except KeyError:
+        available = [f"{t}/{k}" for t, values in metrics.items() for k in values]
+        raise ValueError(f"--stop_metric {name!r} is not measured here; choose one of {available}") from None

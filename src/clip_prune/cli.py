@@ -2,42 +2,25 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from jsonargparse import CLI
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from clip_prune.apply import export_pruned
-from clip_prune.callbacks import PruningCallback, PruningOptions, check_constraint
+from clip_prune.callbacks import PruningCallback, PruningOptions, SensitivityCallback, check_constraint
 from clip_prune.data.coco import CocoDataModule
 from clip_prune.data.synthetic import write_synthetic_coco
 from clip_prune.evaluation import Evaluator
 from clip_prune.model.masking import mask_shapes
 from clip_prune.model.module import MaskedCLIPModule
-from clip_prune.outputs import RunDirectory
+from clip_prune.outputs import RunDirectory, write_json_atomically
 from clip_prune.pruning.export import load_pruned, read_mask_dir
 from clip_prune.pruning.fisher import load_fisher
-from clip_prune.pruning.structural import check_masks
-from clip_prune.sensitivity import run_sensitivity
 from clip_prune.summary import format_summary
-
-
-def read_masks(masks: str, vision_config: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masks from a folder (head_mask.pt, neuron_mask.pt), or one head-mask file and the neuron_mask.pt beside it."""
-    path = Path(masks)
-    if not path.is_file():
-        return read_mask_dir(path, vision_config)
-    neuron_path = path.parent / "neuron_mask.pt"
-    head_mask = torch.load(path, map_location="cpu", weights_only=True).float()
-    neuron_mask = (torch.load(neuron_path, map_location="cpu", weights_only=True).float() if neuron_path.is_file()
-                   else torch.ones(mask_shapes(vision_config)[1]))
-    check_masks(head_mask, neuron_mask, mask_shapes(vision_config))
-    return head_mask, neuron_mask
 
 
 class ClipPruneTrainer(L.Trainer):
@@ -68,12 +51,13 @@ class ClipPruneTrainer(L.Trainer):
         run = RunDirectory(output_dir, overwrite=overwrite)
         statistics = None
         if fisher is not None:
-            statistics = load_fisher(fisher, *mask_shapes(model.vision_config))
+            statistics = load_fisher(fisher, *mask_shapes(model.vision_config), model.hparams.pretrained)
             model.collect_fisher = False
             # The loop still runs (for the callback's hooks and the calibration data); one batch suffices.
             self.limit_val_batches = 1
         self.callbacks.append(PruningCallback(run, constraint, options or PruningOptions(), statistics))
-        self.validate(model, datamodule=datamodule, verbose=False)
+        with run.abandoned_on_error(keep="fisher.safetensors"):
+            self.validate(model, datamodule=datamodule, verbose=False)
 
 
     def apply(
@@ -97,19 +81,19 @@ class ClipPruneTrainer(L.Trainer):
             latency_repeats: timed forward passes per model for the latency figures.
         """
         run = RunDirectory(output_dir, overwrite=overwrite)
-        head_mask, neuron_mask = read_masks(masks, model.vision_config)
+        head_mask, neuron_mask = read_mask_dir(masks, model.vision_config)
         device = self.strategy.root_device
         dense = model.model.to(device)
         model.masks.remove()
-        pixels = datamodule.sample_pixels(8).to(device)
-        _, report = export_pruned(dense, head_mask, neuron_mask, run.staging, model.hparams.pretrained, pixels,
-                                  latency_repeats)
-        report = {"model": model.hparams.pretrained, "masks": str(masks), **report}
-        if datamodule.has_evaluation_data():
-            evaluator = Evaluator(datamodule, device)
-            report["metrics"] = {"dense": evaluator(dense, "dense"),
-                                 "pruned": evaluator(load_pruned(run.staging).to(device), "pruned")}
-        run.write_json("report.json", report)
+        with run.abandoned_on_error():
+            pixels = datamodule.sample_pixels(8).to(device)
+            pruned, report = export_pruned(dense, head_mask, neuron_mask, run.staging, model.hparams.pretrained,
+                                           pixels, latency_repeats)
+            report = {"model": model.hparams.pretrained, "masks": str(masks), **report}
+            if datamodule.has_evaluation_data():
+                evaluator = Evaluator(datamodule, device)
+                report["metrics"] = {"dense": evaluator(dense, "dense"), "pruned": evaluator(pruned, "pruned")}
+            run.write_json("report.json", report)
         print(format_summary(report))
         print(f"clip-prune: wrote {run.commit()}")
 
@@ -119,13 +103,17 @@ class ClipPruneTrainer(L.Trainer):
         datamodule: CocoDataModule,
         pruned: str | None = None,
         output_json: str | None = None,
+        overwrite: bool = False,
     ) -> dict[str, Any]:
         """Retrieval recall@k (and zero-shot accuracy) of the dense model and, if given, a pruned one.
 
         Args:
             pruned: a directory written by `clip-prune prune` (DIR/pruned) or `clip-prune apply`.
             output_json: also write the metrics to this JSON file.
+            overwrite: replace an existing `output_json`.
         """
+        if output_json is not None and Path(output_json).exists() and not overwrite:
+            raise FileExistsError(f"{output_json} exists; choose another --output_json or pass --overwrite true")
         if not datamodule.has_evaluation_data():
             raise FileNotFoundError(
                 f"no evaluation data: {Path(datamodule.hparams.root) / datamodule.hparams.val_captions} does not "
@@ -139,7 +127,7 @@ class ClipPruneTrainer(L.Trainer):
             metrics["pruned"] = evaluator(load_pruned(pruned).to(device), "pruned")
         print(format_summary({"metrics": metrics}))
         if output_json is not None:
-            Path(output_json).write_text(json.dumps(metrics, indent=2) + "\n")
+            write_json_atomically(Path(output_json), metrics, overwrite)
         return metrics
 
 
@@ -164,7 +152,12 @@ class ClipPruneTrainer(L.Trainer):
         if not 0 <= stop_ratio <= 1.5:
             raise ValueError(f"--stop_ratio must be a fraction of the dense metric (e.g. 0.8), got {stop_ratio}")
         run = RunDirectory(output_dir, overwrite=overwrite)
-        report = run_sensitivity(self, model, datamodule, run, stop_ratio, stop_metric)
+        callback = SensitivityCallback(run, stop_ratio, stop_metric)
+        self.callbacks.append(callback)
+        with run.abandoned_on_error():
+            while not callback.finished:
+                self.validate(model, datamodule=datamodule, verbose=False)
+        report = callback.report()
         if self.is_global_zero:
             run.write_json("report.json", {"model": model.hparams.pretrained, **report})
             for entry in report["rounds"]:
@@ -186,6 +179,13 @@ class ClipPruneCLI(LightningCLI):
             "evaluate": {"model", "datamodule"},
             "sensitivity": {"model", "datamodule"},
         }
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "sensitivity":
+            # Each round rescores the heads on 128 samples, as the original CLIP adaptation did (DESIGN.md).
+            parser.set_defaults({"data.num_samples": 128})
+        return parser
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.pretrained", "data.pretrained")

@@ -6,6 +6,9 @@ import json
 import os
 import shutil
 import uuid
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +62,25 @@ class RunDirectory:
             os.replace(self.staging, self.path)
         return self.path
 
-    def discard(self) -> None:
-        """Remove the staging directory after a failure (the final directory is untouched)."""
-        shutil.rmtree(self.staging, ignore_errors=True)
+    @contextmanager
+    def abandoned_on_error(self, keep: str | None = None) -> Iterator[None]:
+        """On an error inside the block, remove the staging directory, or keep it and say where if it holds `keep`
+        (e.g. the Fisher statistics of a long pass, which `--fisher` can reuse)."""
+        try:
+            yield
+        except BaseException:
+            if keep is not None and (self.staging / keep).exists():
+                warnings.warn(f"the run failed; {keep} was kept in {self.staging}", stacklevel=3)
+            else:
+                shutil.rmtree(self.staging, ignore_errors=True)
+            raise
+
+
+def write_json_atomically(path: Path, content: Any, overwrite: bool = False) -> None:
+    """Write `content` as JSON to `path` through a temporary sibling, refusing an existing file unless `overwrite`."""
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass --overwrite true to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    temporary.write_text(json.dumps(content, indent=2) + "\n")
+    os.replace(temporary, path)

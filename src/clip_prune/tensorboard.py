@@ -75,3 +75,14 @@ def log_metrics(trainer: Trainer, metrics: dict[str, dict[str, dict[str, float]]
             for name, value in values.items():
                 writer.add_scalar(f"metrics/{task}/{name}", value, step)
     writer.flush()
+
+
+def log_sensitivity_round(trainer: Trainer, entry: dict) -> None:
+    """A sensitivity round's metric (if measured) against its FLOP ratio, in per mille of the dense MACs."""
+    writer = summary_writer(trainer)
+    if writer is None:
+        return
+    if "metric" in entry:
+        writer.add_scalar("sensitivity/metric_by_flops_permille", entry["metric"], round(1000 * entry["flops_ratio"]))
+    writer.add_scalar("sensitivity/flops_ratio_by_round", entry["flops_ratio"], entry["round"])
+    writer.flush()

@@ -244,6 +244,11 @@ class CocoDataModule(L.LightningDataModule):
         assert self.calibration is not None, "call setup() first"
         sampler = None
         trainer = self.trainer
+        if trainer is not None and trainer.world_size > len(self.calibration):
+            raise ValueError(
+                f"{len(self.calibration)} calibration samples cannot feed {trainer.world_size} processes; "
+                "raise --data.num_samples or use fewer --trainer.devices"
+            )
         if trainer is not None and trainer.world_size > 1:
             sampler = UnrepeatedDistributedSampler(
                 self.calibration, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
@@ -273,6 +278,11 @@ class CocoDataModule(L.LightningDataModule):
         images = read_coco_captions(Path(hp.root), hp.val_images, hp.val_captions)
         if hp.eval_samples is not None:
             images = random.Random(hp.seed).sample(images, min(hp.eval_samples, len(images)))
+        if not images:
+            raise ValueError(
+                f"the evaluation split {Path(hp.root) / hp.val_captions} has no captioned image"
+                + (" (--data.eval_samples is 0)" if hp.eval_samples == 0 else "")
+            )
         check_images(images)
         captions = [caption for image in images for caption in image.captions]
         owners = [index for index, image in enumerate(images) for _ in image.captions]
@@ -293,6 +303,10 @@ class CocoDataModule(L.LightningDataModule):
         suffixes = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
         items = [(path, label) for label, folder in enumerate(classes)
                  for path in sorted(folder.iterdir()) if path.suffix.lower() in suffixes]
+        if not items:
+            raise FileNotFoundError(
+                f"--data.zero_shot_root={root} has class folders but no .jpg/.png/.bmp/.webp images in them"
+            )
         check_images([CaptionedImage(path, ()) for path, _ in items])
         templates = hp.zero_shot_templates or ["a photo of a {}."]
         names = [folder.name.replace("_", " ") for folder in classes]

@@ -275,7 +275,10 @@ def write_synthetic_coco(
         raise ValueError("write_synthetic_coco: " + "; ".join(problems))
     occupied = root.exists() and not (root.is_dir() and not any(root.iterdir()))
     if occupied and not overwrite:
-        raise FileExistsError(f"{root} exists and is not an empty folder; pass overwrite=True to replace it")
+        raise FileExistsError(
+            f"{root} exists and is not an empty folder; pass overwrite=True (`--overwrite true` on the command "
+            "line) to replace it"
+        )
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     try:

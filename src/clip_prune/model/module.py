@@ -23,10 +23,11 @@ def load_clip(pretrained: str, attn_implementation: AttentionName = "sdpa") -> C
         config = AutoConfig.from_pretrained(pretrained)
     except (OSError, ValueError) as error:
         local = Path(pretrained).resolve()
+        where = (f"the folder {local} has no usable config.json" if local.exists()
+                 else f"no folder {local} exists, and the Hub lookup failed")
         raise OSError(
-            f"cannot load a model config from --model.pretrained={pretrained!r} (no folder {local} exists, and "
-            f"the Hub lookup failed: {error}). Give a Hub name such as openai/clip-vit-base-patch16 or a folder "
-            "written by save_pretrained."
+            f"cannot load a model config from --model.pretrained={pretrained!r}: {where} ({error}). Give a Hub "
+            "name such as openai/clip-vit-base-patch16 or a folder written by save_pretrained."
         ) from error
     classes = {"clip": CLIPModel, "clip_vision_model": CLIPVisionModel}
     if config.model_type not in classes:

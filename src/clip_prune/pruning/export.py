@@ -331,7 +331,8 @@ def read_mask_dir(directory: str | Path,
     """Read `head_mask.pt` [L, H] and `neuron_mask.pt` [L, F], the original tool's mask files.
 
     Args:
-        directory: folder holding the masks.
+        directory: folder holding the masks, or one head-mask file (e.g. a sensitivity run's
+            `head_mask_3.pt`) whose folder holds the `neuron_mask.pt`.
         vision_config: the dense model's vision config: the masks are checked against its shapes,
             and a missing `neuron_mask.pt` means every neuron is kept (all ones). Without it,
             `neuron_mask.pt` is required.
@@ -339,10 +340,16 @@ def read_mask_dir(directory: str | Path,
     Returns:
         (head_mask, neuron_mask) as float32 CPU tensors.
     """
-    folder = Path(directory)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"mask directory {folder} does not exist")
-    head_path, neuron_path = folder / "head_mask.pt", folder / "neuron_mask.pt"
+    path = Path(directory)
+    if path.suffix == ".pt":
+        if not path.is_file():
+            raise FileNotFoundError(f"mask file {path} does not exist")
+        folder, head_path = path.parent, path
+    else:
+        if not path.is_dir():
+            raise FileNotFoundError(f"mask directory {path} does not exist")
+        folder, head_path = path, path / "head_mask.pt"
+    neuron_path = folder / "neuron_mask.pt"
     if not head_path.is_file():
         present = sorted(path.name for path in folder.iterdir())
         raise FileNotFoundError(f"{folder} has no head_mask.pt (found: {present or 'nothing'})")

@@ -7,6 +7,7 @@ states reduce by summation across DDP ranks exactly once, when `compute()` is ca
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,8 +96,13 @@ def save_fisher(path: Path, stats: FisherStatistics, model_name: str) -> None:
     save_file(tensors, str(path), metadata=metadata)
 
 
-def load_fisher(path: str | Path, head_shape: tuple[int, int], neuron_shape: tuple[int, int]) -> FisherStatistics:
-    """Read statistics saved by `save_fisher`, checking that they fit a model with the given mask shapes."""
+def load_fisher(path: str | Path, head_shape: tuple[int, int], neuron_shape: tuple[int, int],
+                model_name: str | None = None) -> FisherStatistics:
+    """Read statistics saved by `save_fisher`, checking that they fit a model with the given mask shapes.
+
+    Statistics of another checkpoint with the same shapes (a fine-tuned copy, say) load with a
+    warning naming both models: the shapes cannot tell them apart.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--fisher {path} does not exist; pass the fisher.safetensors of an earlier run")
@@ -119,6 +125,12 @@ def load_fisher(path: str | Path, head_shape: tuple[int, int], neuron_shape: tup
         raise ValueError(
             f"{path} holds statistics of another model (model {metadata.get('model', '?')!r}, shapes {wrong}); "
             f"this model needs head mask {list(head_shape)} and neuron mask {list(neuron_shape)}"
+        )
+    if model_name is not None and metadata.get("model") != model_name:
+        warnings.warn(
+            f"{path} was gathered on model {metadata.get('model')!r}, not {model_name!r}; the shapes match, so "
+            "it is used, but its scores describe the other model",
+            stacklevel=2,
         )
     if not all(torch.isfinite(tensors[key]).all() for key in FISHER_KEYS):
         raise ValueError(f"{path} contains NaN or infinite statistics; collect them again")
