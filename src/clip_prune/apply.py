@@ -30,20 +30,27 @@ def count_parameters(module: nn.Module) -> int:
 
 
 @torch.inference_mode()
-def measure_latency(model: nn.Module, pixels: torch.Tensor, repeats: int = 5) -> float:
-    """Median seconds of one vision-tower forward pass over `pixels` (after one warm-up pass)."""
-    tower = vision_tower(model)
-    tower(pixel_values=pixels)
-    timings = []
-    for _ in range(repeats):
-        if pixels.is_cuda:
-            torch.cuda.synchronize(pixels.device)
-        start = time.perf_counter()
+def measure_latencies(models: list[nn.Module], pixels: torch.Tensor, repeats: int = 5) -> list[float]:
+    """Median seconds of one vision-tower forward pass over `pixels` for each model.
+
+    The models take turns within each repeat (after two warm-up passes each), so drifts of the
+    machine's speed touch all of them alike.
+    """
+    towers = [vision_tower(model) for model in models]
+    for tower in towers:
         tower(pixel_values=pixels)
-        if pixels.is_cuda:
-            torch.cuda.synchronize(pixels.device)
-        timings.append(time.perf_counter() - start)
-    return statistics.median(timings)
+        tower(pixel_values=pixels)
+    timings: list[list[float]] = [[] for _ in towers]
+    for _ in range(repeats):
+        for tower, times in zip(towers, timings, strict=True):
+            if pixels.is_cuda:
+                torch.cuda.synchronize(pixels.device)
+            start = time.perf_counter()
+            tower(pixel_values=pixels)
+            if pixels.is_cuda:
+                torch.cuda.synchronize(pixels.device)
+            times.append(time.perf_counter() - start)
+    return [statistics.median(times) for times in timings]
 
 
 @torch.no_grad()
@@ -98,8 +105,7 @@ def measure_costs(dense: nn.Module, pruned: nn.Module, head_mask: torch.Tensor, 
     macs = count_encoder_macs(vision_tower(dense).config)
     analytic = macs.of_masks(head_mask, neuron_mask)
     counted_dense, counted_pruned = count_vision_flops(dense), count_vision_flops(pruned)
-    dense_latency = measure_latency(dense, pixels, latency_repeats)
-    pruned_latency = measure_latency(pruned, pixels, latency_repeats)
+    dense_latency, pruned_latency = measure_latencies([dense, pruned], pixels, latency_repeats)
     parameters = count_parameters(vision_tower(dense)), count_parameters(vision_tower(pruned))
     return {
         "flops": {"dense": macs.dense, "pruned": analytic, "ratio": analytic / macs.dense,
