@@ -26,6 +26,7 @@ from clip_prune.data.synthetic import caption_vocabulary
 from clip_prune.data.tokenizer import build_word_tokenizer
 from clip_prune.metrics import retrieval_recall
 from clip_prune.model.module import contrastive_loss
+from clip_prune.outputs import RunDirectory
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 # The demo architecture: 64 px images, patch 8 (T = 65), L = 4, H = 4, D = 128, F = 512.
@@ -166,7 +167,9 @@ class ContrastiveTrainingModule(L.LightningModule):
         learning_rate: peak AdamW learning rate, reached after the warm-up, then cosine decay to 0.
         weight_decay: AdamW weight decay of the matrices (biases, norms and the logit scale have none).
         warmup_steps: optimizer steps of linear warm-up.
-        export_dir: folder where the trained model, tokenizer and processor are saved at the end of `fit`.
+        export_dir: folder where the trained model, tokenizer and processor are saved at the end of `fit`
+            (refused before training if it holds files, unless `overwrite_export`).
+        overwrite_export: replace an existing `export_dir`.
     """
 
     def __init__(
@@ -176,9 +179,11 @@ class ContrastiveTrainingModule(L.LightningModule):
         learning_rate: float = 1e-3,
         weight_decay: float = 0.1,
         warmup_steps: int = 100,
+        overwrite_export: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.export_run = RunDirectory(export_dir, overwrite=overwrite_export)
         self.model = build_clip(pretrained)
         self._val_embeds: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -231,15 +236,14 @@ class ContrastiveTrainingModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def on_fit_end(self) -> None:
-        self.export(self.hparams.export_dir)
-
     @rank_zero_only
-    def export(self, export_dir: str) -> None:
-        """Save the model (safetensors), tokenizer and image processor as a Hugging Face folder."""
-        self.model.save_pretrained(export_dir)
-        AutoTokenizer.from_pretrained(self.hparams.pretrained).save_pretrained(export_dir)
-        AutoImageProcessor.from_pretrained(self.hparams.pretrained).save_pretrained(export_dir)
+    def on_fit_end(self) -> None:
+        """Save the model (safetensors), tokenizer and image processor as a Hugging Face folder, atomically."""
+        staging = self.export_run.file("")
+        self.model.save_pretrained(staging)
+        AutoTokenizer.from_pretrained(self.hparams.pretrained).save_pretrained(staging)
+        AutoImageProcessor.from_pretrained(self.hparams.pretrained).save_pretrained(staging)
+        self.export_run.commit()
 
 
 class TrainingCLI(LightningCLI):
