@@ -104,8 +104,14 @@ class VisionMasks:
         layers = len(self.layers)
         return torch.stack(grads[:layers], dim=1), torch.stack(grads[layers:], dim=1)
 
-    def _scale(self, kind: str, index: int, mask_row: torch.Tensor, batch: int) -> torch.Tensor:
-        """The (B, N) scale of one layer: the shared mask row, or a per-sample leaf when tracking."""
+    def _scale(self, kind: str, index: int, mask_row: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The (B, N) scale of one layer on `like`'s device: the shared mask row, or a per-sample leaf when tracking.
+
+        The move is a no-op once the masks sit where the model runs; it keeps the hooks right
+        when Lightning has moved the model but not yet the masks.
+        """
+        mask_row = mask_row.to(like.device)
+        batch = like.shape[0]
         if self._per_sample is None:
             return mask_row.expand(batch, -1)
         leaf = mask_row.detach().expand(batch, -1).clone().requires_grad_(True)
@@ -116,7 +122,7 @@ class VisionMasks:
         def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
             context = args[0]
             batch, tokens, width = context.shape
-            scale = self._scale("head", index, self.head_mask[index], batch)
+            scale = self._scale("head", index, self.head_mask[index], context)
             heads = context.view(batch, tokens, -1, self.head_dim) * scale[:, None, :, None].to(context.dtype)
             return (heads.view(batch, tokens, width), *args[1:])
 
@@ -125,7 +131,7 @@ class VisionMasks:
     def _neuron_hook(self, index: int):
         def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
             neurons = args[0]
-            scale = self._scale("neuron", index, self.neuron_mask[index], neurons.shape[0])
+            scale = self._scale("neuron", index, self.neuron_mask[index], neurons)
             return (neurons * scale[:, None, :].to(neurons.dtype), *args[1:])
 
         return hook
