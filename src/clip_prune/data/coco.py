@@ -38,7 +38,8 @@ def read_coco_captions(root: Path, image_dir: str, captions_file: str) -> list[C
     if missing:
         raise FileNotFoundError(
             f"COCO data not found: {', '.join(missing)} does not exist. Point --data.root at a folder holding "
-            f"'{image_dir}/' and '{captions_file}' (or set --data.{_option_for(image_dir, captions_file)})."
+            f"'{image_dir}/' and '{captions_file}', or name other ones with --data.train_images / "
+            "--data.train_captions (calibration) and --data.val_images / --data.val_captions (evaluation)."
         )
     try:
         content = json.loads(captions_path.read_text())
@@ -54,8 +55,13 @@ def read_coco_captions(root: Path, image_dir: str, captions_file: str) -> list[C
         files = {image["id"]: image["file_name"] for image in content["images"]}
         captions: dict[int, list[str]] = {image_id: [] for image_id in files}
         for annotation in content["annotations"]:
+            if annotation["image_id"] not in captions:
+                raise ValueError(
+                    f"{captions_path}: annotation {annotation.get('id', '?')} refers to image_id "
+                    f"{annotation['image_id']}, which 'images' does not list"
+                )
             captions[annotation["image_id"]].append(annotation["caption"].strip())
-    except (KeyError, TypeError) as error:
+    except (KeyError, TypeError, AttributeError) as error:
         raise ValueError(
             f"{captions_path} has a malformed entry (missing {error}): images need 'id' and 'file_name', "
             "annotations need 'image_id' and 'caption'"
@@ -65,10 +71,6 @@ def read_coco_captions(root: Path, image_dir: str, captions_file: str) -> list[C
         for image_id, texts in sorted(captions.items())
         if texts
     ]
-
-
-def _option_for(image_dir: str, captions_file: str) -> str:
-    return "train_images / --data.train_captions" if "train" in image_dir else "val_images / --data.val_captions"
 
 
 def check_images(images: list[CaptionedImage]) -> None:
