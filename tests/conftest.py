@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,6 +73,14 @@ def write_tiny_coco(root: Path, num_images: int = 12, seed: int = 0, split: str 
     captions = {"info": {}, "licenses": [], "images": images, "annotations": annotations}
     (root / "annotations" / f"captions_{split}.json").write_text(json.dumps(captions))
     return root
+
+
+def run_cli_subprocess(args: list[str], cwd: Path) -> None:
+    """`python -m clip_prune ARGS` in a fresh process (DDP launches need their own), failing with its stderr."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "clip_prune", *args], capture_output=True, text=True,
+                            timeout=300, cwd=cwd, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.fixture(autouse=True)

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli_subprocess
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import BertConfig
@@ -139,12 +137,9 @@ def test_fisher_file_of_another_model_is_refused(tiny_clip_dir, tiny_coco_root, 
 
 
 def _prune_subprocess(model_dir: Path, data_root: Path, output_dir: Path, *extra: str) -> None:
-    command = [sys.executable, "-m", "clip_prune", "prune", "--config", str(CONFIG), "--model.pretrained",
-               str(model_dir), "--data.root", str(data_root), "--output_dir", str(output_dir),
-               "--model.loss", "distill", "--trainer.logger", "false", *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=output_dir.parent, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_cli_subprocess(["prune", "--config", str(CONFIG), "--model.pretrained", str(model_dir), "--data.root",
+                        str(data_root), "--output_dir", str(output_dir), "--model.loss", "distill",
+                        "--trainer.logger", "false", *extra], cwd=output_dir.parent)
 
 
 @pytest.mark.parametrize("num_samples", [8, 11])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_clip
+from conftest import run_cli_subprocess, save_tiny_clip
 from transformers import CLIPModel
 
 from clip_prune.cli import main
@@ -108,3 +108,13 @@ def test_sensitivity_defaults_to_128_samples(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["sensitivity", "--model.pretrained", "m", "--data.root", "d", "--print_config"])
     assert "num_samples: 128" in capsys.readouterr().out
+
+
+def test_early_stop_under_two_ddp_processes(tiny_clip_dir, tiny_coco_root, tmp_path) -> None:
+    """Rank zero measures and decides; the other rank learns the decision and stops with it."""
+    run_cli_subprocess(["sensitivity", "--config", str(CONFIG), "--model.pretrained", str(tiny_clip_dir),
+                        "--data.root", str(tiny_coco_root), "--output_dir", str(tmp_path / "ddp"),
+                        "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.logger", "false",
+                        "--stop_ratio", "1.2", "--stop_metric", "retrieval/i2t_R@10"], cwd=tmp_path)
+    rounds = json.loads((tmp_path / "ddp" / "report.json").read_text())["rounds"]
+    assert len(rounds) == 1 and "stopped" in rounds[0]
