@@ -2,8 +2,8 @@
 
 The layout is MS-COCO's: `root/train2017/*.jpg` with `root/annotations/captions_train2017.json`,
 and the same for `val2017`. The calibration split feeds Lightning's *validation* loop (where
-the Fisher information is gathered, DESIGN.md "Shape"); the evaluation split feeds its test
-loop.
+the Fisher information is gathered, DESIGN.md "Shape"); the evaluation split, every image with
+all its captions, feeds `clip_prune.evaluation`.
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ class CaptionCollator:
 
 
 class CocoDataModule(L.LightningDataModule):
-    """COCO-captions calibration samples (validation loop) and evaluation split (test loop).
+    """COCO-captions calibration samples (the validation loop) and evaluation split (retrieval metrics).
 
     Args:
         root: folder holding the image folders and `annotations/`.
@@ -186,7 +186,7 @@ class CocoDataModule(L.LightningDataModule):
         eval_samples: evaluation images (all captions of each); None uses the whole split.
         zero_shot_root: an ImageFolder tree (one folder per class, named by the class) for
             zero-shot accuracy; None skips it.
-        zero_shot_templates: prompt templates with `{}` for the class name.
+        zero_shot_templates: prompt templates with `{}` for the class name; None uses ["a photo of a {}."].
     """
 
     def __init__(
