@@ -26,12 +26,15 @@ def format_summary(report: dict[str, Any]) -> str:
     metrics = report.get("metrics", {})
     for task, values in metrics.get("dense", {}).items():
         for name, dense in values.items():
-            pruned = metrics.get("pruned", {}).get(task, {}).get(name, float("nan"))
-            lines.append(_row(f"{task} {name} (%)", f"{dense:.1f}", f"{pruned:.1f}", f"{pruned - dense:+.1f}"))
+            pruned = metrics.get("pruned", {}).get(task, {}).get(name)
+            if pruned is None:
+                lines.append(_row(f"{task} {name} (%)", f"{dense:.1f}", "-", "-"))
+            else:
+                lines.append(_row(f"{task} {name} (%)", f"{dense:.1f}", f"{pruned:.1f}", f"{pruned - dense:+.1f}"))
     if "kept" in report:
         lines.append(f"  kept {report['kept']['heads']} heads, {report['kept']['neurons']} neurons")
-    timings = ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in report.get("timings_s", {}).items())
-    lines.append(f"  time: {timings}")
+    if "timings_s" in report:
+        lines.append("  time: " + ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in report["timings_s"].items()))
     for warning in report.get("warnings", []):
         lines.append(f"  warning: {warning}")
     return "\n".join(lines)

@@ -1,0 +1,19 @@
+"""The printed summary shows what a report holds, and only that."""
+
+from __future__ import annotations
+
+from clip_prune.summary import format_summary
+
+
+def test_summary_rows() -> None:
+    report = {
+        "flops": {"dense": 2e9, "pruned": 1e9, "ratio": 0.5},
+        "latency_s": {"dense": 0.2, "pruned": 0.1, "speedup": 2.0, "batch": 8},
+        "metrics": {"dense": {"retrieval": {"i2t_R@1": 50.0}}, "pruned": {"retrieval": {"i2t_R@1": 45.5}}},
+        "timings_s": {"fisher": 3.0, "total": 3.0},
+    }
+    text = format_summary(report)
+    assert "2.0000" in text and "1.0000" in text and "0.500" in text
+    assert "2.00x" in text and "-4.5" in text and "fisher 3.0s" in text
+    dense_only = format_summary({"metrics": {"dense": {"zero_shot": {"top1": 30.0}}}})
+    assert "nan" not in dense_only and "zero_shot top1" in dense_only and "time:" not in dense_only
