@@ -34,7 +34,8 @@ def format_summary(report: dict[str, Any]) -> str:
     if "kept" in report:
         lines.append(f"  kept {report['kept']['heads']} heads, {report['kept']['neurons']} neurons")
     if "timings_s" in report:
-        lines.append("  time: " + ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in report["timings_s"].items()))
+        stages = ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in report["timings_s"].items())
+        lines.append(f"  time: {stages}")
     for warning in report.get("warnings", []):
         lines.append(f"  warning: {warning}")
     return "\n".join(lines)
