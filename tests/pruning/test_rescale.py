@@ -10,15 +10,15 @@ import torch
 from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
 
 from clip_prune.model.masking import VisionMasks
-from clip_prune.pruning.rescale import (
+from clip_prune.pruning.least_squares import (
     NormalEquations,
     ScaleSolveError,
     accumulate_head_equations,
     accumulate_neuron_equations,
-    rescale_masks,
     solve_scales,
     weight_gram,
 )
+from clip_prune.pruning.rescale import rescale_masks
 
 LAYERS, HEADS, NEURONS, HIDDEN = 3, 4, 37, 32
 HEAD_DIM = HIDDEN // HEADS

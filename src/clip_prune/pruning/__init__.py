@@ -1,5 +1,5 @@
 """Pruning algorithms on tensors (no Lightning): Fisher statistics, FLOP model, search, rearrangement,
-rescaling, sensitivity rounds, and physical slicing with save/load."""
+rescaling (least squares per layer), sensitivity rounds, and physical slicing with save/load."""
 
 from clip_prune.pruning.export import load_pruned, prune_model, read_mask_dir, save_pruned
 from clip_prune.pruning.fisher import FisherInformation, FisherStatistics, load_fisher, save_fisher
