@@ -42,6 +42,7 @@ def test_prune_writes_masks_statistics_report_and_tensorboard(tiny_clip_dir, tin
     assert [layer["head_scales"] for layer in plan] == [row[row != 0].tolist() for row in head_mask]
     assert report["equivalence"]["max_abs_diff"] <= 1e-5
     assert (out / "pruned" / "model.safetensors").is_file()
+    assert "constraint: 0.6" in (out / "config.yaml").read_text()
     stats = load_file(out / "fisher.safetensors")
     assert stats["head_fisher"].dtype == torch.float64 and stats["head_fisher"].sum() > 0
     assert fisher_metadata(out / "fisher.safetensors")["num_samples"] == "10"

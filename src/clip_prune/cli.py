@@ -8,7 +8,7 @@ from typing import Any
 
 import lightning as L
 from jsonargparse import CLI
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from clip_prune.apply import export_pruned
 from clip_prune.callbacks import PruningCallback, PruningOptions, SensitivityCallback, check_constraint
@@ -21,6 +21,13 @@ from clip_prune.outputs import RunDirectory, write_json_atomically
 from clip_prune.pruning.export import load_pruned, read_mask_dir
 from clip_prune.pruning.fisher import load_fisher
 from clip_prune.summary import format_summary
+
+
+def save_resolved_config(trainer: L.Trainer, run: RunDirectory) -> None:
+    """Write the run's resolved configuration (all defaults filled in) as `config.yaml` beside its outputs."""
+    saver = next((callback for callback in trainer.callbacks if isinstance(callback, SaveConfigCallback)), None)
+    if saver is not None and trainer.is_global_zero:
+        run.file("config.yaml").write_text(saver.parser.dump(saver.config, skip_none=False))
 
 
 class ClipPruneTrainer(L.Trainer):
@@ -56,6 +63,7 @@ class ClipPruneTrainer(L.Trainer):
             # The loop still runs (for the callback's hooks and the calibration data); one batch suffices.
             self.limit_val_batches = 1
         self.callbacks.append(PruningCallback(run, constraint, options or PruningOptions(), statistics))
+        save_resolved_config(self, run)
         with run.abandoned_on_error(keep="fisher.safetensors"):
             self.validate(model, datamodule=datamodule, verbose=False)
 
@@ -85,6 +93,7 @@ class ClipPruneTrainer(L.Trainer):
         device = self.strategy.root_device
         dense = model.model.to(device)
         model.masks.remove()
+        save_resolved_config(self, run)
         with run.abandoned_on_error():
             pixels = datamodule.sample_pixels(8).to(device)
             pruned, report = export_pruned(dense, head_mask, neuron_mask, run.staging, model.hparams.pretrained,
@@ -154,6 +163,7 @@ class ClipPruneTrainer(L.Trainer):
         run = RunDirectory(output_dir, overwrite=overwrite)
         callback = SensitivityCallback(run, stop_ratio, stop_metric)
         self.callbacks.append(callback)
+        save_resolved_config(self, run)
         with run.abandoned_on_error():
             while not callback.finished:
                 self.validate(model, datamodule=datamodule, verbose=False)
