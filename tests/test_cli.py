@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli_subprocess
+from conftest import run_cli_subprocess, save_tiny_clip
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import BertConfig
@@ -192,3 +192,28 @@ def test_apply_refuses_bad_masks(tiny_clip_dir, tiny_coco_root, tmp_path) -> Non
     with pytest.raises(ValueError, match="prune every head and every neuron"):
         run_apply(tiny_clip_dir, tiny_coco_root, masks, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_vision_only_checkpoint_without_tokenizer_prunes_with_distill(tiny_vision_dir, tiny_coco_root,
+                                                                       tmp_path) -> None:
+    with pytest.raises(ValueError, match="vision-only; use --model.loss=distill"):
+        run_prune(tiny_vision_dir, tiny_coco_root, tmp_path / "refused", "--constraint", "0.6")
+    run_prune(tiny_vision_dir, tiny_coco_root, tmp_path / "run", "--constraint", "0.6", "--model.loss", "distill")
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["flops"]["ratio"] <= 0.6 and report["equivalence"]["max_abs_diff"] <= 1e-5
+    assert "metrics" not in report or report["metrics"]["dense"] == {}
+
+
+def test_bad_evaluation_data_is_reported_before_the_fisher_pass(tiny_clip_dir, tiny_coco_root, tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="zero_shot_root"):
+        run_prune(tiny_clip_dir, tiny_coco_root, tmp_path / "run", "--constraint", "0.6",
+                  "--data.zero_shot_root", str(tmp_path / "missing"))
+    assert not [path for path in tmp_path.iterdir() if "run" in path.name]  # neither the run nor its staging
+
+
+def test_evaluate_refuses_a_model_pruned_from_another_checkpoint(tiny_clip_dir, tiny_coco_root, tmp_path) -> None:
+    other = save_tiny_clip(tmp_path / "other", seed=7)
+    run_prune(other, tiny_coco_root, tmp_path / "run", "--constraint", "0.6")
+    with pytest.raises(ValueError, match="was not cut from --model.pretrained"):
+        main(["evaluate", "--model.pretrained", str(tiny_clip_dir), "--data.root", str(tiny_coco_root),
+              "--data.num_workers", "0", "--pruned", str(tmp_path / "run" / "pruned")])

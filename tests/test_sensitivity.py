@@ -118,3 +118,9 @@ def test_early_stop_under_two_ddp_processes(tiny_clip_dir, tiny_coco_root, tmp_p
                         "--stop_ratio", "1.2", "--stop_metric", "retrieval/i2t_R@10"], cwd=tmp_path)
     rounds = json.loads((tmp_path / "ddp" / "report.json").read_text())["rounds"]
     assert len(rounds) == 1 and "stopped" in rounds[0]
+
+
+def test_unknown_stop_metric_is_refused_before_work(tiny_clip_dir, tiny_coco_root, tmp_path) -> None:
+    with pytest.raises(ValueError, match="not a metric clip-prune measures"):
+        run_sensitivity(tiny_clip_dir, tiny_coco_root, tmp_path / "s", "--stop_metric", "retrieval/R@1")
+    assert not (tmp_path / "s").exists()

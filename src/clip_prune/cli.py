@@ -7,20 +7,49 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from jsonargparse import CLI
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from transformers import CLIPModel
 
 from clip_prune.apply import export_pruned
 from clip_prune.callbacks import PruningCallback, PruningOptions, SensitivityCallback, check_constraint
 from clip_prune.data.coco import CocoDataModule
 from clip_prune.data.synthetic import write_synthetic_coco
 from clip_prune.evaluation import Evaluator
-from clip_prune.model.masking import mask_shapes
+from clip_prune.metrics import METRIC_NAMES
+from clip_prune.model.masking import mask_shapes, vision_tower
 from clip_prune.model.module import MaskedCLIPModule
 from clip_prune.outputs import RunDirectory, write_json_atomically
 from clip_prune.pruning.export import load_pruned, read_mask_dir
 from clip_prune.pruning.fisher import load_fisher
 from clip_prune.summary import format_summary
+
+
+def check_same_origin(pruned: Any, dense: Any, path: str) -> Any:
+    """`pruned`, after checking that it was cut from `dense`: pruning leaves everything but the encoder layers alone."""
+    if isinstance(pruned, CLIPModel) != isinstance(dense, CLIPModel):
+        raise ValueError(f"--pruned {path} and --model.pretrained differ in kind: one of them is vision-only")
+    untouched = dict(vision_tower(pruned).embeddings.named_parameters())
+    reference = dict(vision_tower(dense).embeddings.named_parameters())
+    same = untouched.keys() == reference.keys() and all(
+        untouched[name].shape == reference[name].shape and torch.equal(untouched[name].cpu(), reference[name].cpu())
+        for name in reference)
+    if not same:
+        raise ValueError(
+            f"--pruned {path} was not cut from --model.pretrained (their patch embeddings differ); pass the "
+            "checkpoint it was pruned from"
+        )
+    return pruned
+
+
+class LoggerConfigCallback(SaveConfigCallback):
+    """Lightning's config saver, but only into a logger's folder: without a logger it would write
+    ./config.yaml over whatever is there; every run directory gets its own config.yaml anyway."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.logger is not None:
+            super().setup(trainer, pl_module, stage)
 
 
 def save_resolved_config(trainer: L.Trainer, run: RunDirectory) -> None:
@@ -55,6 +84,7 @@ class ClipPruneTrainer(L.Trainer):
         """
         if constraint is not None:
             check_constraint(constraint)
+        model.check_loss(tokenizer_available=datamodule.tokenizer() is not None)
         run = RunDirectory(output_dir, overwrite=overwrite)
         statistics = None
         if fisher is not None:
@@ -93,11 +123,11 @@ class ClipPruneTrainer(L.Trainer):
         device = self.strategy.root_device
         dense = model.model.to(device)
         model.masks.remove()
-        save_resolved_config(self, run)
         with run.abandoned_on_error():
             pixels = datamodule.sample_pixels(8).to(device)
             pruned, report = export_pruned(dense, head_mask, neuron_mask, run.staging, model.hparams.pretrained,
                                            pixels, latency_repeats)
+            save_resolved_config(self, run)
             report = {"model": model.hparams.pretrained, "masks": str(masks), **report}
             if datamodule.has_evaluation_data():
                 evaluator = Evaluator(datamodule, device)
@@ -129,11 +159,12 @@ class ClipPruneTrainer(L.Trainer):
                 "exist and --data.zero_shot_root is not set"
             )
         device = self.strategy.root_device
+        pruned_model = check_same_origin(load_pruned(pruned), model.model, pruned) if pruned is not None else None
         model.masks.remove()
         evaluator = Evaluator(datamodule, device)
         metrics = {"dense": evaluator(model.model.to(device), "dense")}
-        if pruned is not None:
-            metrics["pruned"] = evaluator(load_pruned(pruned).to(device), "pruned")
+        if pruned_model is not None:
+            metrics["pruned"] = evaluator(pruned_model.to(device), "pruned")
         print(format_summary({"metrics": metrics}))
         if output_json is not None:
             write_json_atomically(Path(output_json), metrics, overwrite)
@@ -160,6 +191,10 @@ class ClipPruneTrainer(L.Trainer):
         """
         if not 0 <= stop_ratio <= 1.5:
             raise ValueError(f"--stop_ratio must be a fraction of the dense metric (e.g. 0.8), got {stop_ratio}")
+        if stop_metric not in METRIC_NAMES:
+            raise ValueError(f"--stop_metric {stop_metric!r} is not a metric clip-prune measures; choose one of "
+                             f"{sorted(METRIC_NAMES)}")
+        model.check_loss(tokenizer_available=datamodule.tokenizer() is not None)
         run = RunDirectory(output_dir, overwrite=overwrite)
         callback = SensitivityCallback(run, stop_ratio, stop_metric)
         self.callbacks.append(callback)
@@ -235,7 +270,7 @@ def main(args: list[str] | None = None) -> None:
     if argv[:1] == ["fit"]:
         from clip_prune.model.training import TrainingCLI
 
-        TrainingCLI(args=argv)
+        TrainingCLI(args=args)
         return
     extra = "; ".join(f"'{name}' ({text})" for name, text in EXTRA_COMMANDS.items())
     ClipPruneCLI(
@@ -243,6 +278,7 @@ def main(args: list[str] | None = None) -> None:
         CocoDataModule,
         trainer_class=ClipPruneTrainer,
         trainer_defaults={"inference_mode": False, "enable_checkpointing": False},
+        save_config_callback=LoggerConfigCallback,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
         args=args,

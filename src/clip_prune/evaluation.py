@@ -42,6 +42,9 @@ class Evaluator:
         """Metrics of `model` (in percent); `name` labels the progress bars."""
         if not isinstance(model, CLIPModel):
             return {}
+        if self.tokenizer is None:
+            raise ValueError("the checkpoint has no tokenizer, so captions and prompts cannot be embedded; "
+                             "save the tokenizer beside the model to evaluate it")
         results: dict[str, Any] = {}
         if self.retrieval is not None:
             images, _ = self._encode_images(model, self.retrieval.images, f"{name}: retrieval images")

@@ -9,6 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+METRIC_NAMES = frozenset(
+    [f"retrieval/{direction}_R@{k}" for direction in ("i2t", "t2i") for k in (1, 5, 10)]
+    + ["zero_shot/top1", "zero_shot/top5"]
+)
+"""`task/name` of every metric the evaluation reports (zero_shot/top5 only with more than 5 classes)."""
+
 
 def _nan_first(scores: Tensor) -> Tensor:
     """Scores with NaN as +inf, so that a NaN candidate ranks before the correct one."""

@@ -148,23 +148,24 @@ class ZeroShotSplit:
 
 
 class CaptionCollator:
-    """Stacks images and tokenizes captions, padded to the longest in the batch."""
+    """Stacks images and tokenizes captions, padded to the longest in the batch (images only without a tokenizer)."""
 
-    def __init__(self, tokenizer: Any, max_length: int) -> None:
+    def __init__(self, tokenizer: Any | None, max_length: int) -> None:
         self.tokenizer = tokenizer
         self.max_length = max_length
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        text = self.tokenizer(
-            [item["caption"] for item in items], padding="longest", truncation=True,
-            max_length=self.max_length, return_tensors="pt",
-        )
-        return {
+        batch = {
             "pixel_values": torch.stack([item["pixel_values"] for item in items]),
-            "input_ids": text["input_ids"],
-            "attention_mask": text["attention_mask"],
             "index": torch.tensor([item["index"] for item in items]),
         }
+        if self.tokenizer is not None:
+            text = self.tokenizer(
+                [item["caption"] for item in items], padding="longest", truncation=True,
+                max_length=self.max_length, return_tensors="pt",
+            )
+            batch |= {"input_ids": text["input_ids"], "attention_mask": text["attention_mask"]}
+        return batch
 
 
 class CocoDataModule(L.LightningDataModule):
@@ -212,11 +213,14 @@ class CocoDataModule(L.LightningDataModule):
             raise ValueError(f"--data.batch_size must be at least 1, got {batch_size}")
         self.save_hyperparameters()
         self.calibration: CaptionPairs | None = None
+        self._evaluation: dict[str, RetrievalSplit | ZeroShotSplit | None] = {}
 
     def setup(self, stage: str | None = None) -> None:
-        """Read, sample and check the calibration split (before any model work)."""
+        """Read, sample and check the calibration split and the evaluation data (before any model work)."""
         if self.calibration is None:
             self.calibration = self._calibration_pairs(self.hparams.num_samples)
+            self.retrieval_split()
+            self.zero_shot_split()
 
     def _calibration_pairs(self, count: int) -> CaptionPairs:
         """`count` image–caption pairs of the calibration split, drawn with the seed and checked."""
@@ -264,8 +268,12 @@ class CocoDataModule(L.LightningDataModule):
     def image_processor(self) -> Any:
         return AutoImageProcessor.from_pretrained(self.hparams.pretrained)
 
-    def tokenizer(self) -> Any:
-        return AutoTokenizer.from_pretrained(self.hparams.pretrained)
+    def tokenizer(self) -> Any | None:
+        """The checkpoint's tokenizer, or None for a vision-only checkpoint saved without one."""
+        try:
+            return AutoTokenizer.from_pretrained(self.hparams.pretrained)
+        except (OSError, ValueError):
+            return None
 
     def has_evaluation_data(self) -> bool:
         """Whether the evaluation split (or a zero-shot tree) is there to measure what pruning costs."""
@@ -274,6 +282,11 @@ class CocoDataModule(L.LightningDataModule):
 
     def retrieval_split(self) -> RetrievalSplit | None:
         """The evaluation split's images and all their captions, checked; None when it is absent."""
+        if "retrieval" not in self._evaluation:
+            self._evaluation["retrieval"] = self._read_retrieval_split()
+        return self._evaluation["retrieval"]
+
+    def _read_retrieval_split(self) -> RetrievalSplit | None:
         hp = self.hparams
         if not (Path(hp.root) / hp.val_captions).is_file():
             return None
@@ -293,6 +306,11 @@ class CocoDataModule(L.LightningDataModule):
 
     def zero_shot_split(self) -> ZeroShotSplit | None:
         """Labelled images of `zero_shot_root` (class = folder name, underscores read as spaces)."""
+        if "zero_shot" not in self._evaluation:
+            self._evaluation["zero_shot"] = self._read_zero_shot_split()
+        return self._evaluation["zero_shot"]
+
+    def _read_zero_shot_split(self) -> ZeroShotSplit | None:
         hp = self.hparams
         if hp.zero_shot_root is None:
             return None
@@ -317,7 +335,7 @@ class CocoDataModule(L.LightningDataModule):
     def collator(self) -> CaptionCollator:
         """Tokenizes captions with the checkpoint's tokenizer, truncated at its text length limit."""
         tokenizer = self.tokenizer()
-        return CaptionCollator(tokenizer, text_length_limit(tokenizer))
+        return CaptionCollator(tokenizer, text_length_limit(tokenizer) if tokenizer is not None else 0)
 
 
 def text_length_limit(tokenizer: Any) -> int:

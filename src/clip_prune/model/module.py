@@ -89,17 +89,27 @@ class MaskedCLIPModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.model = load_clip(pretrained, attn_implementation)
-        if loss == "contrastive" and not isinstance(self.model, CLIPModel):
-            raise ValueError(
-                f"--model.loss=contrastive needs a CLIPModel with its text tower, but {pretrained!r} is vision-only; "
-                "use --model.loss=distill"
-            )
         self.model.requires_grad_(False)
         self.model.eval()
         self.masks = VisionMasks(self.model)
         (layers, heads), (_, neurons) = mask_shapes(self.vision_config)
         self.fisher = FisherInformation(layers, heads, neurons)
         self.collect_fisher = True
+
+    def check_loss(self, tokenizer_available: bool) -> None:
+        """Refuse, before any pass over the data, a loss this checkpoint cannot compute."""
+        if self.hparams.loss != "contrastive":
+            return
+        if not isinstance(self.model, CLIPModel):
+            raise ValueError(
+                f"--model.loss=contrastive needs a CLIPModel with its text tower, but {self.hparams.pretrained!r} is "
+                "vision-only; use --model.loss=distill"
+            )
+        if not tokenizer_available:
+            raise ValueError(
+                f"--model.loss=contrastive needs captions, but {self.hparams.pretrained!r} has no tokenizer; save "
+                "one beside the model or use --model.loss=distill"
+            )
 
     @property
     def vision_config(self) -> Any:
