@@ -8,7 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from jsonargparse import CLI
+from jsonargparse import CLI, set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from transformers import CLIPModel
 
@@ -263,6 +263,8 @@ EXTRA_COMMANDS = {
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of `clip-prune`; `args` replaces sys.argv[1:] (for tests)."""
+    # Dataclass fields document themselves with a docstring below them: show those in --help.
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
     argv = sys.argv[1:] if args is None else args
     if argv[:1] == ["make-demo-data"]:
         CLI(make_demo_data, args=argv[1:], prog="clip-prune make-demo-data")

@@ -290,7 +290,8 @@ def rescale_masks(
     kept heads' outputs of the student, at most (N, T, D), which spare a second attention pass.
 
     Args:
-        model: a CLIPModel or CLIPVisionModel without mask hooks of its own; its mode is restored.
+        model: a CLIPModel or CLIPVisionModel; mask hooks it already carries must be all ones (they
+            multiply before these masks). Its train/eval mode is restored.
         head_mask: [L, H] the student's heads, 0 = pruned, otherwise the current scale (1 if binary).
         neuron_mask: [L, F] the student's neurons, same convention.
         pixel_batches: calibration images, each (B, 3, image size, image size) on the model's device.
