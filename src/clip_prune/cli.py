@@ -263,9 +263,10 @@ EXTRA_COMMANDS = {
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of `clip-prune`; `args` replaces sys.argv[1:] (for tests)."""
-    # Dataclass fields document themselves with a docstring below them: show those in --help.
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)
     argv = sys.argv[1:] if args is None else args
+    # Dataclass fields document themselves with a docstring below them: show those in --help
+    # (reading them costs about a second, so only when help is asked for).
+    set_parsing_settings(docstring_parse_attribute_docstrings=any(arg.endswith("help") for arg in argv))
     if argv[:1] == ["make-demo-data"]:
         CLI(make_demo_data, args=argv[1:], prog="clip-prune make-demo-data")
         return
