@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import CLIPModel
 
-from clip_prune.data.coco import CocoDataModule, LabelledImages, text_length_limit
+from clip_prune.data.coco import CocoDataModule, ImageItems, text_length_limit
 from clip_prune.metrics import retrieval_recall, zero_shot_accuracy
 from clip_prune.model.module import image_embeddings
 
@@ -59,7 +59,7 @@ class Evaluator:
         return results
 
     @torch.no_grad()
-    def _encode_images(self, model: CLIPModel, images: LabelledImages, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode_images(self, model: CLIPModel, images: ImageItems, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
         loader = DataLoader(images, batch_size=self.batch_size, num_workers=self.num_workers)
         embeds, labels = [], []
         for batch in tqdm(loader, desc=desc, disable=not self.progress, leave=False):

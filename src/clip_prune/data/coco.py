@@ -98,41 +98,31 @@ def load_pixels(path: Path, image_processor: Any) -> torch.Tensor:
         return image_processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
 
 
-class CaptionPairs(Dataset):
-    """(image, caption) pairs: `pixel_values` [3, S, S], the caption text and the pair's index."""
+class ImageItems(Dataset):
+    """Image files, each with one extra field: `{"pixel_values": [3, S, S], "index": i, field: value}`.
 
-    def __init__(self, pairs: list[tuple[Path, str]], image_processor: Any) -> None:
-        self.pairs = pairs
-        self.image_processor = image_processor
+    The calibration pairs carry their `caption`; the evaluation images their `label` (the image
+    index for retrieval, the class for zero-shot).
+    """
 
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        path, caption = self.pairs[index]
-        return {"pixel_values": load_pixels(path, self.image_processor), "caption": caption, "index": index}
-
-
-class LabelledImages(Dataset):
-    """Images with an integer label each (the image index for retrieval, the class for zero-shot)."""
-
-    def __init__(self, items: list[tuple[Path, int]], image_processor: Any) -> None:
+    def __init__(self, items: list[tuple[Path, Any]], field: str, image_processor: Any) -> None:
         self.items = items
+        self.field = field
         self.image_processor = image_processor
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        path, label = self.items[index]
-        return {"pixel_values": load_pixels(path, self.image_processor), "label": label}
+        path, value = self.items[index]
+        return {"pixel_values": load_pixels(path, self.image_processor), "index": index, self.field: value}
 
 
 @dataclass(frozen=True)
 class RetrievalSplit:
     """The evaluation split: every image with all of its captions (COCO 5k protocol)."""
 
-    images: LabelledImages
+    images: ImageItems
     captions: list[str]
     text_to_image: torch.Tensor
     """[N_txt] index of each caption's image."""
@@ -142,7 +132,7 @@ class RetrievalSplit:
 class ZeroShotSplit:
     """Labelled images of an ImageFolder tree and one prompt per (class, template)."""
 
-    images: LabelledImages
+    images: ImageItems
     class_names: list[str]
     templates: list[str]
 
@@ -212,8 +202,9 @@ class CocoDataModule(L.LightningDataModule):
         if batch_size < 1:
             raise ValueError(f"--data.batch_size must be at least 1, got {batch_size}")
         self.save_hyperparameters()
-        self.calibration: CaptionPairs | None = None
+        self.calibration: ImageItems | None = None
         self._evaluation: dict[str, RetrievalSplit | ZeroShotSplit | None] = {}
+        self._loaded: dict[str, Any] = {}
 
     def setup(self, stage: str | None = None) -> None:
         """Read, sample and check the calibration split and the evaluation data (before any model work)."""
@@ -222,7 +213,7 @@ class CocoDataModule(L.LightningDataModule):
             self.retrieval_split()
             self.zero_shot_split()
 
-    def _calibration_pairs(self, count: int) -> CaptionPairs:
+    def _calibration_pairs(self, count: int) -> ImageItems:
         """`count` image–caption pairs of the calibration split, drawn with the seed and checked."""
         hp = self.hparams
         images = read_coco_captions(Path(hp.root), hp.train_images, hp.train_captions)
@@ -238,7 +229,7 @@ class CocoDataModule(L.LightningDataModule):
         sampled = rng.sample(images, min(count, len(images)))
         check_images(sampled)
         pairs = [(image.path, rng.choice(image.captions)) for image in sampled]
-        return CaptionPairs(pairs, self.image_processor())
+        return ImageItems(pairs, "caption", self.image_processor())
 
     def sample_pixels(self, count: int) -> torch.Tensor:
         """Up to `count` processed calibration images [B, 3, S, S], without reading the whole sample."""
@@ -266,14 +257,19 @@ class CocoDataModule(L.LightningDataModule):
         )
 
     def image_processor(self) -> Any:
-        return AutoImageProcessor.from_pretrained(self.hparams.pretrained)
+        """The checkpoint's image processor (read once)."""
+        if "image_processor" not in self._loaded:
+            self._loaded["image_processor"] = AutoImageProcessor.from_pretrained(self.hparams.pretrained)
+        return self._loaded["image_processor"]
 
     def tokenizer(self) -> Any | None:
-        """The checkpoint's tokenizer, or None for a vision-only checkpoint saved without one."""
-        try:
-            return AutoTokenizer.from_pretrained(self.hparams.pretrained)
-        except (OSError, ValueError):
-            return None
+        """The checkpoint's tokenizer (read once), or None for a vision-only checkpoint saved without one."""
+        if "tokenizer" not in self._loaded:
+            try:
+                self._loaded["tokenizer"] = AutoTokenizer.from_pretrained(self.hparams.pretrained)
+            except (OSError, ValueError):
+                self._loaded["tokenizer"] = None
+        return self._loaded["tokenizer"]
 
     def has_evaluation_data(self) -> bool:
         """Whether the evaluation split (or a zero-shot tree) is there to measure what pruning costs."""
@@ -302,7 +298,7 @@ class CocoDataModule(L.LightningDataModule):
         captions = [caption for image in images for caption in image.captions]
         owners = [index for index, image in enumerate(images) for _ in image.captions]
         items = [(image.path, index) for index, image in enumerate(images)]
-        return RetrievalSplit(LabelledImages(items, self.image_processor()), captions, torch.tensor(owners))
+        return RetrievalSplit(ImageItems(items, "label", self.image_processor()), captions, torch.tensor(owners))
 
     def zero_shot_split(self) -> ZeroShotSplit | None:
         """Labelled images of `zero_shot_root` (class = folder name, underscores read as spaces)."""
@@ -330,7 +326,7 @@ class CocoDataModule(L.LightningDataModule):
         check_images([CaptionedImage(path, ()) for path, _ in items])
         templates = hp.zero_shot_templates or ["a photo of a {}."]
         names = [folder.name.replace("_", " ") for folder in classes]
-        return ZeroShotSplit(LabelledImages(items, self.image_processor()), names, templates)
+        return ZeroShotSplit(ImageItems(items, "label", self.image_processor()), names, templates)
 
     def collator(self) -> CaptionCollator:
         """Tokenizes captions with the checkpoint's tokenizer, truncated at its text length limit."""

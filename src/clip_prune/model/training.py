@@ -16,8 +16,8 @@ from transformers import AutoImageProcessor, AutoTokenizer, CLIPConfig, CLIPImag
 
 from clip_prune.data.coco import (
     CaptionedImage,
-    CaptionPairs,
     CocoDataModule,
+    ImageItems,
     check_images,
     load_pixels,
     read_coco_captions,
@@ -136,7 +136,7 @@ class CocoTrainingDataModule(CocoDataModule):
         if self.train_set is not None:
             return
         hp, root = self.hparams, Path(self.hparams.root)
-        processor = AutoImageProcessor.from_pretrained(hp.pretrained)
+        processor = self.image_processor()
         train = read_coco_captions(root, hp.train_images, hp.train_captions)
         val = read_coco_captions(root, hp.val_images, hp.val_captions)
         if not train or not val:
@@ -146,7 +146,8 @@ class CocoTrainingDataModule(CocoDataModule):
         sampled = rng.sample(val, min(hp.num_samples, len(val)))
         check_images(train + sampled)
         self.train_set = RandomCaptionImages(train, processor)
-        self.calibration = CaptionPairs([(image.path, rng.choice(image.captions)) for image in sampled], processor)
+        pairs = [(image.path, rng.choice(image.captions)) for image in sampled]
+        self.calibration = ImageItems(pairs, "caption", processor)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches; the last incomplete batch is dropped (it would have fewer negatives)."""
