@@ -21,7 +21,7 @@ from clip_prune.metrics import METRIC_NAMES
 from clip_prune.model.masking import mask_shapes, vision_tower
 from clip_prune.model.module import MaskedCLIPModule
 from clip_prune.outputs import RunDirectory, write_json_atomically
-from clip_prune.pruning.export import load_pruned, read_mask_dir
+from clip_prune.pruning.export import load_pruned, read_masks
 from clip_prune.pruning.fisher import load_fisher
 from clip_prune.summary import format_summary
 
@@ -119,7 +119,7 @@ class ClipPruneTrainer(L.Trainer):
             latency_repeats: timed forward passes per model for the latency figures.
         """
         run = RunDirectory(output_dir, overwrite=overwrite)
-        head_mask, neuron_mask = read_mask_dir(masks, model.vision_config)
+        head_mask, neuron_mask = read_masks(masks, model.vision_config)
         device = self.strategy.root_device
         dense = model.model.to(device)
         model.masks.remove()

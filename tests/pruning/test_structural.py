@@ -29,7 +29,7 @@ from clip_prune.pruning.export import (
     config_from_plan,
     load_pruned,
     prune_model,
-    read_mask_dir,
+    read_masks,
     save_pruned,
 )
 from clip_prune.pruning.flops import count_encoder_macs
@@ -350,29 +350,29 @@ def test_bad_masks_are_rejected() -> None:
         LayerPlan(heads=[0, 1], head_scales=[1.0], neurons=[], neuron_scales=[])
 
 
-def test_read_mask_dir_errors(tmp_path: Path) -> None:
+def test_read_masks_errors(tmp_path: Path) -> None:
     config = vision_config()
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        read_mask_dir(tmp_path / "missing")
+        read_masks(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match=r"has no head_mask.pt \(found: nothing\)"):
-        read_mask_dir(tmp_path)
+        read_masks(tmp_path)
     head_mask, neuron_mask = masks("rescaled")
     torch.save(head_mask, tmp_path / "head_mask.pt")
     with pytest.raises(FileNotFoundError, match="no neuron_mask.pt; pass the model's vision_config"):
-        read_mask_dir(tmp_path)
-    read_heads, read_neurons = read_mask_dir(tmp_path, config)
+        read_masks(tmp_path)
+    read_heads, read_neurons = read_masks(tmp_path, config)
     assert torch.equal(read_heads, head_mask) and torch.equal(read_neurons, torch.ones(LAYERS, NEURONS))
     torch.save(neuron_mask.double(), tmp_path / "neuron_mask.pt")
-    read_heads, read_neurons = read_mask_dir(tmp_path)
+    read_heads, read_neurons = read_masks(tmp_path)
     assert read_neurons.dtype == torch.float32 and torch.equal(read_neurons, neuron_mask)
     with pytest.raises(ValueError, match=r"head_mask has shape \[3, 4\] but the model needs \[3, 6\]"):
-        read_mask_dir(tmp_path, vision_config(num_attention_heads=6, hidden_size=36))
+        read_masks(tmp_path, vision_config(num_attention_heads=6, hidden_size=36))
     torch.save({"mask": head_mask}, tmp_path / "head_mask.pt")
     with pytest.raises(ValueError, match="holds a dict, expected a tensor"):
-        read_mask_dir(tmp_path)
+        read_masks(tmp_path)
     torch.save(LayerPlan([], [], [], []), tmp_path / "head_mask.pt")
     with pytest.raises(ValueError, match=r"could not read .*head_mask.pt as a tensor with torch.load"):
-        read_mask_dir(tmp_path)
+        read_masks(tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -389,7 +389,7 @@ def vit_b16() -> CLIPVisionModel:
                          [("0.4", 84, 10933), ("0.75", 124, 25337)])
 def test_original_tool_masks(vit_b16: CLIPVisionModel, constraint: str, kept_heads: int,
                              kept_neurons: int) -> None:
-    head_mask, neuron_mask = read_mask_dir(ORIGINAL_MASKS / constraint, vit_b16.config)
+    head_mask, neuron_mask = read_masks(ORIGINAL_MASKS / constraint, vit_b16.config)
     assert head_mask.shape == (12, 12) and neuron_mask.shape == (12, 3072)
     plan = plan_from_masks(head_mask, neuron_mask)
     assert sum(len(layer.heads) for layer in plan) == kept_heads

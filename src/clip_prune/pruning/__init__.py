@@ -1,7 +1,7 @@
 """Pruning algorithms on tensors (no Lightning): Fisher statistics, FLOP model, search, rearrangement,
 rescaling (least squares per layer), sensitivity rounds, and physical slicing with save/load."""
 
-from clip_prune.pruning.export import load_pruned, prune_model, read_mask_dir, save_pruned
+from clip_prune.pruning.export import load_pruned, prune_model, read_masks, save_pruned
 from clip_prune.pruning.fisher import FisherInformation, FisherStatistics, load_fisher, save_fisher
 from clip_prune.pruning.flops import EncoderMacs, count_encoder_macs
 from clip_prune.pruning.rearrange import rearrange_mask
@@ -19,7 +19,7 @@ __all__ = [
     "load_pruned",
     "plan_from_masks",
     "prune_model",
-    "read_mask_dir",
+    "read_masks",
     "rearrange_mask",
     "rescale_masks",
     "save_fisher",

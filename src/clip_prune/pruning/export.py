@@ -326,12 +326,12 @@ def _read_mask(path: Path) -> torch.Tensor:
     return mask.float()
 
 
-def read_mask_dir(directory: str | Path,
-                  vision_config: CLIPVisionConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def read_masks(location: str | Path,
+               vision_config: CLIPVisionConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Read `head_mask.pt` [L, H] and `neuron_mask.pt` [L, F], the original tool's mask files.
 
     Args:
-        directory: folder holding the masks, or one head-mask file (e.g. a sensitivity run's
+        location: folder holding the masks, or one head-mask file (e.g. a sensitivity run's
             `head_mask_3.pt`) whose folder holds the `neuron_mask.pt`.
         vision_config: the dense model's vision config: the masks are checked against its shapes,
             and a missing `neuron_mask.pt` means every neuron is kept (all ones). Without it,
@@ -340,7 +340,7 @@ def read_mask_dir(directory: str | Path,
     Returns:
         (head_mask, neuron_mask) as float32 CPU tensors.
     """
-    path = Path(directory)
+    path = Path(location)
     if path.suffix == ".pt":
         if not path.is_file():
             raise FileNotFoundError(f"mask file {path} does not exist")
