@@ -15,6 +15,7 @@ from transformers import CLIPModel
 
 from clip_prune.apply import export_pruned
 from clip_prune.evaluation import Evaluator
+from clip_prune.metrics import METRIC_NAMES
 from clip_prune.model.module import MaskedCLIPModule
 from clip_prune.outputs import RunDirectory
 from clip_prune.pruning.fisher import FisherStatistics, save_fisher
@@ -222,6 +223,11 @@ class SensitivityCallback(L.Callback):
     """
 
     def __init__(self, run: RunDirectory, stop_ratio: float, stop_metric: str) -> None:
+        if not 0 <= stop_ratio <= 1.5:
+            raise ValueError(f"--stop_ratio must be a fraction of the dense metric (e.g. 0.8), got {stop_ratio}")
+        if stop_metric not in METRIC_NAMES:
+            raise ValueError(f"--stop_metric {stop_metric!r} is not a metric clip-prune measures; choose one of "
+                             f"{sorted(METRIC_NAMES)}")
         self.run = run
         self.stop_ratio = stop_ratio
         self.stop_metric = stop_metric

@@ -13,11 +13,10 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from transformers import CLIPModel
 
 from clip_prune.apply import export_pruned
-from clip_prune.callbacks import PruningCallback, PruningOptions, SensitivityCallback, check_constraint
+from clip_prune.callbacks import PruningCallback, PruningOptions, SensitivityCallback
 from clip_prune.data.coco import CocoDataModule
 from clip_prune.data.synthetic import write_synthetic_coco
 from clip_prune.evaluation import Evaluator
-from clip_prune.metrics import METRIC_NAMES
 from clip_prune.model.masking import mask_shapes, vision_tower
 from clip_prune.model.module import MaskedCLIPModule
 from clip_prune.outputs import RunDirectory, write_json_atomically
@@ -82,17 +81,15 @@ class ClipPruneTrainer(L.Trainer):
             overwrite: replace an existing output directory.
             options: pruning stages and rescaling settings (see `--options.help PruningOptions`).
         """
-        if constraint is not None:
-            check_constraint(constraint)
-        model.check_loss(tokenizer_available=datamodule.tokenizer() is not None)
         run = RunDirectory(output_dir, overwrite=overwrite)
-        statistics = None
+        callback = PruningCallback(run, constraint, options or PruningOptions())  # checks the constraint
+        model.check_loss(tokenizer_available=datamodule.tokenizer() is not None)
         if fisher is not None:
-            statistics = load_fisher(fisher, *mask_shapes(model.vision_config), model.hparams.pretrained)
+            callback.statistics = load_fisher(fisher, *mask_shapes(model.vision_config), model.hparams.pretrained)
             model.collect_fisher = False
             # The loop still runs (for the callback's hooks and the calibration data); one batch suffices.
             self.limit_val_batches = 1
-        self.callbacks.append(PruningCallback(run, constraint, options or PruningOptions(), statistics))
+        self.callbacks.append(callback)
         save_resolved_config(self, run)
         with run.abandoned_on_error(keep="fisher.safetensors"):
             self.validate(model, datamodule=datamodule, verbose=False)
@@ -189,14 +186,9 @@ class ClipPruneTrainer(L.Trainer):
                 e.g. retrieval/i2t_R@1, retrieval/t2i_R@5 or zero_shot/top1.
             overwrite: replace an existing output directory.
         """
-        if not 0 <= stop_ratio <= 1.5:
-            raise ValueError(f"--stop_ratio must be a fraction of the dense metric (e.g. 0.8), got {stop_ratio}")
-        if stop_metric not in METRIC_NAMES:
-            raise ValueError(f"--stop_metric {stop_metric!r} is not a metric clip-prune measures; choose one of "
-                             f"{sorted(METRIC_NAMES)}")
-        model.check_loss(tokenizer_available=datamodule.tokenizer() is not None)
         run = RunDirectory(output_dir, overwrite=overwrite)
-        callback = SensitivityCallback(run, stop_ratio, stop_metric)
+        callback = SensitivityCallback(run, stop_ratio, stop_metric)  # checks the stop settings
+        model.check_loss(tokenizer_available=datamodule.tokenizer() is not None)
         self.callbacks.append(callback)
         save_resolved_config(self, run)
         with run.abandoned_on_error():
