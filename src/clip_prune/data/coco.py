@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,8 +204,7 @@ class CocoDataModule(L.LightningDataModule):
             raise ValueError(f"--data.batch_size must be at least 1, got {batch_size}")
         self.save_hyperparameters()
         self.calibration: ImageItems | None = None
-        self._evaluation: dict[str, RetrievalSplit | ZeroShotSplit | None] = {}
-        self._loaded: dict[str, Any] = {}
+        self._read: dict[str, Any] = {}  # processor, tokenizer and evaluation splits, each read once
 
     def setup(self, stage: str | None = None) -> None:
         """Read, sample and check the calibration split and the evaluation data (before any model work)."""
@@ -256,20 +256,25 @@ class CocoDataModule(L.LightningDataModule):
             persistent_workers=False, pin_memory=False,
         )
 
+    def _once(self, key: str, read: Callable[[], Any]) -> Any:
+        """`read()` the first time `key` is asked for; the stored value afterwards."""
+        if key not in self._read:
+            self._read[key] = read()
+        return self._read[key]
+
     def image_processor(self) -> Any:
         """The checkpoint's image processor (read once)."""
-        if "image_processor" not in self._loaded:
-            self._loaded["image_processor"] = AutoImageProcessor.from_pretrained(self.hparams.pretrained)
-        return self._loaded["image_processor"]
+        return self._once("image_processor", lambda: AutoImageProcessor.from_pretrained(self.hparams.pretrained))
 
     def tokenizer(self) -> Any | None:
         """The checkpoint's tokenizer (read once), or None for a vision-only checkpoint saved without one."""
-        if "tokenizer" not in self._loaded:
-            try:
-                self._loaded["tokenizer"] = AutoTokenizer.from_pretrained(self.hparams.pretrained)
-            except (OSError, ValueError):
-                self._loaded["tokenizer"] = None
-        return self._loaded["tokenizer"]
+        return self._once("tokenizer", self._read_tokenizer)
+
+    def _read_tokenizer(self) -> Any | None:
+        try:
+            return AutoTokenizer.from_pretrained(self.hparams.pretrained)
+        except (OSError, ValueError):
+            return None
 
     def has_evaluation_data(self) -> bool:
         """Whether the evaluation split (or a zero-shot tree) is there to measure what pruning costs."""
@@ -278,9 +283,7 @@ class CocoDataModule(L.LightningDataModule):
 
     def retrieval_split(self) -> RetrievalSplit | None:
         """The evaluation split's images and all their captions, checked; None when it is absent."""
-        if "retrieval" not in self._evaluation:
-            self._evaluation["retrieval"] = self._read_retrieval_split()
-        return self._evaluation["retrieval"]
+        return self._once("retrieval", self._read_retrieval_split)
 
     def _read_retrieval_split(self) -> RetrievalSplit | None:
         hp = self.hparams
@@ -302,9 +305,7 @@ class CocoDataModule(L.LightningDataModule):
 
     def zero_shot_split(self) -> ZeroShotSplit | None:
         """Labelled images of `zero_shot_root` (class = folder name, underscores read as spaces)."""
-        if "zero_shot" not in self._evaluation:
-            self._evaluation["zero_shot"] = self._read_zero_shot_split()
-        return self._evaluation["zero_shot"]
+        return self._once("zero_shot", self._read_zero_shot_split)
 
     def _read_zero_shot_split(self) -> ZeroShotSplit | None:
         hp = self.hparams
