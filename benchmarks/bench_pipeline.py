@@ -63,7 +63,7 @@ def main() -> None:
         start = time.perf_counter()
         clip_prune(["prune", "--model.pretrained", str(root / "model"), "--data.root", str(root / "data"),
                     "--data.num_samples", str(args.samples), "--data.batch_size", str(args.batch_size),
-                    "--data.num_workers", "1", "--options.rescale_samples", str(args.samples),
+                    "--data.num_workers", "1", "--options.reconstruct_samples", str(args.samples),
                     "--constraint", str(args.constraint), "--output_dir", str(root / "run"),
                     "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"])
         wall = time.perf_counter() - start

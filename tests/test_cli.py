@@ -32,10 +32,19 @@ def test_prune_writes_masks_statistics_report_and_tensorboard(tiny_clip_dir, tin
     report = json.loads((out / "report.json").read_text())
     assert report["flops"]["ratio"] <= 0.6
     assert report["fisher_samples"] == 10
-    assert set(report["timings_s"]) >= {"fisher", "search", "rearrange", "rescale", "total"}
+    assert set(report["timings_s"]) >= {"fisher", "search", "rearrange", "reconstruct", "total"}
+    # Two steps by default at 0.6 (each keeps at least 0.75 of the previous), the last exactly at 0.6.
+    assert [step["constraint"] for step in report["steps"]] == pytest.approx([0.6 ** 0.5, 0.6])
+    assert report["steps"][0]["macs_ratio"] <= 0.6 ** 0.5 and report["steps"][1]["macs_ratio"] <= 0.6
+    assert len(report["steps"][1]["reconstruction"]["neurons_after"]) == 3
     head_mask = torch.load(out / "head_mask.pt", weights_only=True)
     neuron_mask = torch.load(out / "neuron_mask.pt", weights_only=True)
     assert head_mask.shape == (3, 4) and neuron_mask.shape == (3, 37)
+    # Step 2 keeps a subset of step 1's units; weight reconstruction keeps the masks binary.
+    assert report["steps"][1]["kept_heads"] <= report["steps"][0]["kept_heads"]
+    assert set(head_mask.unique().tolist()) <= {0.0, 1.0} and set(neuron_mask.unique().tolist()) <= {0.0, 1.0}
+    refit = load_file(out / "refit.safetensors")
+    assert refit["layers.0.mlp.fc2.weight"].shape == (32, int((neuron_mask[0] != 0).sum()))
     assert report["kept"]["heads"] == int((head_mask != 0).sum())
     plan = json.loads((out / "plan.json").read_text())
     assert [len(layer["heads"]) for layer in plan] == (head_mask != 0).sum(1).tolist()
@@ -48,17 +57,22 @@ def test_prune_writes_masks_statistics_report_and_tensorboard(tiny_clip_dir, tin
     assert fisher_metadata(out / "fisher.safetensors")["num_samples"] == "10"
     events = EventAccumulator(str(next((tmp_path / "lightning_logs").glob("version_*")))).Reload().Tags()
     assert {"fisher/head_scores/layer_00", "fisher/neuron_scores/layer_02"} <= set(events["histograms"])
-    images = {"fisher/head_scores_map", "masks/1_search/kept_heads", "masks/3_rescale/kept_heads"}
+    images = {"fisher/head_scores_map", "masks/1_step1_search/kept_heads", "masks/3_step2_reconstruct/kept_heads"}
     assert images <= set(events["images"])
-    assert {"search/objective_by_kept_heads", "metrics/retrieval/i2t_R@1"} <= set(events["scalars"])
+    assert {"search/objective_by_kept_heads", "metrics/retrieval/i2t_R@1",
+            "reconstruction/step2/neurons_after"} <= set(events["scalars"])
 
     with pytest.raises(FileExistsError, match="--overwrite"):
         run_prune(tiny_clip_dir, tiny_coco_root, out, "--constraint", "0.6")
-    # Re-solving from the saved statistics skips the gradient pass.
+    # Re-solving from the saved statistics skips the first gradient pass; step 2 gathers its own, on the same
+    # data, so the run is reproduced.
     again = tmp_path / "again"
-    run_prune(tiny_clip_dir, tiny_coco_root, again, "--constraint", "0.6", "--fisher", str(out / "fisher.safetensors"),
-              "--options.rescale", "false")
-    assert json.loads((again / "report.json").read_text())["kept"]["heads"] == report["kept"]["heads"]
+    run_prune(tiny_clip_dir, tiny_coco_root, again, "--constraint", "0.6", "--fisher", str(out / "fisher.safetensors"))
+    again_report = json.loads((again / "report.json").read_text())
+    assert again_report["kept"] == report["kept"]
+    again_refit = load_file(again / "refit.safetensors")
+    for key, value in refit.items():
+        torch.testing.assert_close(again_refit[key], value, rtol=1e-4, atol=1e-5)
 
 
 def test_help_and_print_config(capsys) -> None:
@@ -176,6 +190,15 @@ def test_apply_reproduces_the_model_exported_by_prune(tiny_clip_dir, tiny_coco_r
     assert report["metrics"]["dense"]["retrieval"]["i2t_R@10"] >= 0
     with pytest.raises(FileExistsError, match="--overwrite"):
         run_apply(tiny_clip_dir, tiny_coco_root, tmp_path / "run", tmp_path / "applied")
+    # The refit columns are part of the model: the masks alone give another one.
+    masks_only = tmp_path / "masks-only"
+    masks_only.mkdir()
+    for name in ("head_mask.pt", "neuron_mask.pt"):
+        shutil.copy(tmp_path / "run" / name, masks_only / name)
+    run_apply(tiny_clip_dir, tiny_coco_root, masks_only, tmp_path / "binary")
+    binary = load_file(tmp_path / "binary" / "model.safetensors")
+    assert not torch.equal(binary["vision_model.encoder.layers.0.mlp.fc2.weight"],
+                           exported["vision_model.encoder.layers.0.mlp.fc2.weight"])
 
 
 def test_apply_refuses_bad_masks(tiny_clip_dir, tiny_coco_root, tmp_path) -> None:

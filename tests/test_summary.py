@@ -17,3 +17,11 @@ def test_summary_rows() -> None:
     assert "2.00x" in text and "-4.5" in text and "fisher 3.0s" in text
     dense_only = format_summary({"metrics": {"dense": {"zero_shot": {"top1": 30.0}}}})
     assert "nan" not in dense_only and "zero_shot top1" in dense_only and "time:" not in dense_only
+
+
+def test_summary_lists_the_steps_of_iterative_pruning() -> None:
+    steps = [{"macs_ratio": 0.71, "kept_heads": 40, "kept_neurons": 900},
+             {"macs_ratio": 0.5, "kept_heads": 30, "kept_neurons": 600}]
+    text = format_summary({"kept": {"heads": 30, "neurons": 600}, "steps": steps})
+    assert "2 steps, MACs kept: 0.71 (40 h, 900 n), 0.50 (30 h, 600 n)" in text
+    assert "steps" not in format_summary({"kept": {"heads": 30, "neurons": 600}, "steps": steps[1:]})

@@ -18,6 +18,7 @@ from clip_prune.model.masking import VisionMasks, vision_tower
 from clip_prune.model.module import image_embeddings
 from clip_prune.pruning.export import prune_model, save_pruned
 from clip_prune.pruning.flops import count_encoder_macs
+from clip_prune.pruning.refit import RefitWeights, refit_applied
 from clip_prune.pruning.structural import count_vision_flops, plan_from_masks
 
 EQUIVALENCE_TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
@@ -65,9 +66,12 @@ def masked_embeddings(model: CLIPModel | CLIPVisionModel, head_mask: torch.Tenso
 
 
 def export_pruned(model: CLIPModel | CLIPVisionModel, head_mask: torch.Tensor, neuron_mask: torch.Tensor,
-                  directory: Path, pretrained: str, pixels: torch.Tensor,
-                  latency_repeats: int = 5) -> tuple[nn.Module, dict[str, Any]]:
+                  directory: Path, pretrained: str, pixels: torch.Tensor, latency_repeats: int = 5,
+                  refit: RefitWeights | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Slice `model` by the masks, check it against the masked model, save it to `directory`; return it and a report.
+
+    The reference of the check is the dense model under hook masks with the refit columns written into
+    its weights: it shares no code with the slicing.
 
     Args:
         model: the dense model (left unchanged).
@@ -77,10 +81,12 @@ def export_pruned(model: CLIPModel | CLIPVisionModel, head_mask: torch.Tensor, n
         pretrained: checkpoint whose image processor and tokenizer are saved alongside.
         pixels: [B, 3, S, S] images on the model's device for the equivalence check and latency.
         latency_repeats: timed forward passes per model.
+        refit: refit columns of the kept units (`weights` reconstruction); None or empty for none.
     """
-    head_mask, neuron_mask = head_mask.float().cpu(), neuron_mask.float().cpu()
-    pruned = prune_model(model, head_mask, neuron_mask).eval()
-    reference = masked_embeddings(model, head_mask.to(pixels.device), neuron_mask.to(pixels.device), pixels)
+    head_mask, neuron_mask, refit = head_mask.float().cpu(), neuron_mask.float().cpu(), refit or {}
+    pruned = prune_model(model, head_mask, neuron_mask, refit).eval()
+    with refit_applied(model, head_mask, neuron_mask, refit):
+        reference = masked_embeddings(model, head_mask.to(pixels.device), neuron_mask.to(pixels.device), pixels)
     with torch.no_grad():
         difference = (image_embeddings(pruned, pixels) - reference).abs().max().item()
     tolerance = EQUIVALENCE_TOLERANCE[reference.dtype] * max(1.0, reference.abs().max().item())

@@ -1,13 +1,14 @@
-"""Callbacks that turn Fisher passes into masks: `PruningCallback` (search → rearrange → rescale → export)
-and `SensitivityCallback` (one layer reduced to its best head per pass)."""
+"""Callbacks that turn Fisher passes into masks: `PruningCallback` (search → rearrange → reconstruct, in one or
+more steps, then export) and `SensitivityCallback` (one layer reduced to its best head per pass)."""
 
 from __future__ import annotations
 
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from contextlib import ExitStack
+from dataclasses import asdict
+from typing import Any
 
 import lightning as L
 import torch
@@ -20,42 +21,19 @@ from clip_prune.model.module import MaskedCLIPModule
 from clip_prune.outputs import RunDirectory
 from clip_prune.pruning.fisher import FisherStatistics, save_fisher
 from clip_prune.pruning.flops import EncoderMacs, count_encoder_macs
-from clip_prune.pruning.rearrange import rearrange_mask
-from clip_prune.pruning.rescale import rescale_masks
-from clip_prune.pruning.search import search_masks
+from clip_prune.pruning.pipeline import PruningOptions, StepResult, prune_step
+from clip_prune.pruning.refit import REFIT_FILE, refit_applied, save_refit
 from clip_prune.pruning.sensitivity import choose_head, keep_single_head
 from clip_prune.pruning.structural import plan_from_masks, write_plan
 from clip_prune.summary import format_summary
-from clip_prune.tensorboard import log_fisher, log_masks, log_metrics, log_search_curve, log_sensitivity_round
-
-
-@dataclass(frozen=True)
-class PruningOptions:
-    """Which stages run after the Fisher pass, and how rescaling is done."""
-
-    rearrange: bool = True
-    """Rearrange the searched masks with the per-layer Fisher blocks."""
-    rescale: bool = True
-    """Fit real-valued scales of the kept heads and neurons by layer-wise least squares."""
-    teacher: Literal["dense", "ta"] = "dense"
-    """Rescaling target: the dense model, or the 'teaching assistant' mask searched at √constraint."""
-    damping: float = 1e-2
-    """Pull of the scales towards 1, relative to the mean diagonal of the normal equations."""
-    max_abs_scale: float = 10.0
-    """A layer whose solved scales leave [-max, max] keeps its binary mask."""
-    rescale_samples: int = 512
-    """Calibration images used for rescaling (split across ranks)."""
-    last_layer_cls_only: bool = True
-    """At the last layer, reconstruct only the CLS token (the one CLIP pools); on the demo model this
-    kept the pruned embeddings closer to the dense ones at constraints 0.4-0.6 than all tokens did."""
-    export: bool = True
-    """Slice the weights and save the smaller model into OUTPUT_DIR/pruned."""
-
-    def __post_init__(self) -> None:
-        if self.damping < 0:
-            raise ValueError(f"--options.damping must be >= 0, got {self.damping}")
-        if self.rescale_samples < 1:
-            raise ValueError(f"--options.rescale_samples must be >= 1, got {self.rescale_samples}")
+from clip_prune.tensorboard import (
+    log_fisher,
+    log_masks,
+    log_metrics,
+    log_reconstruction,
+    log_search_curve,
+    log_sensitivity_round,
+)
 
 
 def on_rank_zero(trainer: L.Trainer, work: Callable[[], None]) -> None:
@@ -82,13 +60,19 @@ def check_constraint(constraint: float) -> None:
 
 
 class PruningCallback(L.Callback):
-    """Turns the Fisher statistics of the validation pass into rescaled masks and a written run.
+    """Turns the Fisher statistics of each validation pass into a pruning step, and the last step into a run.
+
+    With K steps (`PruningOptions.steps`) the Trainer runs K validation passes: the first gathers Fisher
+    statistics on the dense model (or reuses `statistics`), each later one on the model pruned so far (its
+    masks hooked in, its refit columns written into the weights for the pass). After each pass
+    `prune_step` searches the step's budget among the units still kept, rearranges and reconstructs
+    (teacher: always the dense model); after the last, the masks are written, exported and evaluated.
 
     Args:
         run: where the outputs go (staged, renamed into place at the end).
         constraint: fraction of the encoder's MACs to keep, in (0, 1]; None only saves the statistics.
-        options: stages and rescaling settings.
-        statistics: statistics loaded from an earlier run (`--fisher`); None gathers them.
+        options: stages, steps and reconstruction settings.
+        statistics: statistics loaded from an earlier run (`--fisher`), used by the first step; None gathers them.
     """
 
     def __init__(self, run: RunDirectory, constraint: float | None, options: PruningOptions,
@@ -99,74 +83,101 @@ class PruningCallback(L.Callback):
         self.constraint = constraint
         self.options = options
         self.statistics = statistics
+        self.constraints = [] if constraint is None else options.step_constraints(constraint)
+        self.steps: list[StepResult] = []
         self.timings: dict[str, float] = {}
+        self.finished = False
+        self._pruned_so_far = ExitStack()
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: MaskedCLIPModule) -> None:
         self._started = time.perf_counter()
+        if self.steps:  # a Fisher pass on the model pruned so far
+            last = self.steps[-1]
+            pl_module.fisher.reset()
+            pl_module.masks.set(last.head_mask, last.neuron_mask)
+            self._pruned_so_far.enter_context(refit_applied(pl_module.model, last.head_mask, last.neuron_mask,
+                                                            last.refit))
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: MaskedCLIPModule) -> None:
-        self.timings["fisher"] = time.perf_counter() - self._started
-        stats = self.statistics if self.statistics is not None else pl_module.fisher.compute()
-        if trainer.is_global_zero:
+        self._pruned_so_far.close()  # the dense weights again: the teacher of every step
+        pl_module.masks.set(torch.ones_like(pl_module.masks.head_mask), torch.ones_like(pl_module.masks.neuron_mask))
+        self._add_time("fisher", time.perf_counter() - self._started)
+        first = not self.steps
+        stats = self.statistics if first and self.statistics is not None else pl_module.fisher.compute()
+        if first and trainer.is_global_zero:
             save_fisher(self.run.file("fisher.safetensors"), stats, pl_module.hparams.pretrained)
             log_fisher(trainer, stats)
-        report: dict[str, Any] = {"model": pl_module.hparams.pretrained, "fisher_samples": stats.num_samples}
         if self.constraint is not None:
-            report |= self._prune(trainer, pl_module, stats)  # every rank: rescaling sums across ranks
-        on_rank_zero(trainer, lambda: self._finish(trainer, pl_module, report))
+            self._step(trainer, pl_module, stats)  # every rank: reconstruction sums across ranks
+        self.finished = len(self.steps) == len(self.constraints)
+        if self.finished:
+            report: dict[str, Any] = {"model": pl_module.hparams.pretrained, "fisher_samples": stats.num_samples}
+            on_rank_zero(trainer, lambda: self._finish(trainer, pl_module, report))
+
+    def _step(self, trainer: L.Trainer, pl_module: MaskedCLIPModule, stats: FisherStatistics) -> None:
+        """One pruning step on `stats`; logs its masks."""
+        index = len(self.steps)
+        previous = self.steps[-1] if self.steps else None
+        result = prune_step(
+            pl_module.model, stats, count_encoder_macs(pl_module.vision_config), self.constraints[index],
+            self.options, self._calibration_batches(trainer, pl_module),
+            kept=None if previous is None else (previous.head_mask, previous.neuron_mask),
+            all_reduce=lambda t: trainer.strategy.reduce(t, reduce_op="sum") if trainer.world_size > 1 else t,
+            progress=trainer.is_global_zero,
+        )
+        self.steps.append(result)
+        for stage, seconds in result.timings.items():
+            self._add_time(stage, seconds)
+        if index == 0:
+            log_search_curve(trainer, result.search.objective_curve, result.search.num_heads)
+        for number, (stage, masks) in enumerate(result.stage_masks.items(), start=1):
+            log_masks(trainer, stage if len(self.constraints) == 1 else f"step{index + 1}_{stage}", number, *masks)
+        if result.reconstruction is not None:
+            log_reconstruction(trainer, index + 1, result.reconstruction.errors)
 
     def _finish(self, trainer: L.Trainer, pl_module: MaskedCLIPModule, report: dict[str, Any]) -> None:
-        """Rank zero: export and evaluate the pruned model, write the report, move the run into place."""
-        if self.constraint is not None and self.options.export:
-            pruned, export_report = self._timed("export", lambda: self._export(trainer, pl_module))
-            report |= export_report
-            if trainer.datamodule is not None and trainer.datamodule.has_evaluation_data():
-                report["metrics"] = self._timed("evaluate", lambda: self._evaluate(trainer, pl_module, pruned))
+        """Rank zero: write masks and plan, export and evaluate the pruned model, write the report, commit."""
+        if self.steps:
+            report |= self._write_masks(count_encoder_macs(pl_module.vision_config))
+            if self.options.export:
+                pruned, export_report = self._timed("export", lambda: self._export(trainer, pl_module))
+                report |= export_report
+                if trainer.datamodule is not None and trainer.datamodule.has_evaluation_data():
+                    report["metrics"] = self._timed("evaluate", lambda: self._evaluate(trainer, pl_module, pruned))
         report["timings_s"] = {**self.timings, "total": sum(self.timings.values())}
         self.run.write_json("report.json", report)
         path = self.run.commit()
         print(format_summary(report))
         print(f"clip-prune: wrote {path}")
 
-    def _prune(self, trainer: L.Trainer, pl_module: MaskedCLIPModule, stats: FisherStatistics) -> dict[str, Any]:
-        """Search, rearrange and rescale; write masks and the plan; return the report's pruning part."""
-        macs = count_encoder_macs(pl_module.vision_config)
-        head_mask, neuron_mask = self._timed("search", lambda: self._search(trainer, stats, macs))
-        log_masks(trainer, "search", 1, head_mask, neuron_mask)
-        if self.options.rearrange:
-            head_mask, neuron_mask = self._timed("rearrange", lambda: (
-                rearrange_mask(head_mask, stats.head_fisher, stats.head_gram),
-                rearrange_mask(neuron_mask, stats.neuron_fisher, stats.neuron_gram),
-            ))
-            log_masks(trainer, "rearrange", 2, head_mask, neuron_mask)
-        warnings: list[str] = []
-        if self.options.rescale:
-            result = self._timed("rescale", lambda: self._rescale(trainer, pl_module, stats, macs,
-                                                                   head_mask, neuron_mask))
-            head_mask, neuron_mask, warnings = result.head_mask, result.neuron_mask, result.warnings
-            log_masks(trainer, "rescale", 3, head_mask, neuron_mask)
-        self.head_mask, self.neuron_mask = head_mask.cpu(), neuron_mask.cpu()
-        if trainer.is_global_zero:
-            self.run.save_tensor("head_mask.pt", head_mask)
-            self.run.save_tensor("neuron_mask.pt", neuron_mask)
-            write_plan(plan_from_masks(self.head_mask, self.neuron_mask), self.run.file("plan.json"))
-        pruned = macs.of_masks(head_mask, neuron_mask)
+    def _write_masks(self, macs: EncoderMacs) -> dict[str, Any]:
+        """Write the final masks, refit columns and plan; return the report's pruning part."""
+        last = self.steps[-1]
+        self.run.save_tensor("head_mask.pt", last.head_mask)
+        self.run.save_tensor("neuron_mask.pt", last.neuron_mask)
+        if last.refit:
+            save_refit(self.run.file(REFIT_FILE), last.refit)
+        write_plan(plan_from_masks(last.head_mask, last.neuron_mask), self.run.file("plan.json"))
+        pruned = macs.of_masks(last.head_mask, last.neuron_mask)
         return {
             "constraint": self.constraint,
             "options": asdict(self.options),
             "flops": {"dense": macs.dense, "pruned": pruned, "ratio": pruned / macs.dense, "unit": "MACs per image"},
-            "kept": {"heads": int((head_mask != 0).sum()), "neurons": int((neuron_mask != 0).sum()),
-                     "heads_per_layer": (head_mask != 0).sum(1).tolist(),
-                     "neurons_per_layer": (neuron_mask != 0).sum(1).tolist()},
-            "warnings": warnings,
+            "kept": {"heads": int((last.head_mask != 0).sum()), "neurons": int((last.neuron_mask != 0).sum()),
+                     "heads_per_layer": (last.head_mask != 0).sum(1).tolist(),
+                     "neurons_per_layer": (last.neuron_mask != 0).sum(1).tolist()},
+            "steps": [step.report(constraint, macs) for step, constraint in zip(self.steps, self.constraints,
+                                                                               strict=True)],
+            "warnings": [warning for step in self.steps for warning in step.warnings],
         }
 
     def _export(self, trainer: L.Trainer, pl_module: MaskedCLIPModule) -> tuple[Any, dict[str, Any]]:
         """Slice, verify and save the pruned model into OUTPUT_DIR/pruned."""
         pixels = next(iter(trainer.val_dataloaders))["pixel_values"][:8].to(pl_module.device)
         pl_module.masks.remove()  # the dense model again: the reference for verification and evaluation
-        return export_pruned(pl_module.model, self.head_mask, self.neuron_mask, self.run.file("pruned"),
-                             pl_module.hparams.pretrained, pixels)
+        last = self.steps[-1]
+        return export_pruned(pl_module.model, last.head_mask, last.neuron_mask, self.run.file("pruned"),
+                             pl_module.hparams.pretrained, pixels, refit=last.refit)
 
     def _evaluate(self, trainer: L.Trainer, pl_module: MaskedCLIPModule, pruned: Any) -> dict[str, Any]:
         """Retrieval / zero-shot metrics of the dense and the pruned model (caption embeddings computed once)."""
@@ -175,18 +186,11 @@ class PruningCallback(L.Callback):
         log_metrics(trainer, metrics)
         return metrics
 
-    def _search(self, trainer: L.Trainer, stats: FisherStatistics, macs: EncoderMacs) -> tuple[torch.Tensor, ...]:
-        result = search_masks(stats.head_fisher, stats.neuron_fisher, macs, self.constraint)
-        log_search_curve(trainer, result.objective_curve, result.num_heads)
-        return result.head_mask, result.neuron_mask
-
-    def _rescale(self, trainer: L.Trainer, pl_module: MaskedCLIPModule, stats: FisherStatistics,
-                 macs: EncoderMacs, head_mask: torch.Tensor, neuron_mask: torch.Tensor) -> Any:
-        teacher: dict[str, torch.Tensor] = {}
-        if self.options.teacher == "ta":
-            assistant = search_masks(stats.head_fisher, stats.neuron_fisher, macs, math.sqrt(self.constraint))
-            teacher = {"teacher_head_mask": assistant.head_mask, "teacher_neuron_mask": assistant.neuron_mask}
-        per_rank = math.ceil(self.options.rescale_samples / trainer.world_size)
+    def _calibration_batches(self, trainer: L.Trainer, pl_module: MaskedCLIPModule) -> list[torch.Tensor]:
+        """This rank's share of `reconstruct_samples` calibration images, on the model's device."""
+        if self.options.reconstruct == "none":
+            return []
+        per_rank = math.ceil(self.options.reconstruct_samples / trainer.world_size)
         batches, seen = [], 0
         for batch in trainer.val_dataloaders:
             if seen >= per_rank:
@@ -194,18 +198,15 @@ class PruningCallback(L.Callback):
             pixels = batch["pixel_values"][: per_rank - seen]
             batches.append(pixels.to(pl_module.device))
             seen += len(pixels)
-        return rescale_masks(
-            pl_module.model, head_mask.to(pl_module.device), neuron_mask.to(pl_module.device), batches,
-            damping=self.options.damping, max_abs_scale=self.options.max_abs_scale,
-            last_layer_cls_only=self.options.last_layer_cls_only,
-            all_reduce=lambda t: trainer.strategy.reduce(t, reduce_op="sum") if trainer.world_size > 1 else t,
-            progress=trainer.is_global_zero, **teacher,
-        )
+        return batches
+
+    def _add_time(self, stage: str, seconds: float) -> None:
+        self.timings[stage] = self.timings.get(stage, 0.0) + seconds
 
     def _timed(self, stage: str, work: Any) -> Any:
         start = time.perf_counter()
         result = work()
-        self.timings[stage] = time.perf_counter() - start
+        self._add_time(stage, time.perf_counter() - start)
         return result
 
 

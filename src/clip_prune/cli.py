@@ -13,7 +13,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from transformers import CLIPModel
 
 from clip_prune.apply import export_pruned
-from clip_prune.callbacks import PruningCallback, PruningOptions, SensitivityCallback
+from clip_prune.callbacks import PruningCallback, SensitivityCallback
 from clip_prune.data.coco import CocoDataModule
 from clip_prune.data.synthetic import write_synthetic_coco
 from clip_prune.evaluation import Evaluator
@@ -22,6 +22,8 @@ from clip_prune.model.module import MaskedCLIPModule
 from clip_prune.outputs import RunDirectory, write_json_atomically
 from clip_prune.pruning.export import load_pruned, read_masks
 from clip_prune.pruning.fisher import load_fisher
+from clip_prune.pruning.pipeline import PruningOptions
+from clip_prune.pruning.refit import REFIT_FILE, load_refit
 from clip_prune.summary import format_summary
 
 
@@ -71,19 +73,21 @@ class ClipPruneTrainer(L.Trainer):
         overwrite: bool = False,
         options: PruningOptions | None = None,
     ) -> None:
-        """Gather Fisher information on calibration data, then search, rearrange and rescale the masks.
+        """Gather Fisher information on calibration data, then search, rearrange and reconstruct, in steps.
 
         Args:
             constraint: fraction of the vision encoder's FLOPs to keep, in (0, 1]; leave it out to
                 only gather the statistics (fisher.safetensors) for later `--fisher` runs.
             output_dir: run directory to write (refused if it exists, unless --overwrite).
-            fisher: fisher.safetensors of an earlier run: skip the gradient pass and reuse it.
+            fisher: fisher.safetensors of an earlier run: skip the first gradient pass and reuse it (later
+                steps of iterative pruning gather their own).
             overwrite: replace an existing output directory.
-            options: pruning stages and rescaling settings (see `--options.help PruningOptions`).
+            options: pruning stages, steps and reconstruction settings (see `--options.help PruningOptions`).
         """
         run = RunDirectory(output_dir, overwrite=overwrite)
         callback = PruningCallback(run, constraint, options or PruningOptions())  # checks the constraint
         model.check_loss(tokenizer_available=datamodule.tokenizer() is not None)
+        all_batches = self.limit_val_batches
         if fisher is not None:
             callback.statistics = load_fisher(fisher, *mask_shapes(model.vision_config), model.hparams.pretrained)
             model.collect_fisher = False
@@ -92,7 +96,9 @@ class ClipPruneTrainer(L.Trainer):
         self.callbacks.append(callback)
         save_resolved_config(self, run)
         with run.abandoned_on_error(keep="fisher.safetensors"):
-            self.validate(model, datamodule=datamodule, verbose=False)
+            while not callback.finished:  # one validation pass (Fisher statistics) per pruning step
+                self.validate(model, datamodule=datamodule, verbose=False)
+                model.collect_fisher, self.limit_val_batches = True, all_batches
 
 
     def apply(
@@ -107,8 +113,9 @@ class ClipPruneTrainer(L.Trainer):
         """Apply saved masks (head_mask.pt, neuron_mask.pt) and export the physically pruned model.
 
         Args:
-            masks: folder with head_mask.pt [L, H] and neuron_mask.pt [L, F], from `clip-prune prune`
-                or the original tool (a missing neuron_mask.pt keeps every neuron); or one head mask
+            masks: folder with head_mask.pt [L, H] and neuron_mask.pt [L, F] (and refit.safetensors, the refit
+                columns of a `weights` reconstruction), from `clip-prune prune` or the original tool (a
+                missing neuron_mask.pt keeps every neuron); or one head mask
                 file such as a `clip-prune sensitivity` run's DIR/head_mask_3.pt (neurons from the
                 neuron_mask.pt beside it).
             output_dir: Hugging Face directory to write (refused if it exists, unless --overwrite).
@@ -117,13 +124,15 @@ class ClipPruneTrainer(L.Trainer):
         """
         run = RunDirectory(output_dir, overwrite=overwrite)
         head_mask, neuron_mask = read_masks(masks, model.vision_config)
+        refit_file = (Path(masks) if Path(masks).is_dir() else Path(masks).parent) / REFIT_FILE
+        refit = load_refit(refit_file, model.model, head_mask, neuron_mask) if refit_file.is_file() else None
         device = self.strategy.root_device
         dense = model.model.to(device)
         model.masks.remove()
         with run.abandoned_on_error():
             pixels = datamodule.sample_pixels(8).to(device)
             pruned, report = export_pruned(dense, head_mask, neuron_mask, run.staging, model.hparams.pretrained,
-                                           pixels, latency_repeats)
+                                           pixels, latency_repeats, refit)
             save_resolved_config(self, run)
             report = {"model": model.hparams.pretrained, "masks": str(masks), **report}
             if datamodule.has_evaluation_data():

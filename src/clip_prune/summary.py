@@ -33,6 +33,10 @@ def format_summary(report: dict[str, Any]) -> str:
                 lines.append(_row(f"{task} {name} (%)", f"{dense:.1f}", f"{pruned:.1f}", f"{pruned - dense:+.1f}"))
     if "kept" in report:
         lines.append(f"  kept {report['kept']['heads']} heads, {report['kept']['neurons']} neurons")
+    if len(report.get("steps", [])) > 1:
+        steps = ", ".join(f"{step['macs_ratio']:.2f} ({step['kept_heads']} h, {step['kept_neurons']} n)"
+                          for step in report["steps"])
+        lines.append(f"  {len(report['steps'])} steps, MACs kept: {steps}")
     if "timings_s" in report:
         stages = ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in report["timings_s"].items())
         lines.append(f"  time: {stages}")

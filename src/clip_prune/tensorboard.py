@@ -65,6 +65,17 @@ def log_search_curve(trainer: Trainer, curve: torch.Tensor, chosen_heads: int) -
     writer.flush()
 
 
+def log_reconstruction(trainer: Trainer, step: int, errors: dict[str, torch.Tensor]) -> None:
+    """Per-layer reconstruction errors (before/after, heads and neurons) of one pruning step, by layer."""
+    writer = summary_writer(trainer)
+    if writer is None:
+        return
+    for name, values in errors.items():
+        for layer, value in enumerate(values.tolist()):
+            writer.add_scalar(f"reconstruction/step{step}/{name}", value, layer)
+    writer.flush()
+
+
 def log_metrics(trainer: Trainer, metrics: dict[str, dict[str, dict[str, float]]]) -> None:
     """Retrieval and zero-shot metrics of the dense (step 0) and pruned (step 1) models."""
     writer = summary_writer(trainer)

@@ -131,3 +131,22 @@ def test_rearrange_rejects_wrong_shapes():
         rearrange_mask(torch.ones(2, 4), torch.ones(2, 3), torch.ones(2, 4, 4))
     with pytest.raises(ValueError, match=r"mask must be \[L, N\]"):
         pruned_damage(torch.ones(4), torch.ones(1, 4, 4))
+
+
+def test_fixed_units_stay_pruned_and_the_rest_is_rearranged_as_without_them():
+    generator = torch.Generator().manual_seed(5)
+    gram = _random_gram(3, 9, 20, generator)
+    scores = torch.diagonal(gram, dim1=1, dim2=2).clone()
+    fixed = torch.zeros(3, 9, dtype=torch.bool)
+    fixed[:, :3] = True  # pruned by an earlier step
+    mask = torch.ones(3, 9)
+    mask[:, :5] = 0.0
+    result = rearrange_mask(mask, scores, gram, fixed)
+    assert (result[fixed] == 0).all()
+    assert torch.equal((result == 0).sum(1), (mask == 0).sum(1))
+    assert (pruned_damage(result, gram) <= pruned_damage(mask, gram) + 1e-9).all()
+    # Without the fixed units, some layer would bring one of them back: the constraint is what holds them.
+    free = rearrange_mask(mask, scores.masked_fill(fixed, 1e9), gram)
+    assert (free[fixed] != 0).any()
+    with pytest.raises(ValueError, match="fixed"):
+        rearrange_mask(torch.ones(3, 9), scores, gram, fixed)

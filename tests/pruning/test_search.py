@@ -162,3 +162,26 @@ def test_search_rejects_non_finite_scores():
     macs = _macs(1, 2, 3, per_head=5, per_neuron=1)
     with pytest.raises(ValueError, match="neuron_scores has NaN"):
         search_masks(torch.ones(1, 2), torch.tensor([[1.0, float("nan"), 0.0]]), macs, 0.5)
+
+
+def test_search_among_candidates_matches_brute_force_over_their_subsets():
+    generator = torch.Generator().manual_seed(3)
+    macs = _macs(2, 3, 4, per_head=7, per_neuron=3)
+    for constraint in [0.2, 0.4, 0.6]:
+        head_scores = torch.rand(2, 3, generator=generator)
+        neuron_scores = torch.rand(2, 4, generator=generator)
+        heads_allowed = torch.rand(2, 3, generator=generator) < 0.7
+        neurons_allowed = torch.rand(2, 4, generator=generator) < 0.7
+        result = search_masks(head_scores, neuron_scores, macs, constraint, (heads_allowed, neurons_allowed))
+        assert not (result.head_mask.bool() & ~heads_allowed).any()
+        assert not (result.neuron_mask.bool() & ~neurons_allowed).any()
+        expected = _brute_force_over_subsets(head_scores[heads_allowed], neuron_scores[neurons_allowed], macs,
+                                             constraint)
+        assert result.objective == pytest.approx(expected, rel=1e-12)
+        assert macs.of_masks(result.head_mask, result.neuron_mask) <= constraint * macs.dense
+
+
+def test_search_refuses_candidates_of_another_shape():
+    macs = _macs(2, 2, 3, per_head=7, per_neuron=3)
+    with pytest.raises(ValueError, match="candidates have shapes"):
+        search_masks(torch.rand(2, 2), torch.rand(2, 3), macs, 0.5, (torch.ones(2, 3), torch.ones(2, 3)))

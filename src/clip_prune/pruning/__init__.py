@@ -5,7 +5,7 @@ from clip_prune.pruning.export import load_pruned, prune_model, read_masks, save
 from clip_prune.pruning.fisher import FisherInformation, FisherStatistics, load_fisher, save_fisher
 from clip_prune.pruning.flops import EncoderMacs, count_encoder_macs
 from clip_prune.pruning.rearrange import rearrange_mask
-from clip_prune.pruning.rescale import rescale_masks
+from clip_prune.pruning.reconstruct import Reconstruction, reconstruct
 from clip_prune.pruning.search import search_masks
 from clip_prune.pruning.structural import count_vision_flops, plan_from_masks, slice_vision_tower
 
@@ -21,7 +21,8 @@ __all__ = [
     "prune_model",
     "read_masks",
     "rearrange_mask",
-    "rescale_masks",
+    "Reconstruction",
+    "reconstruct",
     "save_fisher",
     "save_pruned",
     "search_masks",

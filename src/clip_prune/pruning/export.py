@@ -30,6 +30,7 @@ from transformers import initialization as init
 from transformers.initialization import no_init_weights
 
 from clip_prune.model.masking import mask_shapes, vision_tower
+from clip_prune.pruning.refit import RefitWeights, write_refit
 from clip_prune.pruning.structural import (
     Bias,
     ConstantAttention,
@@ -198,8 +199,8 @@ def config_from_plan(config: CLIPConfig | CLIPVisionConfig,
     return PrunedCLIPConfig(**values, vision_config=_pruned_vision_config(config.vision_config, plan))
 
 
-def prune_model(model: CLIPModel | CLIPVisionModel, head_mask: torch.Tensor,
-                neuron_mask: torch.Tensor) -> PrunedCLIPModel | PrunedCLIPVisionModel:
+def prune_model(model: CLIPModel | CLIPVisionModel, head_mask: torch.Tensor, neuron_mask: torch.Tensor,
+                refit: RefitWeights | None = None) -> PrunedCLIPModel | PrunedCLIPVisionModel:
     """A physically pruned copy of `model`, which saves and reloads with `from_pretrained`.
 
     `model` itself is left unchanged.
@@ -208,6 +209,7 @@ def prune_model(model: CLIPModel | CLIPVisionModel, head_mask: torch.Tensor,
         model: a dense CLIPModel or CLIPVisionModel.
         head_mask: [L, H] head scales, 0 = pruned.
         neuron_mask: [L, F] neuron scales, 0 = pruned.
+        refit: refit out_proj/fc2 columns of the kept units (`pruning.refit`), written in before slicing.
     """
     match model:
         case CLIPModel():
@@ -218,7 +220,10 @@ def prune_model(model: CLIPModel | CLIPVisionModel, head_mask: torch.Tensor,
             raise TypeError(f"prune_model takes a CLIPModel or CLIPVisionModel, got {type(model).__name__}")
     check_masks(head_mask, neuron_mask, mask_shapes(vision_tower(model).config))
     config = config_from_plan(model.config, plan_from_masks(head_mask, neuron_mask))
-    sliced = slice_vision_tower(copy.deepcopy(model), head_mask, neuron_mask)
+    dense = copy.deepcopy(model)
+    if refit:
+        write_refit(dense, head_mask, neuron_mask, refit)
+    sliced = slice_vision_tower(dense, head_mask, neuron_mask)
     parameter = next(model.parameters())
     # The weights come from `sliced`: skip initialising them.
     with no_init_weights():

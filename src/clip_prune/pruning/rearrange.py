@@ -27,7 +27,8 @@ def pruned_damage(mask: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     )
 
 
-def rearrange_mask(mask: torch.Tensor, scores: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+def rearrange_mask(mask: torch.Tensor, scores: torch.Tensor, gram: torch.Tensor,
+                   fixed: torch.Tensor | None = None) -> torch.Tensor:
     """Rearrange each layer's pruned units to lower the damage 1_Pᵀ G_l 1_P, keeping their count.
 
     Per layer with k pruned units (0 < k < N): start with P = the k lowest-scored units; then for
@@ -41,6 +42,8 @@ def rearrange_mask(mask: torch.Tensor, scores: torch.Tensor, gram: torch.Tensor)
         mask: [L, N] mask; zero entries are pruned units, any other value counts as kept.
         scores: [L, N] diagonal importance of each unit (e.g. the diagonal of `gram`).
         gram: [L, N, N] symmetric Fisher block of each layer (Σ_n g g^T).
+        fixed: [L, N] bool, units that stay pruned whatever their scores (those an earlier step of
+            iterative pruning removed); they must be pruned in `mask`.
 
     Returns:
         [L, N] 0/1 mask in `mask`'s dtype and device, with as many zeros per layer as `mask`.
@@ -50,6 +53,9 @@ def rearrange_mask(mask: torch.Tensor, scores: torch.Tensor, gram: torch.Tensor)
     """
     _check_shapes(mask, scores, gram)
     input_pruned = mask == 0
+    fixed = torch.zeros_like(input_pruned) if fixed is None else fixed.to(input_pruned.device).bool()
+    if bool((fixed & ~input_pruned).any()):
+        raise ValueError("a fixed (already pruned) unit is kept in the mask to rearrange")
     num_pruned = input_pruned.sum(dim=1)
     num_units = mask.shape[1]
     active = (num_pruned > 0) & (num_pruned < num_units)
@@ -58,7 +64,7 @@ def rearrange_mask(mask: torch.Tensor, scores: torch.Tensor, gram: torch.Tensor)
 
     layers = torch.nonzero(active).flatten()
     pruned = _greedy_pruned_sets(
-        scores[layers].detach().to(torch.float64), gram[layers].detach(), num_pruned[layers]
+        scores[layers].detach().to(torch.float64), gram[layers].detach(), num_pruned[layers], fixed[layers]
     )
     result = input_pruned.clone()
     result[layers] = pruned.to(result.device)
@@ -69,20 +75,23 @@ def rearrange_mask(mask: torch.Tensor, scores: torch.Tensor, gram: torch.Tensor)
     return (~result).to(mask.dtype)
 
 
-def _greedy_pruned_sets(scores: torch.Tensor, gram: torch.Tensor, num_pruned: torch.Tensor) -> torch.Tensor:
+def _greedy_pruned_sets(scores: torch.Tensor, gram: torch.Tensor, num_pruned: torch.Tensor,
+                        fixed: torch.Tensor) -> torch.Tensor:
     """DESIGN.md's greedy pass for layers with 0 < k < N pruned units, all layers in lock-step.
 
     Args:
         scores: [M, N] float64 unit scores of the M layers to rearrange.
         gram: [M, N, N] their Fisher blocks (any float dtype; rows are read in float64).
         num_pruned: [M] k, pruned units per layer.
+        fixed: [M, N] bool, units that start in P and never leave it (at most k per layer).
 
     Returns:
         [M, N] bool, True for the units in the final pruned set P.
     """
     num_layers, num_units = scores.shape
     device = gram.device
-    scores, num_pruned = scores.to(device), num_pruned.to(device)
+    fixed = fixed.to(device)
+    scores, num_pruned = scores.to(device).masked_fill(fixed, -torch.inf), num_pruned.to(device)
     rows = torch.arange(num_layers, device=device)
     order = torch.argsort(scores, dim=1, stable=True)
     rank = torch.empty_like(order)
@@ -102,7 +111,7 @@ def _greedy_pruned_sets(scores: torch.Tensor, gram: torch.Tensor, num_pruned: to
         # damage(P ∪ {j} \ {i}) - damage(P) = 2 r_j + G_jj - 2 r_i - 2 G_ij + G_ii for i ∈ P.
         gain_of_j = 2 * row_sums[rows, candidate] + diagonal[rows, candidate]
         change = gain_of_j[:, None] - 2 * row_sums - 2 * candidate_row + diagonal
-        change = change.masked_fill(~pruned, torch.inf)
+        change = change.masked_fill(~pruned | fixed, torch.inf)
         best_change, removed = change.min(dim=1)
         swap = valid & (best_change < 0)
         if not bool(swap.any()):

@@ -31,8 +31,8 @@ class SearchResult:
     objective: float
     """Sum of the scores of the kept heads and neurons."""
     objective_curve: torch.Tensor
-    """[L·H + 1] float64, best objective for each number of kept heads 0..L·H; -inf where the heads
-    alone exceed the budget."""
+    """[number of candidate heads + 1] float64, best objective for each number of kept heads (0..L·H
+    without candidates); -inf where the heads alone exceed the budget."""
     macs: int
     """MACs per image of the encoder that the masks keep (prunable parts only, see `EncoderMacs`)."""
     budget: float
@@ -44,6 +44,7 @@ def search_masks(
     neuron_scores: torch.Tensor,
     macs: EncoderMacs,
     constraint: float,
+    candidates: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> SearchResult:
     """Keep the top-scored heads and neurons that fit in `constraint` times the dense encoder's MACs.
 
@@ -57,6 +58,8 @@ def search_masks(
         neuron_scores: [L, F] importance of each MLP neuron.
         macs: per-unit MAC costs of the encoder, whose L, H and F must match the scores.
         constraint: fraction of the dense encoder's MACs to keep, in (0, 1]; 1 keeps every unit.
+        candidates: ([L, H], [L, F]) masks of the units that may be kept (non-zero entries): those an
+            earlier step of iterative pruning kept. None: every unit.
 
     Returns:
         The masks (float32, on the scores' device), the counts kept, the objective curve and the MACs.
@@ -65,13 +68,17 @@ def search_masks(
         ValueError: if `constraint` is outside (0, 1], or the scores have the wrong shape or are not finite.
     """
     _check_inputs(head_scores, neuron_scores, macs, constraint)
-    num_units_heads = head_scores.numel()
-    num_units_neurons = neuron_scores.numel()
+    if candidates is not None and (candidates[0].shape != head_scores.shape
+                                   or candidates[1].shape != neuron_scores.shape):
+        raise ValueError(f"candidates have shapes {[list(mask.shape) for mask in candidates]}, expected those of "
+                         f"the scores {[list(head_scores.shape), list(neuron_scores.shape)]}")
     # Exact rational arithmetic: floor(c · dense) is never above the real budget, whatever the rounding.
     budget_macs = math.floor(Fraction(constraint) * macs.dense)
 
-    head_order, head_prefix = _sort_descending(head_scores)
-    neuron_order, neuron_prefix = _sort_descending(neuron_scores)
+    head_candidates, neuron_candidates = (None, None) if candidates is None else candidates
+    head_order, head_prefix = _sort_descending(head_scores, head_candidates)
+    neuron_order, neuron_prefix = _sort_descending(neuron_scores, neuron_candidates)
+    num_units_heads, num_units_neurons = len(head_order), len(neuron_order)
 
     kept_heads = torch.arange(num_units_heads + 1, dtype=torch.int64)
     left_for_neurons = budget_macs - kept_heads * macs.per_head
@@ -125,10 +132,12 @@ def _check_inputs(
         raise ValueError("; ".join(problems))
 
 
-def _sort_descending(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Global order of `scores` [L, N], best first, and float64 prefix sums [L·N + 1] on the CPU."""
+def _sort_descending(scores: torch.Tensor, allowed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global order of the `allowed` (non-zero; None: all) entries of `scores` [L, N], best first, and
+    float64 prefix sums of the sorted scores on the CPU."""
     flat = scores.detach().reshape(-1).to(device="cpu", dtype=torch.float64)
-    order = torch.argsort(flat, descending=True, stable=True)
+    indices = torch.arange(flat.numel()) if allowed is None else allowed.detach().reshape(-1).cpu().nonzero().flatten()
+    order = indices[torch.argsort(flat[indices], descending=True, stable=True)]
     prefix = torch.cat([flat.new_zeros(1), torch.cumsum(flat[order], dim=0)])
     return order, prefix
 

@@ -1,7 +1,8 @@
-"""Time mask rescaling against one dense forward pass at ViT-B/16 shapes (DESIGN.md, "Mask rescaling").
+"""Time layer-wise reconstruction (weight refit and scales) against one dense forward pass, ViT-B/16 shapes.
 
-Target: `rescale_masks` takes at most 5x one dense forward pass over the same calibration images.
-Run: python benchmarks/bench_rescale.py [--samples 64] [--batch-size 16] [--constraint 0.6] [--threads N]
+DESIGN.md, "Mask rescaling" and "Weight refit". Target: each method takes at most 5x one dense forward pass
+over the same calibration images.
+Run: python benchmarks/bench_reconstruct.py [--samples 64] [--batch-size 16] [--constraint 0.6] [--threads N]
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from clip_prune.pruning.flops import count_encoder_macs
-from clip_prune.pruning.rescale import rescale_masks
+from clip_prune.pruning.reconstruct import reconstruct
 from clip_prune.pruning.search import search_masks
 
 TARGET_RATIO = 5.0
@@ -80,27 +81,26 @@ def main(args: list[str] | None = None) -> None:
 
     with torch.no_grad():
         model(batches[0][:1])  # warm-up
-    # Other processes may share the CPU: time the dense forward before and after rescaling, use the mean.
-    forward_before_s, forward_before_cpu_s = _time_forward(model, batches, device)
-    start, start_cpu = time.perf_counter(), time.process_time()
-    result = rescale_masks(model, head_mask.to(device), neuron_mask.to(device), batches,
-                           last_layer_cls_only=options.last_layer_cls_only)
-    _synchronize(device)
-    rescale_s, rescale_cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
-    forward_after_s, forward_after_cpu_s = _time_forward(model, batches, device)
-    forward_s = (forward_before_s + forward_after_s) / 2
-    forward_cpu_s = (forward_before_cpu_s + forward_after_cpu_s) / 2
-
-    reduction = 1 - result.error_after / result.error_before
-    print(f"dense forward  {forward_s:8.2f} s (mean of {forward_before_s:.2f} s before, "
-          f"{forward_after_s:.2f} s after)")
-    print(f"rescale_masks  {rescale_s:8.2f} s")
-    print(f"ratio          {rescale_s / forward_s:8.2f} x (target <= {TARGET_RATIO:g} x)")
-    if device.type == "cpu":  # CPU time is less disturbed by other processes on the same cores
-        print(f"CPU-time ratio {rescale_cpu_s / forward_cpu_s:8.2f} x ({rescale_cpu_s:.2f} s / {forward_cpu_s:.2f} s)")
-    print(f"layer-output error reduction per layer: {[round(float(value), 3) for value in reduction]}")
-    print(f"warnings: {len(result.warnings)}")
-
+    for method in ("weights", "scales"):
+        # Other processes may share the CPU: time the dense forward before and after, use the mean.
+        forward_before_s, forward_before_cpu_s = _time_forward(model, batches, device)
+        start, start_cpu = time.perf_counter(), time.process_time()
+        result = reconstruct(model, head_mask.to(device), neuron_mask.to(device), batches, method=method,
+                             last_layer_cls_only=options.last_layer_cls_only)
+        _synchronize(device)
+        method_s, method_cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
+        forward_after_s, forward_after_cpu_s = _time_forward(model, batches, device)
+        forward_s = (forward_before_s + forward_after_s) / 2
+        forward_cpu_s = (forward_before_cpu_s + forward_after_cpu_s) / 2
+        reduction = 1 - result.errors["neurons_after"] / result.errors["neurons_before"]
+        print(f"{method}: dense forward {forward_s:.2f} s (mean of {forward_before_s:.2f} s before, "
+              f"{forward_after_s:.2f} s after), reconstruct {method_s:.2f} s")
+        print(f"  ratio          {method_s / forward_s:8.2f} x (target <= {TARGET_RATIO:g} x)")
+        if device.type == "cpu":  # CPU time is less disturbed by other processes on the same cores
+            print(f"  CPU-time ratio {method_cpu_s / forward_cpu_s:8.2f} x ({method_cpu_s:.2f} s / "
+                  f"{forward_cpu_s:.2f} s)")
+        print(f"  layer-output error reduction per layer: {[round(float(value), 3) for value in reduction]}")
+        print(f"  warnings: {len(result.warnings)}, raised damping: {len(result.notes)}")
 
 if __name__ == "__main__":
     main()
