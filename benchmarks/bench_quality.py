@@ -2,7 +2,8 @@
 
 For each constraint (fraction of the encoder MACs kept) the table has one row per stage: search only;
 + rearrange; + scales (the original tool's reconstruction); + weights (refit columns); + weights in K
-steps (Fisher collected again on the refit model after each step). Baselines keep the same per-layer
+steps (Fisher collected again on the refit model after each step); two variants of the weight refit
+(biases refit too; all tokens, not only CLS, at the last layer). Baselines keep the same per-layer
 counts as the search: magnitude (L2 norm of a unit's weights) and random units; and the peer a user would
 try, Torch-Pruning's Taylor importance on whole heads and neurons at the same MACs (no fine-tuning), when
 `torch-pruning` is installed (`pip install -e ".[bench]"`). Every model is the dense one under hook masks
@@ -174,6 +175,9 @@ def main() -> None:
         ("+ rearrange", PruningOptions(reconstruct="none", steps=1)),
         ("+ scales", PruningOptions(reconstruct="scales", steps=1)),
         ("+ weights", PruningOptions(reconstruct="weights", steps=1)),
+        ("+ weights, bias refit too", PruningOptions(reconstruct="weights", steps=1, fit_bias=True)),
+        ("+ weights, all tokens at the last layer", PruningOptions(reconstruct="weights", steps=1,
+                                                                  last_layer_cls_only=False)),
         ("+ weights, K steps", PruningOptions(reconstruct="weights")),
     ]
     for constraint in args.constraints:

@@ -169,6 +169,11 @@ def test_fisher_from_two_ddp_processes_equals_one(num_samples, tiny_clip_dir, ti
     assert fisher_metadata(tmp_path / "two" / "fisher.safetensors")["num_samples"] == str(num_samples)
     masks = [torch.load(tmp_path / run / "head_mask.pt", weights_only=True) for run in ("one", "two")]
     torch.testing.assert_close(masks[1], masks[0], rtol=1e-3, atol=1e-4)
+    # Both steps' reconstruction sums its moments across the ranks: the same refit columns as one process.
+    refits = [load_file(tmp_path / run / "refit.safetensors") for run in ("one", "two")]
+    assert refits[0].keys() == refits[1].keys() and refits[0]
+    for key in refits[0]:
+        torch.testing.assert_close(refits[1][key], refits[0][key], rtol=1e-4, atol=1e-5)
 
 
 def run_apply(model_dir: Path, data_root: Path, masks: Path, output_dir: Path, *extra: str) -> None:

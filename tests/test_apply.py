@@ -1,0 +1,68 @@
+"""`export_pruned`: the sliced model with refit columns is checked against the masked model, and the check can fail."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import CLIPVisionModel
+
+import clip_prune.apply
+from clip_prune.apply import export_pruned
+from clip_prune.model.module import image_embeddings
+from clip_prune.pruning.export import load_pruned, prune_model
+from clip_prune.pruning.refit import head_columns, load_refit, save_refit
+
+
+def _masks_and_refit(model: CLIPVisionModel) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(0)
+    config = model.config
+    head_mask = (torch.rand(config.num_hidden_layers, config.num_attention_heads, generator=generator) < 0.6).float()
+    neuron_mask = (torch.rand(config.num_hidden_layers, config.intermediate_size, generator=generator) < 0.6).float()
+    head_mask[:, 0] = 1.0
+    head_dim = config.hidden_size // config.num_attention_heads
+    refit = {}
+    for layer in range(config.num_hidden_layers):
+        columns = len(head_columns(head_mask[layer], head_dim))
+        refit[f"layers.{layer}.self_attn.out_proj.weight"] = torch.randn(config.hidden_size, columns,
+                                                                         generator=generator)
+        refit[f"layers.{layer}.mlp.fc2.weight"] = torch.randn(config.hidden_size, int(neuron_mask[layer].sum()),
+                                                              generator=generator)
+        refit[f"layers.{layer}.mlp.fc2.bias"] = torch.randn(config.hidden_size, generator=generator)
+    return head_mask, neuron_mask, refit
+
+
+def test_export_with_refit_equals_the_masked_model_and_reloads(tiny_vision_dir: Path, tmp_path: Path) -> None:
+    model = CLIPVisionModel.from_pretrained(tiny_vision_dir).eval()
+    head_mask, neuron_mask, refit = _masks_and_refit(model)
+    pixels = torch.randn(4, 3, 30, 30, generator=torch.Generator().manual_seed(1))
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    pruned, report = export_pruned(model, head_mask, neuron_mask, tmp_path / "out", str(tiny_vision_dir), pixels,
+                                   latency_repeats=1, refit=refit)
+    assert report["equivalence"]["max_abs_diff"] <= report["equivalence"]["tolerance"]
+    assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())  # dense untouched
+    layer = pruned.encoder.layers[1].mlp.fc2
+    torch.testing.assert_close(layer.weight, refit["layers.1.mlp.fc2.weight"])
+    torch.testing.assert_close(layer.bias, refit["layers.1.mlp.fc2.bias"])
+    reloaded = load_pruned(tmp_path / "out").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(image_embeddings(reloaded, pixels), image_embeddings(pruned, pixels))
+    save_refit(tmp_path / "refit.safetensors", refit)
+    loaded = load_refit(tmp_path / "refit.safetensors", model, head_mask, neuron_mask)
+    assert all(torch.equal(loaded[key], value) for key, value in refit.items())
+    with pytest.raises(ValueError, match="different runs"):
+        load_refit(tmp_path / "refit.safetensors", model, head_mask, torch.ones_like(neuron_mask))
+
+
+def test_the_equivalence_check_fails_when_the_slicing_drops_the_refit(tiny_vision_dir: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    model = CLIPVisionModel.from_pretrained(tiny_vision_dir).eval()
+    head_mask, neuron_mask, refit = _masks_and_refit(model)
+    pixels = torch.randn(4, 3, 30, 30, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(clip_prune.apply, "prune_model", lambda dense, heads, neurons, _: prune_model(dense, heads,
+                                                                                                    neurons))
+    with pytest.raises(RuntimeError, match="differ from the masked model"):
+        export_pruned(model, head_mask, neuron_mask, tmp_path / "out", str(tiny_vision_dir), pixels,
+                      latency_repeats=1, refit=refit)
+    assert not (tmp_path / "out").exists()
