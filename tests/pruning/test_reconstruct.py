@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import threading
+from functools import partial
 
 import pytest
 import torch
@@ -170,12 +171,11 @@ def test_solve_bounded_raises_the_damping_until_the_solution_is_in_bounds() -> N
     moments = accumulate_moments(inputs, residual)
     with pytest.raises(SolveError, match="max_abs_scale"):
         rescale_columns(moments, weight, bias, torch.ones(2), 1, damping=0.0, max_abs_scale=10.0)
-    scales, damping = solve_bounded(lambda damping: rescale_columns(moments, weight, bias, torch.ones(2), 1,
-                                                                    damping=damping, max_abs_scale=10.0), 1e-2)
+    scales, damping = solve_bounded(partial(rescale_columns, moments, weight, bias, torch.ones(2), 1,
+                                            max_abs_scale=10.0), 1e-2)
     assert damping > 1e-2 and scales.abs().max() <= 10.0 and scales[0] > 2.0
     with pytest.raises(SolveError):  # no damping brings a scale pulled towards 1 under 0.5
-        solve_bounded(lambda damping: rescale_columns(moments, weight, bias, torch.ones(2), 1, damping=damping,
-                                                      max_abs_scale=0.5), 1e-2)
+        solve_bounded(partial(rescale_columns, moments, weight, bias, torch.ones(2), 1, max_abs_scale=0.5), 1e-2)
 
 
 def _randomise_head_output(model: CLIPVisionModel, layer: int, source: int, target: int) -> None:

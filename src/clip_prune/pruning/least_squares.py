@@ -168,15 +168,15 @@ def rescale_columns(moments: Moments, weight: torch.Tensor, bias: torch.Tensor, 
     return solved
 
 
-def solve_bounded(solve: Callable[[float], Solution], damping: float) -> tuple[Solution, float]:
-    """`solve(λ)` with λ = `damping`, retried with 10× the damping while it raises SolveError.
+def solve_bounded(solve: Callable[..., Solution], damping: float) -> tuple[Solution, float]:
+    """`solve(damping=λ)` with λ = `damping`, retried with 10× the damping while it raises SolveError.
 
     Returns the solution and the damping that gave it; the last try's SolveError propagates.
     """
     current = damping
     for _ in range(DAMPING_STEPS - 1):
         try:
-            return solve(current), current
+            return solve(damping=current), current
         except SolveError:
             current = max(current, MIN_DAMPING) * 10
-    return solve(current), current
+    return solve(damping=current), current

@@ -21,6 +21,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -157,14 +158,13 @@ class _Run:
         if self.method == "weights":
             if not len(stage.columns) and not self.fit_bias:
                 return *incoming, float("nan")
-            solve = lambda damping: refit_columns(  # noqa: E731
-                moments, weight0, bias0, damping=damping, fit_bias=self.fit_bias, max_growth=self.max_abs_scale)
+            solve = partial(refit_columns, moments, weight0, bias0, fit_bias=self.fit_bias,
+                            max_growth=self.max_abs_scale)
         else:
             if not len(stage.units):
                 return *incoming, float("nan")
-            solve = lambda damping: rescale_columns(  # noqa: E731
-                moments, weight0, bias0, stage.scales, stage.group, damping=damping,
-                max_abs_scale=self.max_abs_scale)
+            solve = partial(rescale_columns, moments, weight0, bias0, stage.scales, stage.group,
+                            max_abs_scale=self.max_abs_scale)
         try:
             solution, used = solve_bounded(solve, self.damping)
         except SolveError as error:
