@@ -169,11 +169,13 @@ def test_fisher_from_two_ddp_processes_equals_one(num_samples, tiny_clip_dir, ti
     assert fisher_metadata(tmp_path / "two" / "fisher.safetensors")["num_samples"] == str(num_samples)
     masks = [torch.load(tmp_path / run / "head_mask.pt", weights_only=True) for run in ("one", "two")]
     torch.testing.assert_close(masks[1], masks[0], rtol=1e-3, atol=1e-4)
-    # Both steps' reconstruction sums its moments across the ranks: the same refit columns as one process.
+    # Both steps' reconstruction sums its moments across the ranks: the same refit columns as one process, up to
+    # float32 rounding of the per-batch products (the ranks batch other samples together) amplified by the damped
+    # system's condition number (at most 1 + columns / damping = 3201 here): about 1e-7 x 3e3.
     refits = [load_file(tmp_path / run / "refit.safetensors") for run in ("one", "two")]
     assert refits[0].keys() == refits[1].keys() and refits[0]
     for key in refits[0]:
-        torch.testing.assert_close(refits[1][key], refits[0][key], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(refits[1][key], refits[0][key], rtol=2e-3, atol=5e-4)
 
 
 def run_apply(model_dir: Path, data_root: Path, masks: Path, output_dir: Path, *extra: str) -> None:
