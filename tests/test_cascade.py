@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from clip_prune.cascade import cascade_macs, cascade_recall, shortlist_images
+from clip_prune.cli import main
 from clip_prune.metrics import retrieval_recall
 
 
@@ -121,3 +126,52 @@ def test_bad_top_m_and_mismatched_shortlists_are_refused() -> None:
     lists = shortlist_images(pruned, texts, text_to_image, 3)
     with pytest.raises(ValueError, match="made for 39 captions and 13 images"):
         cascade_recall(dense[:12], texts, text_to_image.clamp(max=11), lists)
+
+
+CONFIG = Path(__file__).parents[1] / "configs" / "tiny.yaml"
+
+
+def test_prune_and_evaluate_report_the_cascade(tiny_clip_dir, tiny_coco_root, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    main(["prune", "--config", str(CONFIG), "--model.pretrained", str(tiny_clip_dir), "--data.root",
+          str(tiny_coco_root), "--output_dir", str(out), "--constraint", "0.5", "--cascade_top_m", "[100, 1, 3]"])
+    assert "M=3 t2i_R@5 (%)" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    metrics = report["metrics"]
+    dense = {key: value for key, value in metrics["dense"]["retrieval"].items() if "t2i" in key}
+    top_1, top_3, top_100 = metrics["cascade"]
+    assert [top_1["top_m"], top_3["top_m"], top_100["top_m"]] == [1, 3, 100]  # M = 100 re-ranks all 6 val images
+    assert top_100["retrieval"] == dense and top_100["reranked_images"] == 6
+    assert top_1["retrieval"]["t2i_R@1"] == metrics["pruned"]["retrieval"]["t2i_R@1"]
+    for entry in (top_1, top_3, top_100):
+        assert entry["images"] == 6 and 1 <= entry["reranked_images"] <= 6
+        assert entry["macs"]["dense"] == 6 * report["flops"]["dense"]
+        assert entry["macs"]["cascade"] == 6 * report["flops"]["pruned"] + entry["reranked_images"] * report[
+            "flops"]["dense"]
+        seconds = entry["seconds"]
+        assert seconds["cascade"] == pytest.approx(seconds["first_stage"] + seconds["reranking"])
+        assert seconds["speedup"] == pytest.approx(seconds["dense"] / seconds["cascade"]) and seconds["device"] == "cpu"
+    events = EventAccumulator(str(next((tmp_path / "lightning_logs").glob("version_*")))).Reload().Tags()
+    assert {"cascade/t2i_R@1_by_top_m", "cascade/speedup_by_top_m"} <= set(events["scalars"])
+
+    main(["evaluate", "--model.pretrained", str(tiny_clip_dir), "--data.root", str(tiny_coco_root),
+          "--data.num_workers", "0", "--pruned", str(out / "pruned"), "--cascade_top_m", "[3]",
+          "--output_json", str(tmp_path / "metrics.json")])
+    evaluated = json.loads((tmp_path / "metrics.json").read_text())
+    assert [entry["top_m"] for entry in evaluated["cascade"]] == [3]
+    assert evaluated["cascade"][0]["retrieval"] == top_3["retrieval"]
+    assert evaluated["cascade"][0]["reranked_images"] == top_3["reranked_images"]
+
+
+def test_cascade_settings_are_refused_before_work(tiny_clip_dir, tiny_coco_root, tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"--cascade_top_m values must be positive integers .* got \[0\]"):
+        main(["prune", "--config", str(CONFIG), "--model.pretrained", str(tiny_clip_dir), "--data.root",
+              str(tiny_coco_root), "--output_dir", str(tmp_path / "run"), "--cascade_top_m", "[0, 5]"])
+    with pytest.raises(ValueError, match="--cascade_top_m needs the exported pruned model"):
+        main(["prune", "--config", str(CONFIG), "--model.pretrained", str(tiny_clip_dir), "--data.root",
+              str(tiny_coco_root), "--output_dir", str(tmp_path / "run"), "--cascade_top_m", "[5]",
+              "--options.export", "false"])
+    with pytest.raises(ValueError, match="pass --pruned DIR"):
+        main(["evaluate", "--model.pretrained", str(tiny_clip_dir), "--data.root", str(tiny_coco_root),
+              "--cascade_top_m", "[5]"])
+    assert not (tmp_path / "run").exists()

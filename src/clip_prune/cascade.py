@@ -26,9 +26,9 @@ class Shortlists:
     """The first stage's output: for each caption, the M images the dense model re-ranks."""
 
     top_m: int
-    """M, images passed on per caption (at most the gallery size)."""
+    """M, images passed on per caption as asked for (a gallery of fewer images passes on all of them)."""
     images: Tensor
-    """[N_txt, M] image indices per caption, best first by the pruned model (the caption's own image
+    """[N_txt, min(M, N_img)] image indices per caption, best first by the pruned model (the caption's own image
     first when it made the cut)."""
     first_stage_ranks: Tensor
     """[N_txt] rank of each caption's image under the pruned model (wrong images scoring at least as
@@ -39,6 +39,16 @@ class Shortlists:
     def reranked_images(self) -> Tensor:
         """Sorted indices of the distinct images in the union of the top-M lists: those the dense model encodes."""
         return torch.unique(self.images)
+
+
+def check_top_m(top_m: list[int] | None) -> list[int]:
+    """The distinct values of `--cascade_top_m`, ascending; refuses a value that is not a positive integer."""
+    values = list(top_m or [])
+    bad = [value for value in values if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1)]
+    if bad:
+        raise ValueError(f"--cascade_top_m values must be positive integers (images the dense model re-ranks per "
+                         f"caption, e.g. '[10, 50]'), got {bad}")
+    return sorted(set(values))
 
 
 @torch.no_grad()
@@ -60,15 +70,13 @@ def shortlist_images(pruned_image_embeds: Tensor, text_embeds: Tensor, text_to_i
     Raises:
         ValueError: If shapes disagree, an index is out of range, or `top_m` is not positive.
     """
-    if not (isinstance(top_m, int) and top_m >= 1):
-        raise ValueError(f"--cascade_top_m values must be positive integers (images re-ranked per caption), "
-                         f"got {top_m!r}")
+    check_top_m([top_m])
     _check_retrieval_inputs(pruned_image_embeds, text_embeds, text_to_image, (1,), chunk_size)
     images = F.normalize(pruned_image_embeds.float(), dim=-1)
     texts = F.normalize(text_embeds.float(), dim=-1)
     text_to_image = text_to_image.to(device=images.device, dtype=torch.long)
     num_images = images.shape[0]
-    top_m = min(top_m, num_images)
+    width = min(top_m, num_images)
     chosen, ranks = [], []
     for start in range(0, texts.shape[0], chunk_size):
         scores = texts[start : start + chunk_size] @ images.T  # [chunk, N_img]
@@ -77,9 +85,9 @@ def shortlist_images(pruned_image_embeds: Tensor, text_embeds: Tensor, text_to_i
         rank = ((_nan_first(scores) >= own_score).sum(dim=1) - 1).masked_fill(own_score[:, 0].isnan(), num_images)
         # _nan_first leaves every score finite or +inf, so the own image (-inf) sorts after all wrong ones.
         wrong = _nan_first(scores).scatter(1, own, -math.inf)
-        best_wrong = wrong.sort(dim=1, descending=True, stable=True).indices[:, :top_m]
-        made_cut = rank.clamp(max=num_images - 1) < top_m
-        with_own = torch.cat([own, best_wrong[:, : top_m - 1]], dim=1)
+        best_wrong = wrong.sort(dim=1, descending=True, stable=True).indices[:, :width]
+        made_cut = rank.clamp(max=num_images - 1) < width
+        with_own = torch.cat([own, best_wrong[:, : width - 1]], dim=1)
         chosen.append(torch.where(made_cut[:, None], with_own, best_wrong))
         ranks.append(rank)
     return Shortlists(top_m, torch.cat(chosen), torch.cat(ranks), num_images)

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 from transformers import CLIPModel
 
-from clip_prune.cascade import Shortlists, cascade_macs, cascade_recall, shortlist_images
+from clip_prune.cascade import Shortlists, cascade_macs, cascade_recall, check_top_m, shortlist_images
 from clip_prune.data.coco import CocoDataModule, ImageItems, text_length_limit
 from clip_prune.metrics import retrieval_recall, zero_shot_accuracy
 from clip_prune.model.masking import vision_tower
@@ -96,7 +96,7 @@ class Evaluator:
         """
         texts = self._texts["captions"]
         text_to_image = self.retrieval.text_to_image.to(pruned_images.device)
-        shortlists = [shortlist_images(pruned_images, texts, text_to_image, top_m) for top_m in sorted(set(top_ms))]
+        shortlists = [shortlist_images(pruned_images, texts, text_to_image, top_m) for top_m in check_top_m(top_ms)]
         subsets = [lists.reranked_images().cpu() for lists in shortlists]
         timings = time_encodings(dense, pruned, self.retrieval.images, subsets, self.batch_size, self.num_workers,
                                  self.device, self.progress)
