@@ -9,7 +9,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from clip_prune.cascade import cascade_macs, cascade_recall, shortlist_images
+from clip_prune.cascade import cascade_macs, cascade_recall, shortlist_images, union_growth
 from clip_prune.cli import main
 from clip_prune.metrics import retrieval_recall
 
@@ -81,8 +81,13 @@ def test_planted_shortlists_recall_and_macs_by_hand() -> None:
     assert top_1.first_stage_ranks.tolist() == [1, 1, 1, 2]
     assert top_1.images.tolist() == [[1], [0], [3], [0]]  # c3: images 0 and 2 tie, the lower index goes first
     assert top_1.reranked_images().tolist() == [0, 1, 3]  # image 2 needs no dense encoding
-    macs = cascade_macs(4, len(top_1.reranked_images()), dense_per_image=100, pruned_per_image=30)
-    assert macs == {"dense": 400, "cascade": 4 * 30 + 3 * 100, "ratio": 420 / 400, "unit": macs["unit"]}
+    macs = cascade_macs(top_1, dense_per_image=100, pruned_per_image=30)
+    assert (macs["dense"], macs["cascade"], macs["ratio"], macs["queries"]) == (400, 4 * 30 + 3 * 100, 420 / 400, 4)
+    # Asked one by one, the queries need 1, 2, 3, 3 dense encodings in all; 4·30 + n·100 < 400 holds for n <= 2.
+    assert union_growth(top_1, torch.arange(4)).tolist() == [1, 2, 3, 3]
+    assert union_growth(top_1, torch.tensor([3, 1, 0, 2])).tolist() == [1, 1, 2, 3]
+    assert macs["break_even_queries"] == (union_growth(top_1, torch.randperm(4, generator=torch.Generator()
+                                                                              .manual_seed(0))) <= 2).sum()
 
     top_2 = shortlist_images(pruned, texts, text_to_image, 2)
     assert [sorted(row) for row in top_2.images.tolist()] == [[0, 1], [0, 1], [2, 3], [0, 2]]
@@ -145,7 +150,8 @@ def test_prune_and_evaluate_report_the_cascade(tiny_clip_dir, tiny_coco_root, tm
     assert top_1["retrieval"]["t2i_R@1"] == metrics["pruned"]["retrieval"]["t2i_R@1"]
     for entry in (top_1, top_3, top_100):
         assert entry["images"] == 6 and 1 <= entry["reranked_images"] <= 6
-        assert entry["macs"]["dense"] == 6 * report["flops"]["dense"]
+        assert entry["macs"]["dense"] == 6 * report["flops"]["dense"] and entry["macs"]["queries"] == 12
+        assert 0 <= entry["macs"]["break_even_queries"] <= 12
         assert entry["macs"]["cascade"] == 6 * report["flops"]["pruned"] + entry["reranked_images"] * report[
             "flops"]["dense"]
         seconds = entry["seconds"]

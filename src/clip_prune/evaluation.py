@@ -118,7 +118,7 @@ class Evaluator:
             "retrieval": cascade_recall(dense_rows, texts, self.retrieval.text_to_image.to(embeds.device), lists),
             "images": lists.num_images,
             "reranked_images": len(subset),
-            "macs": cascade_macs(lists.num_images, len(subset), dense_macs, pruned_macs),
+            "macs": cascade_macs(lists, dense_macs, pruned_macs),
             "seconds": {"dense": timings.dense_s, "cascade": cascade_s, "first_stage": timings.pruned_s,
                         "reranking": reranking_s, "speedup": timings.dense_s / cascade_s,
                         "device": str(self.device), "batch": self.batch_size,

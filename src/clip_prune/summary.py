@@ -64,4 +64,6 @@ def _cascade_rows(metrics: dict[str, Any]) -> list[str]:
                           f"{macs['ratio']:.3f}"))
         lines.append(_row(f"{m} gallery s ({seconds['device']})", f"{seconds['dense']:.4g}",
                           f"{seconds['cascade']:.4g}", f"{seconds['speedup']:.2f}x"))
+        lines.append(f"  {m}: fewer MACs than dense for the first {macs['break_even_queries']} of "
+                     f"{macs['queries']} queries (random order)")
     return lines
