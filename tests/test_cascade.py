@@ -167,6 +167,11 @@ def test_prune_and_evaluate_report_the_cascade(tiny_clip_dir, tiny_coco_root, tm
     assert [entry["top_m"] for entry in evaluated["cascade"]] == [3]
     assert evaluated["cascade"][0]["retrieval"] == top_3["retrieval"]
     assert evaluated["cascade"][0]["reranked_images"] == top_3["reranked_images"]
+    main(["apply", "--model.pretrained", str(tiny_clip_dir), "--data.root", str(tiny_coco_root), "--data.num_workers",
+          "0", "--masks", str(out), "--output_dir", str(tmp_path / "applied"), "--latency_repeats", "1",
+          "--cascade_top_m", "[3]"])
+    applied = json.loads((tmp_path / "applied" / "report.json").read_text())["metrics"]["cascade"]
+    assert applied[0]["retrieval"] == top_3["retrieval"]
 
 
 def test_cascade_settings_are_refused_before_work(tiny_clip_dir, tiny_coco_root, tmp_path) -> None:
