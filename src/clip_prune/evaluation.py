@@ -7,6 +7,7 @@ once per run and reused for the dense, masked and pruned models.
 
 from __future__ import annotations
 
+import statistics
 import time
 import warnings
 from dataclasses import dataclass
@@ -175,13 +176,15 @@ class EncodingTimes:
 
 @torch.no_grad()
 def time_encodings(dense: CLIPModel, pruned: CLIPModel, images: ImageItems, subsets: list[torch.Tensor],
-                   batch_size: int, num_workers: int, device: torch.device, progress: bool = True) -> EncodingTimes:
+                   batch_size: int, num_workers: int, device: torch.device, progress: bool = True,
+                   repeats: int = 3) -> EncodingTimes:
     """Time the dense and pruned encoders over all `images` and the dense one over each subset, in turns.
 
-    Each step encodes the next batch of every job (dense all, pruned all, dense subset 1, ...), so
-    that drifts of the machine's speed touch all of them alike, as `apply.measure_latencies` does;
-    subsets are packed into full batches of their own. Only the forward passes are timed (after a
-    warm-up of two passes per model): image decoding and host-to-device copies are left out.
+    Each step encodes the next batch of every job (dense all, pruned all, dense subset 1, ...)
+    `repeats` times in turns and keeps each job's median, so that drifts and bursts of the machine's
+    load touch all jobs alike (as `apply.measure_latencies` does); a job's time is the sum over its
+    batches. Subsets are packed into full batches of their own. Only the forward passes are timed
+    (after a warm-up of two passes per model): image decoding and host-to-device copies are left out.
     """
     loaders = [DataLoader(images, batch_size=batch_size, num_workers=num_workers)]
     loaders += [DataLoader(Subset(images, subset.tolist()), batch_size=batch_size, num_workers=num_workers)
@@ -196,14 +199,18 @@ def time_encodings(dense: CLIPModel, pruned: CLIPModel, images: ImageItems, subs
     steps = tqdm(zip_longest(*loaders), total=len(loaders[0]), desc="cascade: timing encoders",
                  disable=not progress, leave=False)
     for batches in steps:
-        for job, (model, loader) in enumerate(jobs):
-            if batches[loader] is None:
-                continue
-            pixels = batches[loader]["pixel_values"].to(device, dtype=model.dtype)
-            elapsed, output = _timed_embeddings(model, pixels)
-            seconds[job] += elapsed
+        work = [(job, model, batches[loader]["pixel_values"].to(device, dtype=model.dtype))
+                for job, (model, loader) in enumerate(jobs) if batches[loader] is not None]
+        times: dict[int, list[float]] = {job: [] for job, _, _ in work}
+        outputs: dict[int, torch.Tensor] = {}
+        for _ in range(repeats):
+            for job, model, pixels in work:
+                elapsed, outputs[job] = _timed_embeddings(model, pixels)
+                times[job].append(elapsed)
+        for job in times:
+            seconds[job] += statistics.median(times[job])
             if job >= 2:
-                embeds[job - 2].append(F.normalize(output.float(), dim=-1))
+                embeds[job - 2].append(F.normalize(outputs[job].float(), dim=-1))
     return EncodingTimes(seconds[0], seconds[1], seconds[2:], [torch.cat(parts) for parts in embeds])
 
 
