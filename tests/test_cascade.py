@@ -128,6 +128,8 @@ def test_bad_top_m_and_mismatched_shortlists_are_refused() -> None:
     dense, pruned, texts, text_to_image = gallery(0)
     with pytest.raises(ValueError, match="--cascade_top_m values must be positive"):
         shortlist_images(pruned, texts, text_to_image, 0)
+    with pytest.raises(ValueError, match=r"shortlist_images: images \[12\] have no caption"):
+        shortlist_images(pruned, texts, text_to_image.clamp(max=11), 3)
     lists = shortlist_images(pruned, texts, text_to_image, 3)
     with pytest.raises(ValueError, match="made for 39 captions and 13 images"):
         cascade_recall(dense[:12], texts, text_to_image.clamp(max=11), lists)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from clip_prune.metrics import _check_retrieval_inputs, _nan_first
+from clip_prune.metrics import check_retrieval_inputs, nan_first
 
 
 @dataclass(frozen=True)
@@ -28,8 +28,8 @@ class Shortlists:
     top_m: int
     """M, images passed on per caption as asked for (a gallery of fewer images passes on all of them)."""
     images: Tensor
-    """[N_txt, min(M, N_img)] image indices per caption, best first by the pruned model (the caption's own image
-    first when it made the cut)."""
+    """[N_txt, min(M, N_img)] image indices per caption: its own image first when it made the cut, then
+    the best wrong images by the pruned model."""
     first_stage_ranks: Tensor
     """[N_txt] rank of each caption's image under the pruned model (wrong images scoring at least as
     high; N_img when its score is NaN), as `retrieval_recall` counts it."""
@@ -71,7 +71,7 @@ def shortlist_images(pruned_image_embeds: Tensor, text_embeds: Tensor, text_to_i
         ValueError: If shapes disagree, an index is out of range, or `top_m` is not positive.
     """
     check_top_m([top_m])
-    _check_retrieval_inputs(pruned_image_embeds, text_embeds, text_to_image, (1,), chunk_size)
+    check_retrieval_inputs(pruned_image_embeds, text_embeds, text_to_image, (1,), chunk_size, "shortlist_images")
     images = F.normalize(pruned_image_embeds.float(), dim=-1)
     texts = F.normalize(text_embeds.float(), dim=-1)
     text_to_image = text_to_image.to(device=images.device, dtype=torch.long)
@@ -82,9 +82,9 @@ def shortlist_images(pruned_image_embeds: Tensor, text_embeds: Tensor, text_to_i
         scores = texts[start : start + chunk_size] @ images.T  # [chunk, N_img]
         own = text_to_image[start : start + chunk_size, None]
         own_score = scores.gather(1, own)
-        rank = ((_nan_first(scores) >= own_score).sum(dim=1) - 1).masked_fill(own_score[:, 0].isnan(), num_images)
-        # _nan_first leaves every score finite or +inf, so the own image (-inf) sorts after all wrong ones.
-        wrong = _nan_first(scores).scatter(1, own, -math.inf)
+        rank = ((nan_first(scores) >= own_score).sum(dim=1) - 1).masked_fill(own_score[:, 0].isnan(), num_images)
+        # nan_first leaves every score finite or +inf, so the own image (-inf) sorts after all wrong ones.
+        wrong = nan_first(scores).scatter(1, own, -math.inf)
         best_wrong = wrong.sort(dim=1, descending=True, stable=True).indices[:, :width]
         made_cut = rank.clamp(max=num_images - 1) < width
         with_own = torch.cat([own, best_wrong[:, : width - 1]], dim=1)
@@ -115,7 +115,7 @@ def cascade_recall(dense_image_embeds: Tensor, text_embeds: Tensor, text_to_imag
     Returns:
         ``{"t2i_R@k": ...}`` for each k in ``ks``, in percent (0-100).
     """
-    _check_retrieval_inputs(dense_image_embeds, text_embeds, text_to_image, ks, chunk_size)
+    check_retrieval_inputs(dense_image_embeds, text_embeds, text_to_image, ks, chunk_size, "cascade_recall")
     if shortlists.images.shape[0] != text_embeds.shape[0] or shortlists.num_images != dense_image_embeds.shape[0]:
         raise ValueError(
             f"cascade_recall: the shortlists were made for {shortlists.images.shape[0]} captions and "
@@ -133,7 +133,7 @@ def cascade_recall(dense_image_embeds: Tensor, text_embeds: Tensor, text_to_imag
         # The same product as retrieval_recall's, so that scores (and ties) agree bit for bit with it.
         all_scores = texts[start:stop] @ images.T  # [chunk, N_img], NaN in rows never encoded
         scores, own_score = all_scores.gather(1, listed), all_scores.gather(1, own)
-        reranked = ((_nan_first(scores) >= own_score) & (listed != own)).sum(dim=1)
+        reranked = ((nan_first(scores) >= own_score) & (listed != own)).sum(dim=1)
         reranked = reranked.masked_fill(own_score[:, 0].isnan(), shortlists.num_images)
         made_cut = (listed == own).any(dim=1)
         ranks[start:stop] = torch.where(made_cut, reranked, ranks[start:stop])
