@@ -25,3 +25,12 @@ def test_summary_lists_the_steps_of_iterative_pruning() -> None:
     text = format_summary({"kept": {"heads": 30, "neurons": 600}, "steps": steps})
     assert "2 steps, MACs kept: 0.71 (40 h, 900 n), 0.50 (30 h, 600 n)" in text
     assert "steps" not in format_summary({"kept": {"heads": 30, "neurons": 600}, "steps": steps[1:]})
+
+
+def test_cascade_rows() -> None:
+    entry = {"top_m": 10, "retrieval": {"t2i_R@1": 44.0}, "images": 500, "reranked_images": 125,
+             "macs": {"dense": 5e9, "cascade": 3.25e9, "ratio": 0.65, "queries": 2500, "break_even_queries": 1200},
+             "seconds": {"dense": 2.0, "cascade": 1.6, "speedup": 1.25, "device": "cpu"}}
+    text = format_summary({"metrics": {"dense": {"retrieval": {"t2i_R@1": 46.0}}, "cascade": [entry]}})
+    assert "M=10 t2i_R@1 (%)" in text and "-2.0" in text and "0.250" in text and "0.650" in text
+    assert "1.25x" in text and "first 1200 of 2500 queries" in text

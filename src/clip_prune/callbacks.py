@@ -15,6 +15,7 @@ import torch
 from transformers import CLIPModel
 
 from clip_prune.apply import export_pruned
+from clip_prune.cascade import check_top_m
 from clip_prune.evaluation import Evaluator
 from clip_prune.metrics import METRIC_NAMES
 from clip_prune.model.module import MaskedCLIPModule
@@ -73,12 +74,17 @@ class PruningCallback(L.Callback):
         constraint: fraction of the encoder's MACs to keep, in (0, 1]; None only saves the statistics.
         options: stages, steps and reconstruction settings.
         statistics: statistics loaded from an earlier run (`--fisher`), used by the first step; None gathers them.
+        cascade_top_m: also measure the pruned-then-dense search cascade re-ranking these top M.
     """
 
     def __init__(self, run: RunDirectory, constraint: float | None, options: PruningOptions,
-                 statistics: FisherStatistics | None = None) -> None:
+                 statistics: FisherStatistics | None = None, cascade_top_m: list[int] | None = None) -> None:
         if constraint is not None:
             check_constraint(constraint)
+        self.cascade_top_m = check_top_m(cascade_top_m)
+        if self.cascade_top_m and (constraint is None or not options.export):
+            raise ValueError("--cascade_top_m needs the exported pruned model: give --constraint and keep "
+                             "--options.export true")
         self.run = run
         self.constraint = constraint
         self.options = options
@@ -182,7 +188,7 @@ class PruningCallback(L.Callback):
     def _evaluate(self, trainer: L.Trainer, pl_module: MaskedCLIPModule, pruned: Any) -> dict[str, Any]:
         """Retrieval / zero-shot metrics of the dense and the pruned model (caption embeddings computed once)."""
         evaluator = Evaluator(trainer.datamodule, pl_module.device)
-        metrics = {"dense": evaluator(pl_module.model, "dense"), "pruned": evaluator(pruned, "pruned")}
+        metrics = evaluator.compare(pl_module.model, pruned, self.cascade_top_m)
         log_metrics(trainer, metrics)
         return metrics
 

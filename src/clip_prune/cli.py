@@ -14,6 +14,7 @@ from transformers import CLIPModel
 
 from clip_prune.apply import export_pruned
 from clip_prune.callbacks import PruningCallback, SensitivityCallback
+from clip_prune.cascade import check_top_m
 from clip_prune.data.coco import CocoDataModule
 from clip_prune.data.synthetic import write_synthetic_coco
 from clip_prune.evaluation import Evaluator
@@ -72,6 +73,7 @@ class ClipPruneTrainer(L.Trainer):
         fisher: str | None = None,
         overwrite: bool = False,
         options: PruningOptions | None = None,
+        cascade_top_m: list[int] | None = None,
     ) -> None:
         """Gather Fisher information on calibration data, then search, rearrange and reconstruct, in steps.
 
@@ -83,9 +85,12 @@ class ClipPruneTrainer(L.Trainer):
                 steps of iterative pruning gather their own).
             overwrite: replace an existing output directory.
             options: pruning stages, steps and reconstruction settings (see `--options.help PruningOptions`).
+            cascade_top_m: also evaluate text-to-image search where the pruned model ranks the gallery
+                and the dense model re-ranks each caption's top M, for each M given (e.g. '[10, 50]').
         """
         run = RunDirectory(output_dir, overwrite=overwrite)
-        callback = PruningCallback(run, constraint, options or PruningOptions())  # checks the constraint
+        callback = PruningCallback(run, constraint, options or PruningOptions(),  # checks the constraint
+                                   cascade_top_m=cascade_top_m)
         model.check_loss(tokenizer_available=datamodule.tokenizer() is not None)
         all_batches = self.limit_val_batches
         if fisher is not None:
@@ -109,6 +114,7 @@ class ClipPruneTrainer(L.Trainer):
         output_dir: str = "outputs/apply",
         overwrite: bool = False,
         latency_repeats: int = 5,
+        cascade_top_m: list[int] | None = None,
     ) -> None:
         """Apply saved masks (head_mask.pt, neuron_mask.pt) and export the physically pruned model.
 
@@ -121,7 +127,10 @@ class ClipPruneTrainer(L.Trainer):
             output_dir: Hugging Face directory to write (refused if it exists, unless --overwrite).
             overwrite: replace an existing output directory.
             latency_repeats: timed forward passes per model for the latency figures.
+            cascade_top_m: also evaluate the pruned-then-dense search cascade re-ranking each
+                caption's top M, for each M given (e.g. '[10, 50]').
         """
+        cascade_top_m = check_top_m(cascade_top_m)
         run = RunDirectory(output_dir, overwrite=overwrite)
         head_mask, neuron_mask = read_masks(masks, model.vision_config)
         refit_file = (Path(masks) if Path(masks).is_dir() else Path(masks).parent) / REFIT_FILE
@@ -137,7 +146,7 @@ class ClipPruneTrainer(L.Trainer):
             report = {"model": model.hparams.pretrained, "masks": str(masks), **report}
             if datamodule.has_evaluation_data():
                 evaluator = Evaluator(datamodule, device)
-                report["metrics"] = {"dense": evaluator(dense, "dense"), "pruned": evaluator(pruned, "pruned")}
+                report["metrics"] = evaluator.compare(dense, pruned, cascade_top_m)
             run.write_json("report.json", report)
         print(format_summary(report))
         print(f"clip-prune: wrote {run.commit()}")
@@ -149,6 +158,7 @@ class ClipPruneTrainer(L.Trainer):
         pruned: str | None = None,
         output_json: str | None = None,
         overwrite: bool = False,
+        cascade_top_m: list[int] | None = None,
     ) -> dict[str, Any]:
         """Retrieval recall@k (and zero-shot accuracy) of the dense model and, if given, a pruned one.
 
@@ -156,7 +166,11 @@ class ClipPruneTrainer(L.Trainer):
             pruned: a directory written by `clip-prune prune` (DIR/pruned) or `clip-prune apply`.
             output_json: also write the metrics to this JSON file.
             overwrite: replace an existing `output_json`.
+            cascade_top_m: also evaluate text-to-image search where the pruned model ranks the gallery
+                and the dense model re-ranks each caption's top M, for each M given (e.g. '[10, 50]').
         """
+        if check_top_m(cascade_top_m) and pruned is None:
+            raise ValueError("--cascade_top_m needs a pruned model for the first stage: pass --pruned DIR")
         if output_json is not None and Path(output_json).exists() and not overwrite:
             raise FileExistsError(f"{output_json} exists; choose another --output_json or pass --overwrite true")
         if not datamodule.has_evaluation_data():
@@ -168,9 +182,9 @@ class ClipPruneTrainer(L.Trainer):
         pruned_model = check_same_origin(load_pruned(pruned), model.model, pruned) if pruned is not None else None
         model.masks.remove()
         evaluator = Evaluator(datamodule, device)
-        metrics = {"dense": evaluator(model.model.to(device), "dense")}
         if pruned_model is not None:
-            metrics["pruned"] = evaluator(pruned_model.to(device), "pruned")
+            pruned_model.to(device)
+        metrics = evaluator.compare(model.model.to(device), pruned_model, cascade_top_m)
         print(format_summary({"metrics": metrics}))
         if output_json is not None:
             write_json_atomically(Path(output_json), metrics, overwrite)

@@ -1,4 +1,5 @@
-"""What pruning costs: retrieval recall@k and zero-shot accuracy of a (masked or pruned) CLIP.
+"""What pruning costs: retrieval recall@k and zero-shot accuracy of a (masked or pruned) CLIP, alone
+and as the first stage of a dense re-ranking cascade.
 
 Pruning touches only the vision tower, so caption and class-prompt embeddings are computed
 once per run and reused for the dense, masked and pruned models.
@@ -6,17 +7,26 @@ once per run and reused for the dense, masked and pruned models.
 
 from __future__ import annotations
 
+import statistics
+import time
+import warnings
+from dataclasses import dataclass
+from itertools import zip_longest
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 from transformers import CLIPModel
 
+from clip_prune.cascade import Shortlists, cascade_macs, cascade_recall, check_top_m, shortlist_images
 from clip_prune.data.coco import CocoDataModule, ImageItems, text_length_limit
 from clip_prune.metrics import retrieval_recall, zero_shot_accuracy
+from clip_prune.model.masking import vision_tower
 from clip_prune.model.module import image_embeddings
+from clip_prune.pruning.export import PrunedCLIPVisionConfig
+from clip_prune.pruning.flops import count_encoder_macs
 
 
 class Evaluator:
@@ -40,23 +50,81 @@ class Evaluator:
 
     def __call__(self, model: CLIPModel, name: str) -> dict[str, Any]:
         """Metrics of `model` (in percent); `name` labels the progress bars."""
+        return self._score(model, name)[0]
+
+    def compare(self, dense: CLIPModel, pruned: CLIPModel | None,
+                cascade_top_m: list[int] | None = None) -> dict[str, Any]:
+        """Metrics of the dense model and, if given, the pruned one and their cascades (`cascade_top_m`)."""
+        metrics = {"dense": self(dense, "dense")}
+        if pruned is not None:
+            metrics["pruned"], pruned_images = self._score(pruned, "pruned")
+            if cascade_top_m:
+                if pruned_images is None:
+                    warnings.warn("--cascade_top_m needs a CLIP model with its text tower and the retrieval split; "
+                                  "no cascade measured", stacklevel=2)
+                else:
+                    metrics["cascade"] = self._cascade(dense, pruned, pruned_images, cascade_top_m)
+        return metrics
+
+    def _score(self, model: CLIPModel, name: str) -> tuple[dict[str, Any], torch.Tensor | None]:
+        """Metrics of `model` and its retrieval image embeddings [N_img, E] (None without a retrieval split)."""
         if not isinstance(model, CLIPModel):
-            return {}
+            return {}, None
         if self.tokenizer is None:
             raise ValueError("the checkpoint has no tokenizer, so captions and prompts cannot be embedded; "
                              "save the tokenizer beside the model to evaluate it")
         results: dict[str, Any] = {}
+        retrieval_images = None
         if self.retrieval is not None:
-            images, _ = self._encode_images(model, self.retrieval.images, f"{name}: retrieval images")
+            retrieval_images, _ = self._encode_images(model, self.retrieval.images, f"{name}: retrieval images")
             texts = self._encode_texts_once(model, "captions", self.retrieval.captions)
-            results["retrieval"] = retrieval_recall(images, texts, self.retrieval.text_to_image.to(images.device))
+            results["retrieval"] = retrieval_recall(retrieval_images, texts,
+                                                    self.retrieval.text_to_image.to(retrieval_images.device))
         if self.zero_shot is not None:
             images, labels = self._encode_images(model, self.zero_shot.images, f"{name}: zero-shot images")
             prompts = [template.format(c) for c in self.zero_shot.class_names for template in self.zero_shot.templates]
             classes = len(self.zero_shot.class_names)
             texts = self._encode_texts_once(model, "prompts", prompts).view(classes, -1, images.shape[-1])
             results["zero_shot"] = zero_shot_accuracy(images, texts, labels)
+        return results, retrieval_images
+
+    def _cascade(self, dense: CLIPModel, pruned: CLIPModel, pruned_images: torch.Tensor,
+                top_ms: list[int]) -> list[dict[str, Any]]:
+        """Text-to-image recall and cost of the pruned-then-dense cascade for each M in `top_ms`.
+
+        The dense embeddings the cascade re-ranks with come from encoding only the images of the
+        top-M lists, timed against the whole gallery's dense and pruned encodings (`time_encodings`).
+        """
+        texts = self._texts["captions"]
+        text_to_image = self.retrieval.text_to_image.to(pruned_images.device)
+        shortlists = [shortlist_images(pruned_images, texts, text_to_image, top_m) for top_m in check_top_m(top_ms)]
+        subsets = [lists.reranked_images().cpu() for lists in shortlists]
+        timings = time_encodings(dense, pruned, self.retrieval.images, subsets, self.batch_size, self.num_workers,
+                                 self.device, self.progress)
+        dense_macs, pruned_macs = encoder_macs_per_image(dense), encoder_macs_per_image(pruned)
+        results = []
+        for lists, subset, reranking_s, embeds in zip(shortlists, subsets, timings.subset_s, timings.subset_embeds,
+                                                      strict=True):
+            results.append(self._cascade_entry(lists, subset, embeds, reranking_s, timings, dense_macs, pruned_macs))
         return results
+
+    def _cascade_entry(self, lists: Shortlists, subset: torch.Tensor, embeds: torch.Tensor, reranking_s: float,
+                       timings: EncodingTimes, dense_macs: int, pruned_macs: int) -> dict[str, Any]:
+        texts = self._texts["captions"]
+        dense_rows = torch.full((lists.num_images, embeds.shape[1]), float("nan"), device=embeds.device)
+        dense_rows[subset.to(embeds.device)] = embeds  # only the re-ranked images have a dense embedding
+        cascade_s = timings.pruned_s + reranking_s
+        return {
+            "top_m": lists.top_m,
+            "retrieval": cascade_recall(dense_rows, texts, self.retrieval.text_to_image.to(embeds.device), lists),
+            "images": lists.num_images,
+            "reranked_images": len(subset),
+            "macs": cascade_macs(lists, dense_macs, pruned_macs),
+            "seconds": {"dense": timings.dense_s, "cascade": cascade_s, "first_stage": timings.pruned_s,
+                        "reranking": reranking_s, "speedup": timings.dense_s / cascade_s,
+                        "device": str(self.device), "batch": self.batch_size,
+                        "unit": "image-encoder forward passes only (no image decoding)"},
+        }
 
     @torch.no_grad()
     def _encode_images(self, model: CLIPModel, images: ImageItems, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,3 +149,76 @@ class Evaluator:
                 chunks.append(F.normalize(embeds.float(), dim=-1))
             self._texts[key] = torch.cat(chunks)
         return self._texts[key]
+
+
+def encoder_macs_per_image(model: CLIPModel) -> int:
+    """Analytic encoder MACs of one image through `model`'s vision tower (dense, or with its pruned widths)."""
+    config = vision_tower(model).config
+    macs = count_encoder_macs(config)
+    if isinstance(config, PrunedCLIPVisionConfig):
+        return macs.of_counts(sum(config.heads_per_layer), sum(config.neurons_per_layer))
+    return macs.dense
+
+
+@dataclass(frozen=True)
+class EncodingTimes:
+    """Seconds of image-encoder forward passes over a gallery, summed over its batches."""
+
+    dense_s: float
+    """The dense model over every image."""
+    pruned_s: float
+    """The pruned model over every image."""
+    subset_s: list[float]
+    """The dense model over each subset of images."""
+    subset_embeds: list[torch.Tensor]
+    """L2-normalised dense embeddings of each subset, [len(subset), E], in the subset's order."""
+
+
+@torch.no_grad()
+def time_encodings(dense: CLIPModel, pruned: CLIPModel, images: ImageItems, subsets: list[torch.Tensor],
+                   batch_size: int, num_workers: int, device: torch.device, progress: bool = True,
+                   repeats: int = 3) -> EncodingTimes:
+    """Time the dense and pruned encoders over all `images` and the dense one over each subset, in turns.
+
+    Each step encodes the next batch of every job (dense all, pruned all, dense subset 1, ...)
+    `repeats` times in turns and keeps each job's median, so that drifts and bursts of the machine's
+    load touch all jobs alike (as `apply.measure_latencies` does); a job's time is the sum over its
+    batches. Subsets are packed into full batches of their own. Only the forward passes are timed
+    (after a warm-up of two passes per model): image decoding and host-to-device copies are left out.
+    """
+    loaders = [DataLoader(images, batch_size=batch_size, num_workers=num_workers)]
+    loaders += [DataLoader(Subset(images, subset.tolist()), batch_size=batch_size, num_workers=num_workers)
+                for subset in subsets]
+    jobs = [(dense, 0), (pruned, 0)] + [(dense, index + 1) for index in range(len(subsets))]
+    first = next(iter(loaders[0]))["pixel_values"].to(device)
+    for model in (dense, pruned):
+        for _ in range(2):
+            image_embeddings(model, first.to(model.dtype))
+    seconds = [0.0] * len(jobs)
+    embeds: list[list[torch.Tensor]] = [[] for _ in subsets]
+    steps = tqdm(zip_longest(*loaders), total=len(loaders[0]), desc="cascade: timing encoders",
+                 disable=not progress, leave=False)
+    for batches in steps:
+        work = [(job, model, batches[loader]["pixel_values"].to(device, dtype=model.dtype))
+                for job, (model, loader) in enumerate(jobs) if batches[loader] is not None]
+        times: dict[int, list[float]] = {job: [] for job, _, _ in work}
+        outputs: dict[int, torch.Tensor] = {}
+        for _ in range(repeats):
+            for job, model, pixels in work:
+                elapsed, outputs[job] = _timed_embeddings(model, pixels)
+                times[job].append(elapsed)
+        for job in times:
+            seconds[job] += statistics.median(times[job])
+            if job >= 2:
+                embeds[job - 2].append(F.normalize(outputs[job].float(), dim=-1))
+    return EncodingTimes(seconds[0], seconds[1], seconds[2:], [torch.cat(parts) for parts in embeds])
+
+
+def _timed_embeddings(model: CLIPModel, pixels: torch.Tensor) -> tuple[float, torch.Tensor]:
+    if pixels.is_cuda:
+        torch.cuda.synchronize(pixels.device)
+    start = time.perf_counter()
+    output = image_embeddings(model, pixels)
+    if pixels.is_cuda:
+        torch.cuda.synchronize(pixels.device)
+    return time.perf_counter() - start, output

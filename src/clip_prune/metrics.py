@@ -16,7 +16,7 @@ METRIC_NAMES = frozenset(
 """`task/name` of every metric the evaluation reports (zero_shot/top5 only with more than 5 classes)."""
 
 
-def _nan_first(scores: Tensor) -> Tensor:
+def nan_first(scores: Tensor) -> Tensor:
     """Scores with NaN as +inf, so that a NaN candidate ranks before the correct one."""
     return scores.nan_to_num(nan=math.inf, posinf=math.inf)
 
@@ -25,9 +25,11 @@ def _check_ks(ks: Sequence[int]) -> list[str]:
     return [f"ks={tuple(ks)} must hold positive integers"] if not ks or min(ks) < 1 else []
 
 
-def _check_retrieval_inputs(
-    image_embeds: Tensor, text_embeds: Tensor, text_to_image: Tensor, ks: Sequence[int], chunk_size: int
+def check_retrieval_inputs(
+    image_embeds: Tensor, text_embeds: Tensor, text_to_image: Tensor, ks: Sequence[int], chunk_size: int,
+    caller: str = "retrieval_recall",
 ) -> None:
+    """Raise one ValueError, prefixed with `caller`, that lists every problem with the retrieval inputs."""
     num_images, num_texts = image_embeds.shape[0], text_embeds.shape[0]
     problems = _check_ks(ks)
     if image_embeds.ndim != 2 or text_embeds.ndim != 2 or image_embeds.shape[1] != text_embeds.shape[1]:
@@ -47,7 +49,7 @@ def _check_retrieval_inputs(
     if chunk_size < 1:
         problems.append(f"chunk_size={chunk_size} must be >= 1")
     if problems:
-        raise ValueError("retrieval_recall: " + "; ".join(problems))
+        raise ValueError(f"{caller}: " + "; ".join(problems))
 
 
 def _image_to_text_ranks(images: Tensor, texts: Tensor, text_to_image: Tensor, chunk_size: int) -> Tensor:
@@ -58,7 +60,7 @@ def _image_to_text_ranks(images: Tensor, texts: Tensor, text_to_image: Tensor, c
         query = torch.arange(start, start + scores.shape[0], device=images.device)
         positive = text_to_image[None, :] == query[:, None]
         best = scores.masked_fill(~positive, -math.inf).amax(dim=1, keepdim=True)
-        rank = ((_nan_first(scores) >= best) & ~positive).sum(dim=1)
+        rank = ((nan_first(scores) >= best) & ~positive).sum(dim=1)
         ranks[start : start + scores.shape[0]] = rank.masked_fill(best[:, 0].isnan(), texts.shape[0])
     return ranks
 
@@ -69,7 +71,7 @@ def _text_to_image_ranks(images: Tensor, texts: Tensor, text_to_image: Tensor, c
     for start in range(0, texts.shape[0], chunk_size):
         scores = texts[start : start + chunk_size] @ images.T  # [chunk, N_img]
         target = scores.gather(1, text_to_image[start : start + chunk_size, None])
-        rank = (_nan_first(scores) >= target).sum(dim=1) - 1
+        rank = (nan_first(scores) >= target).sum(dim=1) - 1
         ranks[start : start + scores.shape[0]] = rank.masked_fill(target[:, 0].isnan(), images.shape[0])
     return ranks
 
@@ -111,7 +113,7 @@ def retrieval_recall(
         ValueError: If shapes disagree, an index is out of range, an image has no caption,
             or ``ks``/``chunk_size`` are not positive.
     """
-    _check_retrieval_inputs(image_embeds, text_embeds, text_to_image, ks, chunk_size)
+    check_retrieval_inputs(image_embeds, text_embeds, text_to_image, ks, chunk_size)
     images = F.normalize(image_embeds.float(), dim=-1)
     texts = F.normalize(text_embeds.float(), dim=-1)
     text_to_image = text_to_image.to(device=images.device, dtype=torch.long)
@@ -165,7 +167,7 @@ def zero_shot_accuracy(image_embeds: Tensor, class_text_embeds: Tensor, labels: 
     classes = F.normalize(F.normalize(class_text_embeds.float(), dim=-1).mean(dim=1), dim=-1)
     scores = F.normalize(image_embeds.float(), dim=-1) @ classes.to(image_embeds.device).T  # [N, C]
     target = scores.gather(1, labels.to(device=scores.device, dtype=torch.long)[:, None])
-    rank = ((_nan_first(scores) >= target).sum(dim=1) - 1).masked_fill(target[:, 0].isnan(), num_classes)
+    rank = ((nan_first(scores) >= target).sum(dim=1) - 1).masked_fill(target[:, 0].isnan(), num_classes)
     accuracy = {"top1": 100.0 * (rank < 1).double().mean().item()}
     if num_classes > 5:  # with 5 classes or fewer, top-5 is always 100%
         accuracy["top5"] = 100.0 * (rank < 5).double().mean().item()

@@ -31,6 +31,7 @@ def format_summary(report: dict[str, Any]) -> str:
                 lines.append(_row(f"{task} {name} (%)", f"{dense:.1f}", "-", "-"))
             else:
                 lines.append(_row(f"{task} {name} (%)", f"{dense:.1f}", f"{pruned:.1f}", f"{pruned - dense:+.1f}"))
+    lines += _cascade_rows(metrics)
     if "kept" in report:
         lines.append(f"  kept {report['kept']['heads']} heads, {report['kept']['neurons']} neurons")
     if len(report.get("steps", [])) > 1:
@@ -43,3 +44,26 @@ def format_summary(report: dict[str, Any]) -> str:
     for warning in report.get("warnings", []):
         lines.append(f"  warning: {warning}")
     return "\n".join(lines)
+
+
+def _cascade_rows(metrics: dict[str, Any]) -> list[str]:
+    """Per M: the cascade's text-to-image recall and its gallery encoding cost, beside the dense model alone."""
+    entries = metrics.get("cascade", [])
+    if not entries:
+        return []
+    dense = metrics.get("dense", {}).get("retrieval", {})
+    lines = [_row("cascade: pruned top M", "dense", "cascade", "change")]
+    for entry in entries:
+        m = f"M={entry['top_m']}"
+        for name, value in entry["retrieval"].items():
+            lines.append(_row(f"{m} {name} (%)", f"{dense[name]:.1f}", f"{value:.1f}", f"{value - dense[name]:+.1f}"))
+        lines.append(_row(f"{m} dense encodings", str(entry["images"]), str(entry["reranked_images"]),
+                          f"{entry['reranked_images'] / entry['images']:.3f}"))
+        macs, seconds = entry["macs"], entry["seconds"]
+        lines.append(_row(f"{m} gallery GMACs", f"{macs['dense'] / 1e9:.4g}", f"{macs['cascade'] / 1e9:.4g}",
+                          f"{macs['ratio']:.3f}"))
+        lines.append(_row(f"{m} gallery s ({seconds['device']})", f"{seconds['dense']:.4g}",
+                          f"{seconds['cascade']:.4g}", f"{seconds['speedup']:.2f}x"))
+        lines.append(f"  {m}: fewer MACs than dense for the first {macs['break_even_queries']} of "
+                     f"{macs['queries']} queries (random order)")
+    return lines

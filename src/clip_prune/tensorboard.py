@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer import Trainer
@@ -76,8 +78,9 @@ def log_reconstruction(trainer: Trainer, step: int, errors: dict[str, torch.Tens
     writer.flush()
 
 
-def log_metrics(trainer: Trainer, metrics: dict[str, dict[str, dict[str, float]]]) -> None:
-    """Retrieval and zero-shot metrics of the dense (step 0) and pruned (step 1) models."""
+def log_metrics(trainer: Trainer, metrics: dict[str, Any]) -> None:
+    """Retrieval and zero-shot metrics of the dense (step 0) and pruned (step 1) models, and the cascade's
+    recall, MAC ratio and measured speedup against its M (the step)."""
     writer = summary_writer(trainer)
     if writer is None:
         return
@@ -85,6 +88,11 @@ def log_metrics(trainer: Trainer, metrics: dict[str, dict[str, dict[str, float]]
         for task, values in metrics.get(model, {}).items():
             for name, value in values.items():
                 writer.add_scalar(f"metrics/{task}/{name}", value, step)
+    for entry in metrics.get("cascade", []):
+        for name, value in entry["retrieval"].items():
+            writer.add_scalar(f"cascade/{name}_by_top_m", value, entry["top_m"])
+        writer.add_scalar("cascade/macs_ratio_by_top_m", entry["macs"]["ratio"], entry["top_m"])
+        writer.add_scalar("cascade/speedup_by_top_m", entry["seconds"]["speedup"], entry["top_m"])
     writer.flush()
 
 
