@@ -35,6 +35,21 @@ from clip_prune.pruning.refit import RefitWeights, refit_applied
 sys.path.insert(0, str(Path(__file__).parent))  # the Torch-Pruning peer beside this script
 
 
+STAGES: dict[str, tuple[str, PruningOptions]] = {
+    "search": ("search", PruningOptions(rearrange=False, reconstruct="none", steps=1)),
+    "rearrange": ("+ rearrange", PruningOptions(reconstruct="none", steps=1)),
+    "scales": ("+ scales", PruningOptions(reconstruct="scales", steps=1)),
+    "weights": ("+ weights", PruningOptions(reconstruct="weights", steps=1, fit_bias=False)),
+    "bias": ("+ weights, bias refit too", PruningOptions(reconstruct="weights", steps=1, fit_bias=True)),
+    "all-tokens": ("+ weights, all tokens at the last layer",
+                   PruningOptions(reconstruct="weights", steps=1, fit_bias=False, last_layer_cls_only=False)),
+    "steps": ("+ weights, K steps", PruningOptions(reconstruct="weights", fit_bias=False)),
+    "steps-no-rearrange": ("weights, K steps, no rearrangement", PruningOptions(rearrange=False, fit_bias=False)),
+    "steps-bias": ("weights, K steps, bias refit too", PruningOptions(fit_bias=True)),
+}
+"""Rows of the table: name and pipeline options (steps None: the default, automatic number of steps)."""
+
+
 def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="demo/clip-tiny-synthetic")
@@ -43,6 +58,8 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=256, help="calibration images (Fisher and reconstruction)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
+    parser.add_argument("--stages", nargs="+", default=[*STAGES, "baselines"], choices=[*STAGES, "baselines"],
+                        help="rows to run (baselines: magnitude, random and Torch-Pruning at the search's counts)")
     return parser.parse_args()
 
 
@@ -170,25 +187,20 @@ def main() -> None:
     print("| MACs kept | method | mean recall | zero-shot top-1 | cosine to dense | seconds |")
     print("|---|---|---|---|---|---|")
     print(_row(1.0, "dense", bench.dense, 0.0))
-    stages: list[tuple[str, PruningOptions]] = [
-        ("search", PruningOptions(rearrange=False, reconstruct="none", steps=1)),
-        ("+ rearrange", PruningOptions(reconstruct="none", steps=1)),
-        ("+ scales", PruningOptions(reconstruct="scales", steps=1)),
-        ("+ weights", PruningOptions(reconstruct="weights", steps=1)),
-        ("+ weights, bias refit too", PruningOptions(reconstruct="weights", steps=1, fit_bias=True)),
-        ("+ weights, all tokens at the last layer", PruningOptions(reconstruct="weights", steps=1,
-                                                                  last_layer_cls_only=False)),
-        ("+ weights, K steps", PruningOptions(reconstruct="weights")),
-    ]
     for constraint in args.constraints:
         searched = None
-        for name, options in stages:
+        for key, (name, options) in STAGES.items():
+            if key not in args.stages:
+                continue
             begin = time.perf_counter()
             head_mask, neuron_mask, refit, steps = run_pipeline(bench, dense_stats, constraint, options)
             seconds = time.perf_counter() - begin  # includes the Fisher passes of later steps
-            searched = searched or ((head_mask != 0).sum(1), (neuron_mask != 0).sum(1))
+            if key == "search":
+                searched = ((head_mask != 0).sum(1), (neuron_mask != 0).sum(1))
             label = name.replace("K steps", f"{steps} steps")
             print(_row(constraint, label, bench.score(head_mask, neuron_mask, refit), seconds), flush=True)
+        if "baselines" not in args.stages or searched is None:
+            continue
         shapes = (bench.module.masks.head_mask.shape, bench.module.masks.neuron_mask.shape)
         print(_row(constraint, "magnitude (search's counts)", bench.score(*magnitude_masks(bench.module, searched)),
                    0.0))
