@@ -85,6 +85,12 @@ def run_cli_subprocess(args: list[str], cwd: Path) -> None:
 
 
 @pytest.fixture(autouse=True)
+def _raise_user_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`main` raises user errors instead of exiting with status 2, so tests can match their type and message."""
+    monkeypatch.setenv("CLIP_PRUNE_DEBUG", "1")
+
+
+@pytest.fixture(autouse=True)
 def _run_in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Lightning writes lightning_logs/ into the working directory: keep it out of the checkout."""
     monkeypatch.chdir(tmp_path)

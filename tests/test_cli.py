@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -151,10 +154,27 @@ def test_fisher_file_of_another_model_is_refused(tiny_clip_dir, tiny_coco_root, 
         run_prune(tiny_clip_dir, tiny_coco_root, tmp_path / "out", "--constraint", "0.5", "--fisher", str(corrupt))
 
 
-def _prune_subprocess(model_dir: Path, data_root: Path, output_dir: Path, *extra: str) -> None:
+def _prune_subprocess(model_dir: Path, data_root: Path, output_dir: Path, *extra: str, loss: str = "distill") -> None:
     run_cli_subprocess(["prune", "--config", str(CONFIG), "--model.pretrained", str(model_dir), "--data.root",
-                        str(data_root), "--output_dir", str(output_dir), "--model.loss", "distill",
+                        str(data_root), "--output_dir", str(output_dir), "--model.loss", loss,
                         "--trainer.logger", "false", *extra], cwd=output_dir.parent)
+
+
+@pytest.mark.parametrize("num_samples", [9])
+def test_contrastive_fisher_from_two_ddp_processes_equals_one_at_the_same_global_batch(
+        num_samples, tiny_clip_dir, tiny_coco_root, tmp_path) -> None:
+    """Each rank's loss sees the other rank's images and captions as negatives. With 9 samples the last
+    global batch holds one sample, so rank 1 runs a padding item there."""
+    common = ("--data.num_samples", str(num_samples), "--constraint", "null")
+    _prune_subprocess(tiny_clip_dir, tiny_coco_root, tmp_path / "one", *common, "--data.batch_size", "8",
+                      loss="contrastive")
+    _prune_subprocess(tiny_clip_dir, tiny_coco_root, tmp_path / "two", *common, "--data.batch_size", "4",
+                      "--trainer.strategy", "ddp", "--trainer.devices", "2", loss="contrastive")
+    one, two = load_file(tmp_path / "one" / "fisher.safetensors"), load_file(tmp_path / "two" / "fisher.safetensors")
+    assert one["head_fisher"].sum() > 0
+    for key in one:  # float32 forward passes at batch 4 vs 8: equal to 1e-6 of each statistic's largest entry
+        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6 * one[key].abs().max().item())
+    assert fisher_metadata(tmp_path / "two" / "fisher.safetensors")["num_samples"] == str(num_samples)
 
 
 @pytest.mark.parametrize("num_samples", [8, 11])
@@ -239,6 +259,66 @@ def test_bad_evaluation_data_is_reported_before_the_fisher_pass(tiny_clip_dir, t
         run_prune(tiny_clip_dir, tiny_coco_root, tmp_path / "run", "--constraint", "0.6",
                   "--data.zero_shot_root", str(tmp_path / "missing"))
     assert not [path for path in tmp_path.iterdir() if "run" in path.name]  # neither the run nor its staging
+
+
+def test_evaluate_takes_a_prune_run_directory(tiny_clip_dir, tiny_coco_root, tmp_path) -> None:
+    run_prune(tiny_clip_dir, tiny_coco_root, tmp_path / "run", "--constraint", "0.6", "--options.rescale", "false")
+    main(["evaluate", "--model.pretrained", str(tiny_clip_dir), "--data.root", str(tiny_coco_root),
+          "--data.num_workers", "0", "--pruned", str(tmp_path / "run"), "--output_json", str(tmp_path / "m.json")])
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert metrics["pruned"]["retrieval"] == pytest.approx(report["metrics"]["pruned"]["retrieval"])
+
+
+def test_statistics_only_run_prints_no_empty_table(tiny_clip_dir, tiny_coco_root, tmp_path, capsys) -> None:
+    run_prune(tiny_clip_dir, tiny_coco_root, tmp_path / "run", "--constraint", "null")
+    printed = capsys.readouterr().out
+    assert "clip-prune summary" not in printed and "dense" not in printed
+    assert "Fisher statistics of 10 samples" in printed and f"clip-prune: wrote {tmp_path / 'run'}" in printed
+
+
+def _cli(*args: str, cwd: Path, debug: bool = False) -> subprocess.CompletedProcess:
+    """`python -m clip_prune ARGS` as a user runs it (no CLIP_PRUNE_DEBUG unless `debug`)."""
+    env = {key: value for key, value in os.environ.items() if key != "CLIP_PRUNE_DEBUG"}
+    env |= {"OMP_NUM_THREADS": "1", **({"CLIP_PRUNE_DEBUG": "1"} if debug else {})}
+    return subprocess.run([sys.executable, "-m", "clip_prune", *args], capture_output=True, text=True, timeout=300,
+                          cwd=cwd, env=env)
+
+
+def test_user_errors_print_one_line_and_exit_2_and_runs_print_one_screen(tiny_clip_dir, tiny_coco_root,
+                                                                         tmp_path) -> None:
+    common = ["prune", "--config", str(CONFIG), "--model.pretrained", str(tiny_clip_dir)]
+    missing = _cli(*common, "--data.root", str(tmp_path / "nowhere"), cwd=tmp_path)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert missing.stderr.startswith(f"clip-prune: error: COCO data not found: {tmp_path / 'nowhere'}")
+    assert "--data.root" in missing.stderr and "--debug" in missing.stderr and missing.stdout == ""
+    bad_value = _cli(*common, "--data.root", str(tiny_coco_root), "--options.damping", "-1", cwd=tmp_path)
+    assert bad_value.returncode == 2
+    assert bad_value.stderr.splitlines()[0] == "clip-prune: error: --options.damping must be >= 0, got -1.0"
+    unknown = _cli(*common, "--data.root", str(tiny_coco_root), "--constraint", "half", cwd=tmp_path)
+    assert unknown.returncode == 2 and unknown.stderr.startswith('clip-prune: error: Parser key "constraint"')
+    assert "usage:" not in unknown.stderr
+    shown = _cli(*common, "--data.root", str(tmp_path / "nowhere"), "--debug", cwd=tmp_path)
+    assert shown.returncode == 1 and "Traceback" in shown.stderr and "FileNotFoundError: COCO data" in shown.stderr
+
+    ok = _cli(*common, "--data.root", str(tiny_coco_root), "--output_dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    output = ok.stdout + ok.stderr
+    for noise in ("Tip", "GPU available", "Seed set", "LeafSpec", "Loading weights", "does not have many workers"):
+        assert noise not in output
+    assert "clip-prune summary" in ok.stdout and ok.stdout.rstrip().endswith(f"clip-prune: wrote {tmp_path / 'run'}")
+    assert len(ok.stdout.splitlines()) <= 22
+    assert all("it/s]" in line for line in ok.stderr.splitlines() if line.strip()), ok.stderr  # progress bars only
+
+
+def test_internal_errors_keep_their_traceback(tiny_clip_dir, tiny_coco_root, tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv("CLIP_PRUNE_DEBUG")
+    monkeypatch.setattr("clip_prune.callbacks.search_masks", lambda *args: int("not a number"))
+    with pytest.raises(ValueError, match="invalid literal"):
+        run_prune(tiny_clip_dir, tiny_coco_root, tmp_path / "run", "--constraint", "0.6")
+    with pytest.raises(SystemExit) as caught:
+        run_prune(tiny_clip_dir, tiny_coco_root, tmp_path / "run", "--constraint", "1.5")
+    assert caught.value.code == 2
 
 
 def test_evaluate_refuses_a_model_pruned_from_another_checkpoint(tiny_clip_dir, tiny_coco_root, tmp_path) -> None:

@@ -68,15 +68,20 @@ def test_rounds_reduce_one_more_layer_each_and_start_with_the_dominant_head(domi
     assert torch.load(out / "neuron_mask.pt", weights_only=True).eq(1).all()
 
 
-def test_early_stop_fires_only_when_the_metric_drops_below_the_ratio(tiny_clip_dir, tiny_coco_root, tmp_path) -> None:
+def test_early_stop_fires_only_when_the_metric_drops_below_the_ratio(tiny_clip_dir, tiny_coco_root, tmp_path,
+                                                                    capsys) -> None:
     # With 6 evaluation images, R@10 is 100% for any model: a ratio above 1 must stop at once, 0.8 never.
     failing = run_sensitivity(tiny_clip_dir, tiny_coco_root, tmp_path / "fail", "--stop_ratio", "1.2",
                               "--stop_metric", "retrieval/i2t_R@10")
     assert len(failing["rounds"]) == 1 and "stopped" in failing["rounds"][0]
     assert not (tmp_path / "fail" / "head_mask_1.pt").exists()
+    printed = capsys.readouterr().out
+    assert "clip-prune sensitivity: stopped after round 0: retrieval/i2t_R@10 100.00 < 1.2 x dense 100.00" in printed
     passing = run_sensitivity(tiny_clip_dir, tiny_coco_root, tmp_path / "pass", "--stop_ratio", "0.8",
                               "--stop_metric", "retrieval/i2t_R@10")
     assert len(passing["rounds"]) == 3 and passing["dense_metric"] == 100.0
+    assert ("all 3 layers reduced to one head; retrieval/i2t_R@10 stayed above 0.8 x dense 100.00"
+            in capsys.readouterr().out)
 
 
 def test_sensitivity_mask_exports_to_an_equivalent_model(tiny_clip_dir, tiny_coco_root, tmp_path) -> None:

@@ -5,6 +5,7 @@ Shared by `clip-prune prune` (which ends by exporting into `DIR/pruned/`) and `c
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel, CLIPVisionModel
 
+from clip_prune.data.coco import available_cores
 from clip_prune.model.masking import VisionMasks, vision_tower
 from clip_prune.model.module import image_embeddings
 from clip_prune.pruning.export import prune_model, save_pruned
@@ -30,9 +32,13 @@ def count_parameters(module: nn.Module) -> int:
     return sum(parameter.numel() for parameter in module.parameters())
 
 
+NOISY_SPREAD = 0.15
+"""Interquartile range of the timed passes, relative to their median, above which latency is flagged as noisy."""
+
+
 @torch.inference_mode()
-def measure_latencies(models: list[nn.Module], pixels: torch.Tensor, repeats: int = 5) -> list[float]:
-    """Median seconds of one vision-tower forward pass over `pixels` for each model.
+def measure_latencies(models: list[nn.Module], pixels: torch.Tensor, repeats: int = 15) -> list[list[float]]:
+    """Seconds of each timed vision-tower forward pass over `pixels`, `repeats` per model.
 
     The models take turns within each repeat (after two warm-up passes each), so drifts of the
     machine's speed touch all of them alike.
@@ -51,7 +57,41 @@ def measure_latencies(models: list[nn.Module], pixels: torch.Tensor, repeats: in
             if pixels.is_cuda:
                 torch.cuda.synchronize(pixels.device)
             times.append(time.perf_counter() - start)
-    return [statistics.median(times) for times in timings]
+    return timings
+
+
+def relative_spread(times: list[float]) -> float:
+    """Interquartile range of `times` over their median (0 for fewer than two)."""
+    if len(times) < 2:
+        return 0.0
+    low, _, high = statistics.quantiles(times, n=4, method="inclusive")
+    return (high - low) / statistics.median(times)
+
+
+def summarise_latency(dense: list[float], pruned: list[float], load: float | None, cores: int) -> dict[str, Any]:
+    """Medians, spreads and speedup of the timed passes, with a warning when they may be noise.
+
+    Args:
+        dense: seconds of the dense model's timed passes.
+        pruned: seconds of the pruned model's timed passes.
+        load: the machine's 1-minute load average when timing started (None where unknown).
+        cores: CPU cores this process may use.
+    """
+    spread = {"dense": relative_spread(dense), "pruned": relative_spread(pruned)}
+    summary: dict[str, Any] = {
+        "dense": statistics.median(dense), "pruned": statistics.median(pruned),
+        "speedup": statistics.median(dense) / statistics.median(pruned), "repeats": len(dense),
+        "spread": spread, "load_1min": load, "cores": cores,
+    }
+    reasons = []
+    if max(spread.values()) > NOISY_SPREAD:
+        reasons.append(f"the timed passes vary by {max(spread.values()):.0%} (interquartile range / median)")
+    if load is not None and load > cores:
+        reasons.append(f"the machine was busy (1-minute load {load:.1f} on {cores} cores)")
+    if reasons:
+        summary["warning"] = ("latency may be noise: " + " and ".join(reasons)
+                              + "; measure again on an idle machine or with more --latency_repeats")
+    return summary
 
 
 @torch.no_grad()
@@ -66,7 +106,7 @@ def masked_embeddings(model: CLIPModel | CLIPVisionModel, head_mask: torch.Tenso
 
 
 def export_pruned(model: CLIPModel | CLIPVisionModel, head_mask: torch.Tensor, neuron_mask: torch.Tensor,
-                  directory: Path, pretrained: str, pixels: torch.Tensor, latency_repeats: int = 5,
+                  directory: Path, pretrained: str, pixels: torch.Tensor, latency_repeats: int = 15,
                   refit: RefitWeights | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Slice `model` by the masks, check it against the masked model, save it to `directory`; return it and a report.
 
@@ -111,7 +151,8 @@ def measure_costs(dense: nn.Module, pruned: nn.Module, head_mask: torch.Tensor, 
     macs = count_encoder_macs(vision_tower(dense).config)
     analytic = macs.of_masks(head_mask, neuron_mask)
     counted_dense, counted_pruned = count_vision_flops(dense), count_vision_flops(pruned)
-    dense_latency, pruned_latency = measure_latencies([dense, pruned], pixels, latency_repeats)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    dense_times, pruned_times = measure_latencies([dense, pruned], pixels, latency_repeats)
     parameters = count_parameters(vision_tower(dense)), count_parameters(vision_tower(pruned))
     return {
         "flops": {"dense": macs.dense, "pruned": analytic, "ratio": analytic / macs.dense,
@@ -120,7 +161,7 @@ def measure_costs(dense: nn.Module, pruned: nn.Module, head_mask: torch.Tensor, 
                           "unit": "encoder MACs per image (torch.utils.flop_counter)"},
         "parameters": {"dense": parameters[0], "pruned": parameters[1], "ratio": parameters[1] / parameters[0],
                        "unit": "vision tower"},
-        "latency_s": {"dense": dense_latency, "pruned": pruned_latency, "speedup": dense_latency / pruned_latency,
+        "latency_s": {**summarise_latency(dense_times, pruned_times, load, available_cores()),
                       "batch": len(pixels), "device": str(pixels.device)},
     }
 

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -16,16 +17,18 @@ from transformers import CLIPModel
 
 from clip_prune.apply import export_pruned
 from clip_prune.cascade import check_top_m
+from clip_prune.data.sampling import PADDING
 from clip_prune.evaluation import Evaluator
 from clip_prune.metrics import METRIC_NAMES
 from clip_prune.model.module import MaskedCLIPModule
-from clip_prune.outputs import RunDirectory
+from clip_prune.outputs import RunDirectory, link_or_copy
 from clip_prune.pruning.fisher import FisherStatistics, save_fisher
 from clip_prune.pruning.flops import EncoderMacs, count_encoder_macs
 from clip_prune.pruning.pipeline import PruningOptions, StepResult, prune_step
 from clip_prune.pruning.refit import REFIT_FILE, refit_applied, save_refit
 from clip_prune.pruning.sensitivity import choose_head, keep_single_head
 from clip_prune.pruning.structural import plan_from_masks, write_plan
+from clip_prune.resume import statistics_provenance
 from clip_prune.summary import format_summary
 from clip_prune.tensorboard import (
     log_fisher,
@@ -94,6 +97,10 @@ class PruningCallback(L.Callback):
         self.timings: dict[str, float] = {}
         self.finished = False
         self._pruned_so_far = ExitStack()
+        self.statistics_source: Path | None = None
+        """The file `statistics` were read from (`--fisher` or an interrupted run), linked into the run."""
+        self.summary: str | None = None
+        """What to print once the run is written (rank zero)."""
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: MaskedCLIPModule) -> None:
         self._started = time.perf_counter()
@@ -111,13 +118,20 @@ class PruningCallback(L.Callback):
         first = not self.steps
         stats = self.statistics if first and self.statistics is not None else pl_module.fisher.compute()
         if first and trainer.is_global_zero:
-            save_fisher(self.run.file("fisher.safetensors"), stats, pl_module.hparams.pretrained)
+            target = self.run.file("fisher.safetensors")
+            if self.statistics_source is None:
+                save_fisher(target, stats, pl_module.hparams.pretrained,
+                            statistics_provenance(pl_module, trainer.datamodule, trainer.world_size))
+            else:  # the original file, with the metadata of where it came from
+                link_or_copy(self.statistics_source, target)
             log_fisher(trainer, stats)
         if self.constraint is not None:
             self._step(trainer, pl_module, stats)  # every rank: reconstruction sums across ranks
         self.finished = len(self.steps) == len(self.constraints)
         if self.finished:
             report: dict[str, Any] = {"model": pl_module.hparams.pretrained, "fisher_samples": stats.num_samples}
+            if self.statistics_source is not None:
+                report["fisher_source"] = str(self.statistics_source)
             on_rank_zero(trainer, lambda: self._finish(trainer, pl_module, report))
 
     def _step(self, trainer: L.Trainer, pl_module: MaskedCLIPModule, stats: FisherStatistics) -> None:
@@ -153,8 +167,7 @@ class PruningCallback(L.Callback):
         report["timings_s"] = {**self.timings, "total": sum(self.timings.values())}
         self.run.write_json("report.json", report)
         path = self.run.commit()
-        print(format_summary(report))
-        print(f"clip-prune: wrote {path}")
+        self.summary = f"{format_summary(report)}\nclip-prune: wrote {path}"
 
     def _write_masks(self, macs: EncoderMacs) -> dict[str, Any]:
         """Write the final masks, refit columns and plan; return the report's pruning part."""
@@ -201,7 +214,7 @@ class PruningCallback(L.Callback):
         for batch in trainer.val_dataloaders:
             if seen >= per_rank:
                 break
-            pixels = batch["pixel_values"][: per_rank - seen]
+            pixels = batch["pixel_values"][batch["index"] != PADDING][: per_rank - seen]  # DDP padding: not data
             batches.append(pixels.to(pl_module.device))
             seen += len(pixels)
         return batches

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
 import sys
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import lightning as L
 import torch
 from jsonargparse import CLI, set_parsing_settings
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from transformers import CLIPModel
+from transformers.utils import logging as transformers_logging
 
 from clip_prune.apply import export_pruned
 from clip_prune.callbacks import PruningCallback, SensitivityCallback
@@ -25,7 +31,11 @@ from clip_prune.pruning.export import load_pruned, read_masks
 from clip_prune.pruning.fisher import load_fisher
 from clip_prune.pruning.pipeline import PruningOptions
 from clip_prune.pruning.refit import REFIT_FILE, load_refit
+from clip_prune.resume import find_reusable_statistics, statistics_provenance
 from clip_prune.summary import format_summary
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+_python_format_warning = warnings.formatwarning
 
 
 def check_same_origin(pruned: Any, dense: Any, path: str) -> Any:
@@ -43,6 +53,40 @@ def check_same_origin(pruned: Any, dense: Any, path: str) -> Any:
             "checkpoint it was pruned from"
         )
     return pruned
+
+
+class _NamedValidation:
+    """A progress bar whose validation loop is labelled by what it does here (`description`)."""
+
+    description = "Validation"
+
+    @property
+    def validation_description(self) -> str:
+        return self.description
+
+
+class NamedTQDMProgressBar(_NamedValidation, TQDMProgressBar):
+    """Lightning's tqdm bar with a named validation loop."""
+
+
+class NamedRichProgressBar(_NamedValidation, RichProgressBar):
+    """Lightning's rich bar with a named validation loop."""
+
+
+def name_validation_bar(trainer: L.Trainer, description: str) -> None:
+    """Label Lightning's default progress bar with `description` (e.g. "Fisher pass") instead of "Validation"."""
+    bar = trainer.progress_bar_callback
+    named = {TQDMProgressBar: NamedTQDMProgressBar, RichProgressBar: NamedRichProgressBar}
+    if type(bar) in named:  # a bar the user configured is left as it is
+        trainer.callbacks[trainer.callbacks.index(bar)] = named[type(bar)]()
+    if isinstance(trainer.progress_bar_callback, _NamedValidation):
+        trainer.progress_bar_callback.description = description
+
+
+def resolve_pruned(path: str) -> str:
+    """The pruned model directory for `--pruned`: PATH itself, or PATH/pruned when PATH is a `prune` run directory."""
+    inner = Path(path) / "pruned"
+    return str(inner) if not (Path(path) / "config.json").exists() and (inner / "config.json").is_file() else path
 
 
 class LoggerConfigCallback(SaveConfigCallback):
@@ -81,8 +125,10 @@ class ClipPruneTrainer(L.Trainer):
             constraint: fraction of the vision encoder's FLOPs to keep, in (0, 1]; leave it out to
                 only gather the statistics (fisher.safetensors) for later `--fisher` runs.
             output_dir: run directory to write (refused if it exists, unless --overwrite).
-            fisher: fisher.safetensors of an earlier run: skip the first gradient pass and reuse it (later
-                steps of iterative pruning gather their own).
+            fisher: fisher.safetensors of an earlier run: skip the first gradient pass and reuse it (linked
+                into the run, keeping its own metadata; later steps of iterative pruning gather their own).
+                Without it, statistics left by an interrupted run into the same output_dir are reused
+                when model, data and sampling match.
             overwrite: replace an existing output directory.
             options: pruning stages, steps and reconstruction settings (see `--options.help PruningOptions`).
             cascade_top_m: also evaluate text-to-image search where the pruned model ranks the gallery
@@ -93,8 +139,14 @@ class ClipPruneTrainer(L.Trainer):
                                    cascade_top_m=cascade_top_m)
         model.check_loss(tokenizer_available=datamodule.tokenizer() is not None)
         all_batches = self.limit_val_batches
+        resumed = None
+        if fisher is None and run.interrupted_runs():
+            datamodule.setup("validate")  # the hash of the calibration sample decides whether the statistics fit
+            provenance = statistics_provenance(model, datamodule, self.world_size)
+            resumed = fisher = find_reusable_statistics(run, provenance, self.is_global_zero)
         if fisher is not None:
             callback.statistics = load_fisher(fisher, *mask_shapes(model.vision_config), model.hparams.pretrained)
+            callback.statistics_source = Path(fisher)
             model.collect_fisher = False
             # The loop still runs (for the callback's hooks and the calibration data); one batch suffices.
             self.limit_val_batches = 1
@@ -102,8 +154,13 @@ class ClipPruneTrainer(L.Trainer):
         save_resolved_config(self, run)
         with run.abandoned_on_error(keep="fisher.safetensors"):
             while not callback.finished:  # one validation pass (Fisher statistics) per pruning step
+                name_validation_bar(self, "Fisher pass" if model.collect_fisher else "Calibration batch")
                 self.validate(model, datamodule=datamodule, verbose=False)
                 model.collect_fisher, self.limit_val_batches = True, all_batches
+        if callback.summary is not None:  # rank zero, once the progress bar is done
+            print(callback.summary)
+        if resumed is not None and self.is_global_zero:  # its statistics now live in the finished run
+            shutil.rmtree(resumed.parent, ignore_errors=True)
 
 
     def apply(
@@ -113,7 +170,7 @@ class ClipPruneTrainer(L.Trainer):
         masks: str,
         output_dir: str = "outputs/apply",
         overwrite: bool = False,
-        latency_repeats: int = 5,
+        latency_repeats: int = 15,
         cascade_top_m: list[int] | None = None,
     ) -> None:
         """Apply saved masks (head_mask.pt, neuron_mask.pt) and export the physically pruned model.
@@ -126,7 +183,8 @@ class ClipPruneTrainer(L.Trainer):
                 neuron_mask.pt beside it).
             output_dir: Hugging Face directory to write (refused if it exists, unless --overwrite).
             overwrite: replace an existing output directory.
-            latency_repeats: timed forward passes per model for the latency figures.
+            latency_repeats: timed forward passes per model for the latency figures (their median and
+                spread are reported).
             cascade_top_m: also evaluate the pruned-then-dense search cascade re-ranking each
                 caption's top M, for each M given (e.g. '[10, 50]').
         """
@@ -163,7 +221,8 @@ class ClipPruneTrainer(L.Trainer):
         """Retrieval recall@k (and zero-shot accuracy) of the dense model and, if given, a pruned one.
 
         Args:
-            pruned: a directory written by `clip-prune prune` (DIR/pruned) or `clip-prune apply`.
+            pruned: a directory written by `clip-prune apply`, or a `clip-prune prune` run directory
+                (its DIR/pruned is used).
             output_json: also write the metrics to this JSON file.
             overwrite: replace an existing `output_json`.
             cascade_top_m: also evaluate text-to-image search where the pruned model ranks the gallery
@@ -179,6 +238,8 @@ class ClipPruneTrainer(L.Trainer):
                 "exist and --data.zero_shot_root is not set"
             )
         device = self.strategy.root_device
+        if pruned is not None:
+            pruned = resolve_pruned(pruned)
         pruned_model = check_same_origin(load_pruned(pruned), model.model, pruned) if pruned is not None else None
         model.masks.remove()
         evaluator = Evaluator(datamodule, device)
@@ -213,6 +274,7 @@ class ClipPruneTrainer(L.Trainer):
         callback = SensitivityCallback(run, stop_ratio, stop_metric)  # checks the stop settings
         model.check_loss(tokenizer_available=datamodule.tokenizer() is not None)
         self.callbacks.append(callback)
+        name_validation_bar(self, "Head scores")
         save_resolved_config(self, run)
         with run.abandoned_on_error():
             while not callback.finished:
@@ -224,8 +286,31 @@ class ClipPruneTrainer(L.Trainer):
                 print(f"  round {entry['round']:2d}: layer {entry['layer']:2d} keeps head {entry['head']:2d}, "
                       f"FLOPs {entry['flops_ratio']:.3f}" + (f", metric {entry['metric']:.2f}" if "metric" in entry
                                                               else ""))
+            print(f"clip-prune sensitivity: {stop_reason(report)}")
             print(f"clip-prune: wrote {run.commit()}")
         self.strategy.barrier()
+
+
+def stop_reason(report: dict[str, Any]) -> str:
+    """Why a sensitivity run ended, from its report: the early stop, or every layer reduced."""
+    last = report["rounds"][-1]
+    if "stopped" in last:
+        return f"stopped after round {last['round']}: {last['stopped']}"
+    if report["dense_metric"] is None:
+        return f"all {len(report['rounds'])} layers reduced to one head (no evaluation data, so no early stop)"
+    return (f"all {len(report['rounds'])} layers reduced to one head; {report['stop_metric']} stayed above "
+            f"{report['stop_ratio']} x dense {report['dense_metric']:.2f}")
+
+
+class ArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser, whose errors are one `clip-prune: error:` block instead of the full usage first."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error or os.environ.get(DEBUG_VARIABLE, "0") not in ("", "0"):
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        sys.stderr.write(f"clip-prune: error: {message}\n(options: {parser.prog.replace(' [options]', '')} --help)\n")
+        self.exit(2)
 
 
 class ClipPruneCLI(LightningCLI):
@@ -276,9 +361,81 @@ EXTRA_COMMANDS = {
 }
 
 
+DEBUG_VARIABLE = "CLIP_PRUNE_DEBUG"
+"""Environment switch (any value but empty or 0) that, like --debug, shows tracebacks of user errors."""
+
+USER_ERRORS = (ValueError, TypeError, OSError)
+"""What clip-prune's own checks raise for bad input (OSError covers missing and existing files)."""
+
+HARMLESS_WARNINGS = (
+    r".*isinstance\(treespec, LeafSpec\)",  # Lightning 2.6 on torch 2.9 internals, nothing to act on
+    r".*does not have many workers",  # --data.num_workers is chosen on purpose (default: all cores)
+    r".*`srun` command is available",  # SLURM hint; clip-prune launches its own processes
+)
+
+
 def main(args: list[str] | None = None) -> None:
-    """Entry point of `clip-prune`; `args` replaces sys.argv[1:] (for tests)."""
-    argv = sys.argv[1:] if args is None else args
+    """Entry point of `clip-prune`; `args` replaces sys.argv[1:] (for tests).
+
+    A user error (bad path, value or file, refused overwrite) prints one `clip-prune: error:` block and exits
+    with status 2; `--debug` or CLIP_PRUNE_DEBUG=1 raises it with its traceback instead, as internal errors are.
+    """
+    argv = list(sys.argv[1:] if args is None else args)
+    if "--debug" in argv:
+        argv = [arg for arg in argv if arg != "--debug"]
+        os.environ[DEBUG_VARIABLE] = "1"  # DDP launches this command again in each process: tell them too
+        if args is None:
+            sys.argv[1:] = argv  # LightningCLI reads sys.argv itself (it warns when given both)
+    debug = os.environ.get(DEBUG_VARIABLE, "0") not in ("", "0")
+    _quiet_the_libraries(debug)
+    try:
+        _dispatch(argv, None if args is None else argv)
+    except Exception as error:
+        user_error = _user_error(error)
+        if debug or user_error is None:
+            raise
+        print(f"clip-prune: error: {user_error}\n(run with --debug or {DEBUG_VARIABLE}=1 to see the traceback)",
+              file=sys.stderr)
+        sys.exit(2)
+
+
+def _user_error(error: BaseException) -> BaseException | None:
+    """The error of clip-prune's own input checks in `error`'s chain (jsonargparse wraps those raised while it
+    builds the options), or None for an internal error."""
+    seen: BaseException | None = error
+    while seen is not None:
+        traceback = seen.__traceback__
+        while traceback is not None and traceback.tb_next is not None:
+            traceback = traceback.tb_next
+        if (isinstance(seen, USER_ERRORS) and traceback is not None
+                and Path(traceback.tb_frame.f_code.co_filename).is_relative_to(PACKAGE_DIR)):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _quiet_the_libraries(debug: bool) -> None:
+    """Keep a run's console to progress, summary and outputs: no library tips, banners or known-harmless warnings."""
+    warnings.formatwarning = _format_warning
+    if debug:
+        return
+    for name in ("lightning.pytorch", "lightning.fabric"):  # "GPU available", seed, tips and launcher banners
+        logging.getLogger(name).setLevel(logging.WARNING)
+    transformers_logging.disable_progress_bar()  # "Loading weights", "Writing model shards"
+    for pattern in HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def _format_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                    line: str | None = None) -> str:
+    """clip-prune's own warnings as one `clip-prune: warning:` line; other libraries' as Python prints them."""
+    if Path(filename).is_relative_to(PACKAGE_DIR):
+        return f"clip-prune: warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
+
+def _dispatch(argv: list[str], args: list[str] | None) -> None:
+    """Run the subcommand of `argv`; `args` is what LightningCLI gets (None: it reads sys.argv)."""
     # Dataclass fields document themselves with a docstring below them: show those in --help
     # (reading them costs about a second, so only when help is asked for).
     set_parsing_settings(docstring_parse_attribute_docstrings=any(arg.endswith("help") for arg in argv))
@@ -295,11 +452,12 @@ def main(args: list[str] | None = None) -> None:
         MaskedCLIPModule,
         CocoDataModule,
         trainer_class=ClipPruneTrainer,
+        parser_class=ArgumentParser,
         trainer_defaults={"inference_mode": False, "enable_checkpointing": False},
         save_config_callback=LoggerConfigCallback,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
         args=args,
-        parser_kwargs={"description": f"Prune the vision tower of a CLIP model without retraining. Also: {extra}."},
+        parser_kwargs={"description": f"Prune the vision tower of a CLIP model without retraining. Also: {extra}. "
+                                      f"Add --debug (or set {DEBUG_VARIABLE}=1) to see the traceback of an error."},
     )
-

@@ -43,7 +43,7 @@ class Evaluator:
         self.zero_shot = datamodule.zero_shot_split()
         self.tokenizer = datamodule.tokenizer()
         self.batch_size = datamodule.hparams.batch_size
-        self.num_workers = datamodule.hparams.num_workers
+        self.num_workers = datamodule.num_workers
         self.device = device
         self.progress = progress
         self._texts: dict[str, torch.Tensor] = {}

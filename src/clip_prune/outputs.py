@@ -33,6 +33,12 @@ class RunDirectory:
             )
         self.staging = self.path.parent / f".{self.path.name}.partial-{uuid.uuid4().hex[:8]}"
 
+    def interrupted_runs(self) -> list[Path]:
+        """Staging directories that earlier runs into the same `path` left behind, newest first."""
+        found = [candidate for candidate in self.path.parent.glob(f".{self.path.name}.partial-*")
+                 if candidate.is_dir() and candidate != self.staging]
+        return sorted(found, key=lambda candidate: candidate.stat().st_mtime, reverse=True)
+
     def file(self, name: str) -> Path:
         """Path of `name` inside the staging directory (created on first use)."""
         self.staging.mkdir(parents=True, exist_ok=True)
@@ -70,10 +76,21 @@ class RunDirectory:
             yield
         except BaseException:
             if keep is not None and (self.staging / keep).exists():
-                warnings.warn(f"the run failed; {keep} was kept in {self.staging}", stacklevel=3)
+                warnings.warn(f"the run failed; {keep} was kept in {self.staging}: the same command run again "
+                              "reuses it", stacklevel=3)
             else:
                 shutil.rmtree(self.staging, ignore_errors=True)
             raise
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Make `target` the same file as `source` (a hard link: no copy, and its metadata stays the original's),
+    or a byte copy where the file system cannot link."""
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def write_json_atomically(path: Path, content: Any, overwrite: bool = False) -> None:

@@ -11,7 +11,7 @@ def _row(name: str, dense: str, pruned: str, change: str = "") -> str:
 
 def format_summary(report: dict[str, Any]) -> str:
     """A plain-text table of FLOPs, parameters, latency, metrics and stage timings from `report.json`."""
-    lines = ["", "clip-prune summary", _row("", "dense", "pruned", "ratio")]
+    lines: list[str] = []
     for key, name, scale, unit in (("flops", "encoder GMACs/image", 1e9, "{:.4f}"),
                                    ("flops_counted", "  counted (torch)", 1e9, "{:.4f}"),
                                    ("parameters", "vision params (M)", 1e6, "{:.3f}")):
@@ -21,8 +21,10 @@ def format_summary(report: dict[str, Any]) -> str:
                               f"{values['ratio']:.3f}"))
     if "latency_s" in report:
         latency = report["latency_s"]
-        lines.append(_row(f"latency ms (batch {latency['batch']})", f"{latency['dense'] * 1e3:.1f}",
-                          f"{latency['pruned'] * 1e3:.1f}", f"{latency['speedup']:.2f}x"))
+        spread = latency.get("spread", {})
+        dense, pruned = (f"{latency[key] * 1e3:.1f}" + (f" ±{spread[key]:.0%}" if key in spread else "")
+                         for key in ("dense", "pruned"))
+        lines.append(_row(f"latency ms (batch {latency['batch']})", dense, pruned, f"{latency['speedup']:.2f}x"))
     metrics = report.get("metrics", {})
     for task, values in metrics.get("dense", {}).items():
         for name, dense in values.items():
@@ -32,6 +34,12 @@ def format_summary(report: dict[str, Any]) -> str:
             else:
                 lines.append(_row(f"{task} {name} (%)", f"{dense:.1f}", f"{pruned:.1f}", f"{pruned - dense:+.1f}"))
     lines += _cascade_rows(metrics)
+    if lines:
+        lines = ["", "clip-prune summary", _row("", "dense", "pruned", "ratio"), *lines]
+    if "fisher_samples" in report:
+        source = report.get("fisher_source")
+        lines.append(f"  Fisher statistics of {report['fisher_samples']} samples"
+                     + (f", reused from {source}" if source else ""))
     if "kept" in report:
         lines.append(f"  kept {report['kept']['heads']} heads, {report['kept']['neurons']} neurons")
     if len(report.get("steps", [])) > 1:
@@ -41,6 +49,8 @@ def format_summary(report: dict[str, Any]) -> str:
     if "timings_s" in report:
         stages = ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in report["timings_s"].items())
         lines.append(f"  time: {stages}")
+    if "warning" in report.get("latency_s", {}):
+        lines.append(f"  warning: {report['latency_s']['warning']}")
     for warning in report.get("warnings", []):
         lines.append(f"  warning: {warning}")
     return "\n".join(lines)

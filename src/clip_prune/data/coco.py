@@ -8,7 +8,9 @@ all its captions, feeds `clip_prune.evaluation`.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
 import warnings
 from collections.abc import Callable
@@ -18,10 +20,11 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from transformers import AutoImageProcessor, AutoTokenizer
+
+from clip_prune.data.images import check_image_files, describe_bad_images, read_rgb
+from clip_prune.data.sampling import PADDING, GlobalBatchSampler
 
 
 @dataclass(frozen=True)
@@ -74,33 +77,37 @@ def read_coco_captions(root: Path, image_dir: str, captions_file: str) -> list[C
     ]
 
 
-def check_images(images: list[CaptionedImage]) -> None:
-    """Raise naming every sampled image that is missing or cannot be decoded."""
-    problems = []
-    for image in images:
-        try:
-            with Image.open(image.path) as file:
-                file.verify()
-        except FileNotFoundError:
-            problems.append(f"{image.path} (missing)")
-        except (UnidentifiedImageError, OSError, SyntaxError) as error:
-            problems.append(f"{image.path} (cannot be decoded: {error})")
-    if problems:
-        shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
+def check_images(images: list[CaptionedImage], workers: int = 1, skip_bad: bool = False,
+                 what: str = "sampled") -> tuple[list[CaptionedImage], dict[Path, str]]:
+    """Decode every image fully; raise naming each one that is missing or broken, or leave them out if `skip_bad`.
+
+    Returns the readable images and the sha256 digest of each one's bytes.
+    """
+    check = check_image_files([image.path for image in images], workers, description=f"checking {what} images")
+    if check.problems and not skip_bad:
         raise FileNotFoundError(
-            f"{len(problems)} sampled image(s) cannot be read:\n  {shown}\n"
-            "Restore the files, or remove their entries from the captions JSON."
+            f"{len(check.problems)} {what} image(s) cannot be read:\n  {describe_bad_images(check.problems)}\n"
+            "Restore the files, remove their entries from the captions JSON, or pass --data.skip_bad_images true "
+            "to leave them out."
         )
+    if check.problems:
+        warnings.warn(
+            f"skipped {len(check.problems)} of {len(images)} {what} images that cannot be read "
+            f"(--data.skip_bad_images):\n  {describe_bad_images(check.problems, shown=3)}",
+            stacklevel=3,
+        )
+    return [image for image in images if image.path in check.digests], check.digests
 
 
 def load_pixels(path: Path, image_processor: Any) -> torch.Tensor:
     """One image file as CLIP pixels [3, S, S] (converted to RGB, resized and normalised by the processor)."""
-    with Image.open(path) as image:
-        return image_processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+    return image_processor(images=read_rgb(path), return_tensors="pt")["pixel_values"][0]
 
 
 class ImageItems(Dataset):
     """Image files, each with one extra field: `{"pixel_values": [3, S, S], "index": i, field: value}`.
+
+    Index `PADDING` (−1) is a DDP padding item (`clip_prune.data.sampling`): a copy of the last item with index −1.
 
     The calibration pairs carry their `caption`; the evaluation images their `label` (the image
     index for retrieval, the class for zero-shot).
@@ -115,7 +122,7 @@ class ImageItems(Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        path, value = self.items[index]
+        path, value = self.items[-1 if index == PADDING else index]
         return {"pixel_values": load_pixels(path, self.image_processor), "index": index, self.field: value}
 
 
@@ -170,7 +177,8 @@ class CocoDataModule(L.LightningDataModule):
             replacement.
         seed: seed of that draw (and of the caption chosen per image).
         batch_size: images per batch.
-        num_workers: data-loading worker processes.
+        num_workers: data-loading worker processes (and threads of the up-front image check); None
+            uses the CPU cores this process may run on.
         train_images: calibration image folder, relative to `root`.
         train_captions: calibration captions file, relative to `root`.
         val_images: evaluation image folder, relative to `root`.
@@ -179,6 +187,8 @@ class CocoDataModule(L.LightningDataModule):
         zero_shot_root: an ImageFolder tree (one folder per class, named by the class) for
             zero-shot accuracy; None skips it.
         zero_shot_templates: prompt templates with `{}` for the class name; None uses ["a photo of a {}."].
+        skip_bad_images: leave out images that cannot be decoded (and say how many) instead of
+            stopping with their list.
     """
 
     def __init__(
@@ -188,7 +198,7 @@ class CocoDataModule(L.LightningDataModule):
         num_samples: int = 8192,
         seed: int = 1,
         batch_size: int = 32,
-        num_workers: int = 4,
+        num_workers: int | None = None,
         train_images: str = "train2017",
         train_captions: str = "annotations/captions_train2017.json",
         val_images: str = "val2017",
@@ -196,14 +206,20 @@ class CocoDataModule(L.LightningDataModule):
         eval_samples: int | None = None,
         zero_shot_root: str | None = None,
         zero_shot_templates: list[str] | None = None,
+        skip_bad_images: bool = False,
     ) -> None:
         super().__init__()
         if num_samples < 1:
             raise ValueError(f"--data.num_samples must be at least 1, got {num_samples}")
         if batch_size < 1:
             raise ValueError(f"--data.batch_size must be at least 1, got {batch_size}")
+        if num_workers is not None and num_workers < 0:
+            raise ValueError(f"--data.num_workers must be >= 0 (or null for one per CPU core), got {num_workers}")
         self.save_hyperparameters()
+        self.num_workers = available_cores() if num_workers is None else num_workers
         self.calibration: ImageItems | None = None
+        self.calibration_digest: str | None = None
+        """sha256 over the sampled pairs (caption and image bytes, in order): which data the statistics saw."""
         self._read: dict[str, Any] = {}  # processor, tokenizer and evaluation splits, each read once
 
     def setup(self, stage: str | None = None) -> None:
@@ -223,12 +239,19 @@ class CocoDataModule(L.LightningDataModule):
             warnings.warn(
                 f"--data.num_samples={count} is larger than the {len(images)} captioned images in "
                 f"{Path(hp.root) / hp.train_captions}: using all {len(images)}.",
-                stacklevel=3,
+                stacklevel=2,
             )
         rng = random.Random(hp.seed)
         sampled = rng.sample(images, min(count, len(images)))
-        check_images(sampled)
-        pairs = [(image.path, rng.choice(image.captions)) for image in sampled]
+        captions = {image.path: rng.choice(image.captions) for image in sampled}
+        readable, digests = check_images(sampled, self.num_workers, hp.skip_bad_images)
+        if not readable:
+            raise FileNotFoundError(f"none of the {len(sampled)} sampled images can be read; restore the files")
+        pairs = [(image.path, captions[image.path]) for image in readable]
+        content = hashlib.sha256()
+        for path, caption in pairs:
+            content.update(f"{digests[path]}\t{caption}\n".encode())
+        self.calibration_digest = content.hexdigest()
         return ImageItems(pairs, "caption", self.image_processor())
 
     def sample_pixels(self, count: int) -> torch.Tensor:
@@ -237,22 +260,17 @@ class CocoDataModule(L.LightningDataModule):
         return torch.stack([pairs[i]["pixel_values"] for i in range(min(count, len(pairs)))])
 
     def val_dataloader(self) -> DataLoader:
-        """Calibration batches; under DDP each sample goes to exactly one rank (no padding)."""
+        """Calibration batches; under DDP step k of every rank holds its share of the same W·B samples
+        (`GlobalBatchSampler`), so the ranks together see one process's batches of W·B."""
         assert self.calibration is not None, "call setup() first"
         sampler = None
         trainer = self.trainer
-        if trainer is not None and trainer.world_size > len(self.calibration):
-            raise ValueError(
-                f"{len(self.calibration)} calibration samples cannot feed {trainer.world_size} processes; "
-                "raise --data.num_samples or use fewer --trainer.devices"
-            )
         if trainer is not None and trainer.world_size > 1:
-            sampler = UnrepeatedDistributedSampler(
-                self.calibration, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
-            )
+            sampler = GlobalBatchSampler(self.calibration, self.hparams.batch_size, trainer.world_size,
+                                         trainer.global_rank)
         return DataLoader(
             self.calibration, batch_size=self.hparams.batch_size, shuffle=False, sampler=sampler,
-            num_workers=self.hparams.num_workers, collate_fn=self.collator(),
+            num_workers=self.num_workers, collate_fn=self.collator(),
             persistent_workers=False, pin_memory=False,
         )
 
@@ -297,7 +315,7 @@ class CocoDataModule(L.LightningDataModule):
                 f"the evaluation split {Path(hp.root) / hp.val_captions} has no captioned image"
                 + (" (--data.eval_samples is 0)" if hp.eval_samples == 0 else "")
             )
-        check_images(images)
+        images, _ = check_images(images, self.num_workers, hp.skip_bad_images, what="evaluation")
         captions = [caption for image in images for caption in image.captions]
         owners = [index for index, image in enumerate(images) for _ in image.captions]
         items = [(image.path, index) for index, image in enumerate(images)]
@@ -324,7 +342,10 @@ class CocoDataModule(L.LightningDataModule):
             raise FileNotFoundError(
                 f"--data.zero_shot_root={root} has class folders but no .jpg/.png/.bmp/.webp images in them"
             )
-        check_images([CaptionedImage(path, ()) for path, _ in items])
+        readable, _ = check_images([CaptionedImage(path, ()) for path, _ in items], self.num_workers,
+                                   hp.skip_bad_images, what="zero-shot")
+        kept = {image.path for image in readable}
+        items = [(path, label) for path, label in items if path in kept]
         templates = hp.zero_shot_templates or ["a photo of a {}."]
         names = [folder.name.replace("_", " ") for folder in classes]
         return ZeroShotSplit(ImageItems(items, "label", self.image_processor()), names, templates)
@@ -333,6 +354,11 @@ class CocoDataModule(L.LightningDataModule):
         """Tokenizes captions with the checkpoint's tokenizer, truncated at its text length limit."""
         tokenizer = self.tokenizer()
         return CaptionCollator(tokenizer, text_length_limit(tokenizer) if tokenizer is not None else 0)
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the platform has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def text_length_limit(tokenizer: Any) -> int:

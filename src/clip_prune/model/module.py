@@ -7,9 +7,11 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import AutoConfig, CLIPModel, CLIPVisionModel, PreTrainedModel
 
+from clip_prune.data.sampling import PADDING
 from clip_prune.model.masking import VisionMasks, mask_shapes, vision_tower
 from clip_prune.pruning.fisher import FisherInformation
 
@@ -52,6 +54,26 @@ def contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logi
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
 
+def gather_across_ranks(local: torch.Tensor) -> torch.Tensor:
+    """Every DDP rank's `local` [B_r, E], concatenated in rank order [Σ B_r, E] (B_r may differ, even be 0).
+
+    Gradients flow only into this rank's own part: the other ranks' rows are constants here, and each
+    rank differentiates the same global loss with respect to its own samples. Outside DDP, `local` itself.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return local
+    sizes = [torch.zeros(1, dtype=torch.long, device=local.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([len(local)], device=local.device))
+    largest = max(int(size) for size in sizes)
+    padded = local.detach().new_zeros((largest, *local.shape[1:]))
+    padded[: len(local)] = local.detach()
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    parts = [part[: int(size)] for part, size in zip(parts, sizes, strict=True)]
+    parts[dist.get_rank()] = local
+    return torch.cat(parts)
+
+
 def distill_loss(image_embeds: torch.Tensor, sample_ids: torch.Tensor, seed: int) -> torch.Tensor:
     """Label-free loss whose per-sample gradients estimate the true Fisher of the image embedding.
 
@@ -60,6 +82,8 @@ def distill_loss(image_embeds: torch.Tensor, sample_ids: torch.Tensor, seed: int
     model. ε_n depends only on (seed, sample id), so the statistics do not depend on batch
     composition or on the number of processes. Summed (not averaged) over the batch.
     """
+    if len(sample_ids) == 0:  # a DDP rank whose share of the last global batch is a padding item
+        return image_embeds.float().sum()
     embeds = F.normalize(image_embeds.float(), dim=-1)
     noise = torch.stack([
         torch.randn(embeds.shape[-1], generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i)))
@@ -116,18 +140,27 @@ class MaskedCLIPModule(L.LightningModule):
         """The `CLIPVisionConfig` of the vision tower."""
         return vision_tower(self.model).config
 
-    def mask_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The loss whose gradients w.r.t. the masks give the Fisher information."""
-        image_embeds = image_embeddings(self.model, batch["pixel_values"])
+    def mask_loss(self, batch: dict[str, torch.Tensor], real: torch.Tensor) -> torch.Tensor:
+        """The loss whose gradients w.r.t. the masks give the Fisher information.
+
+        Args:
+            batch: the calibration batch.
+            real: [B] False for DDP padding items, which the loss leaves out.
+
+        Under DDP the contrastive loss is the global batch's (every rank's images and captions, the
+        same on every rank), so each sample meets the negatives it would meet in one process.
+        """
+        image_embeds = image_embeddings(self.model, batch["pixel_values"])[real]
         match self.hparams.loss:
             case "contrastive":
                 with torch.no_grad():
                     text_embeds = self.model.get_text_features(
                         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                    ).pooler_output
-                return contrastive_loss(image_embeds.float(), text_embeds.float(), self.model.logit_scale.float())
+                    ).pooler_output[real]
+                return contrastive_loss(gather_across_ranks(image_embeds.float()),
+                                        gather_across_ranks(text_embeds.float()), self.model.logit_scale.float())
             case "distill":
-                return distill_loss(image_embeds, batch["index"], self.hparams.noise_seed)
+                return distill_loss(image_embeds, batch["index"][real], self.hparams.noise_seed)
 
     def on_validation_epoch_start(self) -> None:
         if torch.is_inference_mode_enabled():
@@ -142,10 +175,11 @@ class MaskedCLIPModule(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         if not self.collect_fisher:
             return
+        real = batch["index"] != PADDING
         with torch.enable_grad(), self.masks.tracking_samples():
-            loss = self.mask_loss(batch)
+            loss = self.mask_loss(batch, real)
             head_grads, neuron_grads = self.masks.per_sample_grads(loss)
-        self.fisher.update(head_grads, neuron_grads)
+        self.fisher.update(head_grads[real], neuron_grads[real])
 
     def configure_optimizers(self) -> None:
         """Nothing is trained: all weights stay frozen."""

@@ -144,7 +144,7 @@ class CocoTrainingDataModule(CocoDataModule):
             raise ValueError(f"{root / empty} lists no image with a caption")
         rng = random.Random(hp.seed)
         sampled = rng.sample(val, min(hp.num_samples, len(val)))
-        check_images(train + sampled)
+        check_images(train + sampled, self.num_workers)
         self.train_set = RandomCaptionImages(train, processor)
         pairs = [(image.path, rng.choice(image.captions)) for image in sampled]
         self.calibration = ImageItems(pairs, "caption", processor)
@@ -154,8 +154,8 @@ class CocoTrainingDataModule(CocoDataModule):
         assert self.train_set is not None, "call setup() first"
         return DataLoader(
             self.train_set, batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,
-            num_workers=self.hparams.num_workers, collate_fn=self.collator(),
-            persistent_workers=self.hparams.num_workers > 0,
+            num_workers=self.num_workers, collate_fn=self.collator(),
+            persistent_workers=self.num_workers > 0,
         )
 
 

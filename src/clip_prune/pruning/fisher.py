@@ -83,11 +83,26 @@ class FisherInformation(Metric):
         )
 
 
-def save_fisher(path: Path, stats: FisherStatistics, model_name: str) -> None:
-    """Write `stats` to a safetensors file with the sample count, model and shapes in its metadata."""
+def resolve_model_path(model_name: str) -> str:
+    """`model_name` as an absolute path when it names a local folder (`./demo/x` and `demo/x` alike), else as given."""
+    local = Path(model_name)
+    return str(local.resolve()) if local.exists() else model_name
+
+
+def save_fisher(path: Path, stats: FisherStatistics, model_name: str, provenance: dict[str, str] | None = None) -> None:
+    """Write `stats` to a safetensors file with the sample count, model and shapes in its metadata.
+
+    Args:
+        path: the file to write.
+        stats: the statistics.
+        model_name: `--model.pretrained` as given; its resolved path is recorded too (`model_path`).
+        provenance: more metadata, e.g. the hash of the calibration data and the loss.
+    """
     metadata = {
+        **(provenance or {}),
         "format": "clip-prune-fisher-v1",
         "model": model_name,
+        "model_path": resolve_model_path(model_name),
         "num_samples": str(stats.num_samples),
         "head_mask_shape": json.dumps(list(stats.head_fisher.shape)),
         "neuron_mask_shape": json.dumps(list(stats.neuron_fisher.shape)),
@@ -126,7 +141,8 @@ def load_fisher(path: str | Path, head_shape: tuple[int, int], neuron_shape: tup
             f"{path} holds statistics of another model (model {metadata.get('model', '?')!r}, shapes {wrong}); "
             f"this model needs head mask {list(head_shape)} and neuron mask {list(neuron_shape)}"
         )
-    if model_name is not None and metadata.get("model") != model_name:
+    recorded = metadata.get("model_path") or resolve_model_path(metadata.get("model", "?"))
+    if model_name is not None and recorded != resolve_model_path(model_name):
         warnings.warn(
             f"{path} was gathered on model {metadata.get('model')!r}, not {model_name!r}; the shapes match, so "
             "it is used, but its scores describe the other model",
