@@ -262,7 +262,7 @@ def test_bad_evaluation_data_is_reported_before_the_fisher_pass(tiny_clip_dir, t
 
 
 def test_evaluate_takes_a_prune_run_directory(tiny_clip_dir, tiny_coco_root, tmp_path) -> None:
-    run_prune(tiny_clip_dir, tiny_coco_root, tmp_path / "run", "--constraint", "0.6", "--options.rescale", "false")
+    run_prune(tiny_clip_dir, tiny_coco_root, tmp_path / "run", "--constraint", "0.6", "--options.reconstruct", "none")
     main(["evaluate", "--model.pretrained", str(tiny_clip_dir), "--data.root", str(tiny_coco_root),
           "--data.num_workers", "0", "--pruned", str(tmp_path / "run"), "--output_json", str(tmp_path / "m.json")])
     metrics = json.loads((tmp_path / "m.json").read_text())
@@ -313,7 +313,7 @@ def test_user_errors_print_one_line_and_exit_2_and_runs_print_one_screen(tiny_cl
 
 def test_internal_errors_keep_their_traceback(tiny_clip_dir, tiny_coco_root, tmp_path, monkeypatch) -> None:
     monkeypatch.delenv("CLIP_PRUNE_DEBUG")
-    monkeypatch.setattr("clip_prune.callbacks.search_masks", lambda *args: int("not a number"))
+    monkeypatch.setattr("clip_prune.callbacks.prune_step", lambda *args, **kwargs: int("not a number"))
     with pytest.raises(ValueError, match="invalid literal"):
         run_prune(tiny_clip_dir, tiny_coco_root, tmp_path / "run", "--constraint", "0.6")
     with pytest.raises(SystemExit) as caught:

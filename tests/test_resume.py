@@ -19,14 +19,14 @@ CONFIG = Path(__file__).parents[1] / "configs" / "tiny.yaml"
 
 def prune(model_dir: Path, data_root: Path, output_dir: Path, *extra: str) -> None:
     main(["prune", "--config", str(CONFIG), "--model.pretrained", str(model_dir), "--data.root", str(data_root),
-          "--output_dir", str(output_dir), "--options.rescale", "false", *extra])
+          "--output_dir", str(output_dir), "--options.reconstruct", "none", *extra])
 
 
 def interrupted_prune(model_dir: Path, data_root: Path, output_dir: Path, monkeypatch: pytest.MonkeyPatch,
                       *extra: str) -> Path:
     """A run stopped after its Fisher pass (as by Ctrl-C in the search); returns the statistics it left."""
     with monkeypatch.context() as patch:
-        patch.setattr(PruningCallback, "_prune", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt()))
+        patch.setattr(PruningCallback, "_step", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt()))
         with pytest.raises((KeyboardInterrupt, SystemExit)), pytest.warns(UserWarning, match="reuses it"):
             prune(model_dir, data_root, output_dir, *extra)
     [staging] = output_dir.parent.glob(f".{output_dir.name}.partial-*")
