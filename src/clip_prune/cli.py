@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import sys
-import warnings
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import lightning as L
 import torch
 from jsonargparse import CLI, set_parsing_settings
-from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from transformers import CLIPModel
-from transformers.utils import logging as transformers_logging
 
 from clip_prune.apply import export_pruned
 from clip_prune.callbacks import PruningCallback, SensitivityCallback
 from clip_prune.cascade import check_top_m
+from clip_prune.console import (
+    DEBUG_VARIABLE,
+    ClipPruneArgumentParser,
+    debug_requested,
+    name_validation_bar,
+    quiet_the_libraries,
+    user_error,
+)
 from clip_prune.data.coco import CocoDataModule
 from clip_prune.data.synthetic import write_synthetic_coco
 from clip_prune.evaluation import Evaluator
@@ -33,9 +37,6 @@ from clip_prune.pruning.pipeline import PruningOptions
 from clip_prune.pruning.refit import REFIT_FILE, load_refit
 from clip_prune.resume import find_reusable_statistics, statistics_provenance
 from clip_prune.summary import format_summary
-
-PACKAGE_DIR = Path(__file__).resolve().parent
-_python_format_warning = warnings.formatwarning
 
 
 def check_same_origin(pruned: Any, dense: Any, path: str) -> Any:
@@ -53,34 +54,6 @@ def check_same_origin(pruned: Any, dense: Any, path: str) -> Any:
             "checkpoint it was pruned from"
         )
     return pruned
-
-
-class _NamedValidation:
-    """A progress bar whose validation loop is labelled by what it does here (`description`)."""
-
-    description = "Validation"
-
-    @property
-    def validation_description(self) -> str:
-        return self.description
-
-
-class NamedTQDMProgressBar(_NamedValidation, TQDMProgressBar):
-    """Lightning's tqdm bar with a named validation loop."""
-
-
-class NamedRichProgressBar(_NamedValidation, RichProgressBar):
-    """Lightning's rich bar with a named validation loop."""
-
-
-def name_validation_bar(trainer: L.Trainer, description: str) -> None:
-    """Label Lightning's default progress bar with `description` (e.g. "Fisher pass") instead of "Validation"."""
-    bar = trainer.progress_bar_callback
-    named = {TQDMProgressBar: NamedTQDMProgressBar, RichProgressBar: NamedRichProgressBar}
-    if type(bar) in named:  # a bar the user configured is left as it is
-        trainer.callbacks[trainer.callbacks.index(bar)] = named[type(bar)]()
-    if isinstance(trainer.progress_bar_callback, _NamedValidation):
-        trainer.progress_bar_callback.description = description
 
 
 def resolve_pruned(path: str) -> str:
@@ -302,17 +275,6 @@ def stop_reason(report: dict[str, Any]) -> str:
             f"{report['stop_ratio']} x dense {report['dense_metric']:.2f}")
 
 
-class ArgumentParser(LightningArgumentParser):
-    """LightningCLI's parser, whose errors are one `clip-prune: error:` block instead of the full usage first."""
-
-    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        if not self.exit_on_error or os.environ.get(DEBUG_VARIABLE, "0") not in ("", "0"):
-            super().error(message, ex)
-        parser = getattr(ex, "subcommand_parser", None) or self
-        sys.stderr.write(f"clip-prune: error: {message}\n(options: {parser.prog.replace(' [options]', '')} --help)\n")
-        self.exit(2)
-
-
 class ClipPruneCLI(LightningCLI):
     """LightningCLI whose subcommands include `prune`; the checkpoint is named once (`--model.pretrained`)."""
 
@@ -361,19 +323,6 @@ EXTRA_COMMANDS = {
 }
 
 
-DEBUG_VARIABLE = "CLIP_PRUNE_DEBUG"
-"""Environment switch (any value but empty or 0) that, like --debug, shows tracebacks of user errors."""
-
-USER_ERRORS = (ValueError, TypeError, OSError)
-"""What clip-prune's own checks raise for bad input (OSError covers missing and existing files)."""
-
-HARMLESS_WARNINGS = (
-    r".*isinstance\(treespec, LeafSpec\)",  # Lightning 2.6 on torch 2.9 internals, nothing to act on
-    r".*does not have many workers",  # --data.num_workers is chosen on purpose (default: all cores)
-    r".*`srun` command is available",  # SLURM hint; clip-prune launches its own processes
-)
-
-
 def main(args: list[str] | None = None) -> None:
     """Entry point of `clip-prune`; `args` replaces sys.argv[1:] (for tests).
 
@@ -386,52 +335,17 @@ def main(args: list[str] | None = None) -> None:
         os.environ[DEBUG_VARIABLE] = "1"  # DDP launches this command again in each process: tell them too
         if args is None:
             sys.argv[1:] = argv  # LightningCLI reads sys.argv itself (it warns when given both)
-    debug = os.environ.get(DEBUG_VARIABLE, "0") not in ("", "0")
-    _quiet_the_libraries(debug)
+    debug = debug_requested()
+    quiet_the_libraries(debug)
     try:
         _dispatch(argv, None if args is None else argv)
     except Exception as error:
-        user_error = _user_error(error)
-        if debug or user_error is None:
+        cause = user_error(error)
+        if debug or cause is None:
             raise
-        print(f"clip-prune: error: {user_error}\n(run with --debug or {DEBUG_VARIABLE}=1 to see the traceback)",
+        print(f"clip-prune: error: {cause}\n(run with --debug or {DEBUG_VARIABLE}=1 to see the traceback)",
               file=sys.stderr)
         sys.exit(2)
-
-
-def _user_error(error: BaseException) -> BaseException | None:
-    """The error of clip-prune's own input checks in `error`'s chain (jsonargparse wraps those raised while it
-    builds the options), or None for an internal error."""
-    seen: BaseException | None = error
-    while seen is not None:
-        traceback = seen.__traceback__
-        while traceback is not None and traceback.tb_next is not None:
-            traceback = traceback.tb_next
-        if (isinstance(seen, USER_ERRORS) and traceback is not None
-                and Path(traceback.tb_frame.f_code.co_filename).is_relative_to(PACKAGE_DIR)):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
-def _quiet_the_libraries(debug: bool) -> None:
-    """Keep a run's console to progress, summary and outputs: no library tips, banners or known-harmless warnings."""
-    warnings.formatwarning = _format_warning
-    if debug:
-        return
-    for name in ("lightning.pytorch", "lightning.fabric"):  # "GPU available", seed, tips and launcher banners
-        logging.getLogger(name).setLevel(logging.WARNING)
-    transformers_logging.disable_progress_bar()  # "Loading weights", "Writing model shards"
-    for pattern in HARMLESS_WARNINGS:
-        warnings.filterwarnings("ignore", message=pattern)
-
-
-def _format_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-                    line: str | None = None) -> str:
-    """clip-prune's own warnings as one `clip-prune: warning:` line; other libraries' as Python prints them."""
-    if Path(filename).is_relative_to(PACKAGE_DIR):
-        return f"clip-prune: warning: {message}\n"
-    return _python_format_warning(message, category, filename, lineno, line)
 
 
 def _dispatch(argv: list[str], args: list[str] | None) -> None:
@@ -452,7 +366,7 @@ def _dispatch(argv: list[str], args: list[str] | None) -> None:
         MaskedCLIPModule,
         CocoDataModule,
         trainer_class=ClipPruneTrainer,
-        parser_class=ArgumentParser,
+        parser_class=ClipPruneArgumentParser,
         trainer_defaults={"inference_mode": False, "enable_checkpointing": False},
         save_config_callback=LoggerConfigCallback,
         save_config_kwargs={"overwrite": True},
