@@ -97,6 +97,18 @@ def test_distill_per_sample_grads_equal_one_at_a_time(attn: str) -> None:
     assert batch_heads.abs().sum() > 0
 
 
+def test_a_padding_item_gets_zero_mask_gradients() -> None:
+    """A DDP rank whose share of the last global batch is a padding item: left out of the loss, its
+    per-sample mask gradients are zero (and the module does not count it)."""
+    model = _tiny_vision("sdpa")
+    masks = VisionMasks(model)
+    real = torch.tensor([False])
+    with masks.tracking_samples():
+        loss = distill_loss(model(pixel_values=torch.randn(1, 3, 30, 30)).pooler_output[real], torch.tensor([]), 5)
+        heads, neurons = masks.per_sample_grads(loss)
+    assert heads.shape == (1, 3, 4) and heads.abs().sum() == 0 and neurons.abs().sum() == 0
+
+
 def test_mask_of_wrong_shape_is_refused() -> None:
     model = _tiny_vision("sdpa")
     with pytest.raises(ValueError, match=r"head_mask has shape \[12, 12\] but this model needs \[3, 4\]"):
