@@ -48,8 +48,9 @@ class PruningOptions:
     raised tenfold (up to 10⁶ ×) for a stage whose solution is not finite or out of bounds."""
     max_abs_scale: float = 10.0
     """Bound on solved scales |s| (`scales`) and on the growth ‖W‖/‖W₀‖ of a stage's refit columns (`weights`)."""
-    fit_bias: bool = False
-    """With `weights`, also refit out_proj's and fc2's bias (unpenalised)."""
+    fit_bias: bool = True
+    """With `weights`, also refit out_proj's and fc2's bias (unpenalised); on the demo model this raised the
+    cosine to dense at every constraint, most at low ones (benchmarks/bench_quality.py)."""
     reconstruct_samples: int = 512
     """Calibration images used for reconstruction (split across ranks)."""
     last_layer_cls_only: bool = True
