@@ -228,6 +228,26 @@ def test_apply_reproduces_the_model_exported_by_prune(tiny_clip_dir, tiny_coco_r
                            exported["vision_model.encoder.layers.0.mlp.fc2.weight"])
 
 
+def test_apply_without_data_root_verifies_on_synthetic_images(tiny_clip_dir, tiny_coco_root, tmp_path) -> None:
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    torch.save(torch.tensor([[1.0, 0, 1, 0], [0, 1, 1, 1], [1, 1, 0, 0]]), masks / "head_mask.pt")
+    torch.save((torch.arange(37) % 4 != 0).float().repeat(3, 1), masks / "neuron_mask.pt")
+    main(["apply", "--model.pretrained", str(tiny_clip_dir), "--masks", str(masks), "--output_dir",
+          str(tmp_path / "no-data"), "--latency_repeats", "1"])
+    report = json.loads((tmp_path / "no-data" / "report.json").read_text())
+    assert report["verified_on"] == "synthetic images (no --data.root)"
+    assert report["equivalence"]["samples"] == 8 and report["equivalence"]["max_abs_diff"] <= 1e-5
+    assert "metrics" not in report
+    run_apply(tiny_clip_dir, tiny_coco_root, masks, tmp_path / "with-data")
+    with_data = load_file(tmp_path / "with-data" / "model.safetensors")
+    without = load_file(tmp_path / "no-data" / "model.safetensors")
+    assert with_data.keys() == without.keys() and all(torch.equal(with_data[k], without[k]) for k in with_data)
+    with pytest.raises(ValueError, match="--data.root is not set: calibration needs"):
+        main(["prune", "--config", str(CONFIG), "--model.pretrained", str(tiny_clip_dir), "--data.root", "null",
+              "--output_dir", str(tmp_path / "prune"), "--constraint", "0.5"])
+
+
 def test_apply_refuses_bad_masks(tiny_clip_dir, tiny_coco_root, tmp_path) -> None:
     masks = tmp_path / "masks"
     masks.mkdir()

@@ -26,7 +26,7 @@ from clip_prune.console import (
     user_error,
 )
 from clip_prune.data.coco import CocoDataModule
-from clip_prune.data.synthetic import write_synthetic_coco
+from clip_prune.data.synthetic import synthetic_pixels, write_synthetic_coco
 from clip_prune.evaluation import Evaluator
 from clip_prune.model.masking import mask_shapes, vision_tower
 from clip_prune.model.module import MaskedCLIPModule
@@ -60,6 +60,13 @@ def resolve_pruned(path: str) -> str:
     """The pruned model directory for `--pruned`: PATH itself, or PATH/pruned when PATH is a `prune` run directory."""
     inner = Path(path) / "pruned"
     return str(inner) if not (Path(path) / "config.json").exists() and (inner / "config.json").is_file() else path
+
+
+def verification_pixels(datamodule: CocoDataModule, image_size: int, count: int = 8) -> tuple[torch.Tensor, str]:
+    """Images to check the pruned model on: calibration images, or synthetic ones without --data.root."""
+    if datamodule.hparams.root is not None:
+        return datamodule.sample_pixels(count), "calibration images"
+    return synthetic_pixels(count, image_size, datamodule.image_processor()), "synthetic images (no --data.root)"
 
 
 class LoggerConfigCallback(SaveConfigCallback):
@@ -170,11 +177,11 @@ class ClipPruneTrainer(L.Trainer):
         dense = model.model.to(device)
         model.masks.remove()
         with run.abandoned_on_error():
-            pixels = datamodule.sample_pixels(8).to(device)
+            pixels, verified_on = verification_pixels(datamodule, model.vision_config.image_size)
             pruned, report = export_pruned(dense, head_mask, neuron_mask, run.staging, model.hparams.pretrained,
-                                           pixels, latency_repeats, refit)
+                                           pixels.to(device), latency_repeats, refit)
             save_resolved_config(self, run)
-            report = {"model": model.hparams.pretrained, "masks": str(masks), **report}
+            report = {"model": model.hparams.pretrained, "masks": str(masks), "verified_on": verified_on, **report}
             if datamodule.has_evaluation_data():
                 evaluator = Evaluator(datamodule, device)
                 report["metrics"] = evaluator.compare(dense, pruned, cascade_top_m)
@@ -206,9 +213,11 @@ class ClipPruneTrainer(L.Trainer):
         if output_json is not None and Path(output_json).exists() and not overwrite:
             raise FileExistsError(f"{output_json} exists; choose another --output_json or pass --overwrite true")
         if not datamodule.has_evaluation_data():
+            root = datamodule.hparams.root
             raise FileNotFoundError(
-                f"no evaluation data: {Path(datamodule.hparams.root) / datamodule.hparams.val_captions} does not "
-                "exist and --data.zero_shot_root is not set"
+                "no evaluation data: " + ("--data.root is not set" if root is None else
+                                          f"{Path(root) / datamodule.hparams.val_captions} does not exist")
+                + " and --data.zero_shot_root is not set"
             )
         device = self.strategy.root_device
         if pruned is not None:
