@@ -326,8 +326,36 @@ def make_demo_data(root: str = "demo_data", num_train: int = 2000, num_val: int 
     print(f"clip-prune: wrote the demo data set to {path}")
 
 
+def export_onnx(pruned: str, output: str | None = None, batch_size: int = 8, latency_repeats: int = 10,
+                overwrite: bool = False) -> dict[str, Any]:
+    """Export a pruned model's vision tower to ONNX (dynamic batch), check it under onnxruntime, time it.
+
+    Args:
+        pruned: directory written by `clip-prune prune` (DIR/pruned) or `clip-prune apply`.
+        output: ONNX file to write; PRUNED/onnx/model.onnx if not given. The report (parity,
+            onnxruntime latency of the dense shapes vs the pruned model) goes beside it as
+            OUTPUT_report.json.
+        batch_size: images per batch for the parity check (also run at batch 1) and the latency.
+        latency_repeats: timed onnxruntime runs per model.
+        overwrite: replace an existing output file.
+    """
+    from clip_prune.onnx_export import export_pruned_onnx  # needs the optional onnx extra
+
+    path = Path(output) if output is not None else Path(pruned) / "onnx" / "model.onnx"
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; choose another --output or pass --overwrite true")
+    report = export_pruned_onnx(pruned, path, batch_size, latency_repeats)
+    write_json_atomically(path.with_name(f"{path.stem}_report.json"), report, overwrite=True)
+    print(format_summary(report))
+    print(f"  onnxruntime vs PyTorch: max abs diff {report['parity']['max_abs_diff']:.2g} "
+          f"(tolerance {report['parity']['tolerance']:.2g})")
+    print(f"clip-prune: wrote {path}")
+    return report
+
+
 EXTRA_COMMANDS = {
     "make-demo-data": "write the synthetic COCO-format demo data set",
+    "export-onnx": "write a pruned model's vision tower as ONNX, checked with onnxruntime",
     "fit": "train a CLIP contrastively (builds the demo model: --config configs/demo_train.yaml)",
 }
 
@@ -364,6 +392,9 @@ def _dispatch(argv: list[str], args: list[str] | None) -> None:
     set_parsing_settings(docstring_parse_attribute_docstrings=any(arg.endswith("help") for arg in argv))
     if argv[:1] == ["make-demo-data"]:
         CLI(make_demo_data, args=argv[1:], prog="clip-prune make-demo-data")
+        return
+    if argv[:1] == ["export-onnx"]:
+        CLI(export_onnx, args=argv[1:], prog="clip-prune export-onnx", as_positional=False)
         return
     if argv[:1] == ["fit"]:
         from clip_prune.model.training import TrainingCLI
