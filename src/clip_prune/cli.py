@@ -6,7 +6,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -98,12 +98,14 @@ class ClipPruneTrainer(L.Trainer):
         overwrite: bool = False,
         options: PruningOptions | None = None,
         cascade_top_m: list[int] | None = None,
+        constraint_type: Literal["flops", "latency"] = "flops",
     ) -> None:
         """Gather Fisher information on calibration data, then search, rearrange and reconstruct, in steps.
 
         Args:
-            constraint: fraction of the vision encoder's FLOPs to keep, in (0, 1]; leave it out to
-                only gather the statistics (fisher.safetensors) for later `--fisher` runs.
+            constraint: fraction of the vision encoder's FLOPs (or latency, see --constraint_type) to
+                keep, in (0, 1]; leave it out to only gather the statistics (fisher.safetensors) for
+                later `--fisher` runs.
             output_dir: run directory to write (refused if it exists, unless --overwrite).
             fisher: fisher.safetensors of an earlier run: skip the first gradient pass and reuse it (linked
                 into the run, keeping its own metadata; later steps of iterative pruning gather their own).
@@ -113,10 +115,12 @@ class ClipPruneTrainer(L.Trainer):
             options: pruning stages, steps and reconstruction settings (see `--options.help PruningOptions`).
             cascade_top_m: also evaluate text-to-image search where the pruned model ranks the gallery
                 and the dense model re-ranks each caption's top M, for each M given (e.g. '[10, 50]').
+            constraint_type: `flops` (analytic MACs) or `latency`: a fraction of the dense tower's latency,
+                measured on the run's device at the data batch size (latency_table.json, cached).
         """
         run = RunDirectory(output_dir, overwrite=overwrite)
         callback = PruningCallback(run, constraint, options or PruningOptions(),  # checks the constraint
-                                   cascade_top_m=cascade_top_m)
+                                   cascade_top_m=cascade_top_m, constraint_type=constraint_type)
         model.check_loss(tokenizer_available=datamodule.tokenizer() is not None)
         all_batches = self.limit_val_batches
         resumed = None
