@@ -136,8 +136,8 @@ def latency_budget_rows(args: argparse.Namespace, config: CLIPVisionConfig) -> t
     """Masks of the latency-budget rows, and what each row reports beside its timing."""
     table, cached = cached_latency_table(config, args.batch_size, attn_implementation=args.attn)
     print(f"latency table {'read from the cache' if cached else 'measured'}: {table.key['device']}; dense "
-          f"{table.dense_s:.3f} s, fixed parts {table.fixed_s:.3f} s; attention fit {table.attention_fit}; "
-          f"MLP fit {table.mlp_fit}")
+          f"{table.dense_s:.3f} s, empty tower {table.fixed_s:.3f} s, layer scale {table.scale:.2f}; "
+          f"attention fit {table.attention_fit}; MLP fit {table.mlp_fit}")
     scores = synthetic_scores(config, args.seed)
     macs = count_encoder_macs(config)
     head_dim = config.hidden_size // config.num_attention_heads

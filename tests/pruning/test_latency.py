@@ -39,14 +39,15 @@ def fake_table(layers: int = 3, heads: int = 4, neurons: int = 37, fixed: float 
     mlp = [0.0] + [0.4 + 0.05 * n for n in neuron_counts[1:]]
     dense = fixed + layers * (attention[-1] + mlp[-1])
     return LatencyTable(key={"device": "test"}, num_layers=layers, head_counts=head_counts, attention_s=attention,
-                        neuron_counts=neuron_counts, mlp_s=mlp, dense_s=dense)
+                        neuron_counts=neuron_counts, mlp_s=mlp, dense_s=dense, empty_s=fixed)
 
 
 @pytest.mark.parametrize("multiple_of", [1, 8])
 @pytest.mark.parametrize("constraint", [0.2, 0.35, 0.5, 0.75, 0.9])
 def test_latency_search_never_exceeds_its_own_budget(constraint: float, multiple_of: int) -> None:
     table = fake_table()
-    assert table.fixed_s == pytest.approx(0.5) and table.dense_latency == pytest.approx(table.dense_s)
+    assert table.fixed_s == pytest.approx(0.5) and table.scale == pytest.approx(1)
+    assert table.dense_latency == pytest.approx(table.dense_s)
     generator = torch.Generator().manual_seed(int(constraint * 100))
     head_scores, neuron_scores = torch.rand(3, 4, generator=generator), torch.rand(3, 37, generator=generator)
     result = search_layer_latency(head_scores, neuron_scores, table, constraint, head_dim=8, multiple_of=multiple_of)
@@ -76,3 +77,18 @@ def test_measured_table_is_cached_per_device_and_shape(tmp_path: Path) -> None:
     assert not cached and len(list(tmp_path.glob("*.json"))) == 2
     write_table(table, tmp_path / "run" / "latency_table.json")
     assert read_table(tmp_path / "run" / "latency_table.json").to_json() == table.to_json()
+
+
+def test_layer_costs_are_scaled_to_the_measured_tower() -> None:
+    """Layers timed in isolation at twice their cost in the tower: the table keeps their shape, the tower's total."""
+    base = fake_table()
+    table = LatencyTable(key={}, num_layers=3, head_counts=base.head_counts,
+                         attention_s=[2 * s for s in base.attention_s], neuron_counts=base.neuron_counts,
+                         mlp_s=[2 * s for s in base.mlp_s], dense_s=base.dense_s, empty_s=base.empty_s)
+    assert table.scale == pytest.approx(0.5)
+    assert table.latency_of([4] * 3, [37] * 3) == pytest.approx(base.dense_s)
+    assert table.latency_of([0] * 3, [0] * 3) == pytest.approx(base.empty_s)
+    torch.testing.assert_close(table.head_costs(), base.head_costs())
+    with pytest.raises(ValueError, match="too busy for a latency table"):
+        LatencyTable(key={}, num_layers=3, head_counts=base.head_counts, attention_s=base.attention_s,
+                     neuron_counts=base.neuron_counts, mlp_s=base.mlp_s, dense_s=1.0, empty_s=1.0)

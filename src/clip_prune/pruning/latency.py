@@ -4,9 +4,11 @@ Kwon et al., arXiv 2204.09656, section 4.3).
 One encoder layer's attention is timed with h = 0..H heads and its MLP on a grid of neuron
 counts, at the run's batch size and token count, after warm-up, the widths taking turns so
 that drifts of a shared machine touch all alike. Each curve is fitted piecewise linearly (flat
-below a threshold, linear above), and the parts no width changes (embeddings, layer norms,
-residual adds, pooling) are the measured dense tower minus its layers' fitted costs, so the
-table's dense latency is the measured one. Tables are cached per device and model shape.
+below a threshold, linear above). The whole tower is timed twice more: with every layer empty
+(the parts no width changes: embeddings, layer norms, residual adds, pooling) and dense. The
+layers' fitted costs above their empty cost are scaled by one factor so that the table's dense
+tower costs what the measured one does: the isolated layers give the shape of the costs, the
+tower their total. Tables are cached per device and model shape.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from transformers import CLIPVisionConfig
 
 from clip_prune.hub import PrunedCLIPVisionConfig, PrunedCLIPVisionModel
 
-TABLE_VERSION = 1
+TABLE_VERSION = 2
 """Bumped when the measurement changes, so older cached tables are not reused."""
 
 
@@ -90,12 +92,20 @@ class LatencyTable:
     """Median seconds of one layer's MLP at each of `neuron_counts`."""
     dense_s: float
     """Median seconds of the whole dense vision tower."""
+    empty_s: float
+    """Median seconds of the vision tower with no heads and no neurons in any layer."""
     attention_fit: PiecewiseLinear = field(init=False)
     mlp_fit: PiecewiseLinear = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "attention_fit", fit_piecewise_linear(self.head_counts, self.attention_s))
         object.__setattr__(self, "mlp_fit", fit_piecewise_linear(self.neuron_counts, self.mlp_s))
+        if not self.dense_s > self.empty_s:
+            raise ValueError(
+                f"the dense tower was timed at {self.dense_s:.4g} s, not slower than the empty one "
+                f"({self.empty_s:.4g} s): the machine was too busy for a latency table; measure again with "
+                "more repeats or on a quieter machine"
+            )
 
     @property
     def num_heads(self) -> int:
@@ -105,24 +115,36 @@ class LatencyTable:
     def num_neurons(self) -> int:
         return max(self.neuron_counts)
 
+    @staticmethod
+    def _above_empty(curve: PiecewiseLinear, counts: torch.Tensor) -> torch.Tensor:
+        return curve(counts) - curve(torch.zeros(1))
+
+    @property
+    def scale(self) -> float:
+        """Factor from the isolated layers' fitted costs to their share of the measured tower."""
+        layer = (self._above_empty(self.attention_fit, torch.tensor([self.num_heads]))
+                 + self._above_empty(self.mlp_fit, torch.tensor([self.num_neurons])))
+        return (self.dense_s - self.empty_s) / (self.num_layers * float(layer.clamp(min=1e-12)))
+
     def head_costs(self) -> torch.Tensor:
-        """[L, H + 1] fitted seconds of each layer's attention with 0..H heads."""
-        return self.attention_fit(torch.arange(self.num_heads + 1)).expand(self.num_layers, -1)
+        """[L, H + 1] seconds each layer's attention adds to the empty tower with 0..H heads."""
+        costs = self.scale * self._above_empty(self.attention_fit, torch.arange(self.num_heads + 1))
+        return costs.clamp(min=0).expand(self.num_layers, -1)
 
     def neuron_costs(self) -> torch.Tensor:
-        """[L, F + 1] fitted seconds of each layer's MLP with 0..F neurons."""
-        return self.mlp_fit(torch.arange(self.num_neurons + 1)).expand(self.num_layers, -1)
+        """[L, F + 1] seconds each layer's MLP adds to the empty tower with 0..F neurons."""
+        costs = self.scale * self._above_empty(self.mlp_fit, torch.arange(self.num_neurons + 1))
+        return costs.clamp(min=0).expand(self.num_layers, -1)
 
     @property
     def fixed_s(self) -> float:
-        """Seconds no width changes: the measured dense tower minus its layers' fitted costs (at least 0)."""
-        layers = float(self.head_costs()[:, -1].sum() + self.neuron_costs()[:, -1].sum())
-        return max(0.0, self.dense_s - layers)
+        """Seconds no width changes: the measured empty tower."""
+        return self.empty_s
 
     def latency_of(self, heads_per_layer: list[int], neurons_per_layer: list[int]) -> float:
-        """The table's seconds for a tower keeping these widths: fixed part plus each layer's fitted costs."""
-        heads = self.attention_fit(torch.tensor(heads_per_layer)).sum()
-        neurons = self.mlp_fit(torch.tensor(neurons_per_layer)).sum()
+        """The table's seconds for a tower keeping these widths: the empty tower plus each layer's costs."""
+        heads = self.head_costs()[0, torch.tensor(heads_per_layer)].sum()
+        neurons = self.neuron_costs()[0, torch.tensor(neurons_per_layer)].sum()
         return self.fixed_s + float(heads + neurons)
 
     @property
@@ -133,7 +155,7 @@ class LatencyTable:
     def to_json(self) -> dict[str, object]:
         """What `write_table` saves: the measurements, the fits and the derived dense and fixed seconds."""
         content = asdict(self)
-        content |= {"fixed_s": self.fixed_s, "dense_latency_s": self.dense_latency}
+        content |= {"scale": self.scale, "dense_latency_s": self.dense_latency}
         return content
 
 
@@ -233,10 +255,17 @@ def measure_latency_table(config: CLIPVisionConfig, batch_size: int, device: tor
     dense = _tower(config, [heads] * layers, [neurons] * layers, device, dtype, attn_implementation)
     pixels = torch.randn(batch_size, config.num_channels, config.image_size, config.image_size, device=device,
                          dtype=dtype)
-    (dense_s,) = _median_seconds([lambda: dense(pixel_values=pixels)], device, warmup, repeats)
+    empty = _tower(config, [0] * layers, [0] * layers, device, dtype, attn_implementation)
+    towers = [lambda: dense(pixel_values=pixels), lambda: empty(pixel_values=pixels)]
+    dense_s, empty_s = _median_seconds(towers, device, warmup, repeats)
+    for attempt in range(1, 3):  # a busy machine can invert two close timings: time again, longer
+        if dense_s > empty_s:
+            break
+        dense_s, empty_s = _median_seconds(towers, device, warmup, repeats * 2 ** attempt)
     return LatencyTable(key=table_key(config, batch_size, device, dtype, attn_implementation), num_layers=layers,
                         head_counts=head_counts, attention_s=seconds[: len(head_counts)],
-                        neuron_counts=neuron_counts, mlp_s=seconds[len(head_counts):], dense_s=dense_s)
+                        neuron_counts=neuron_counts, mlp_s=seconds[len(head_counts):], dense_s=dense_s,
+                        empty_s=empty_s)
 
 
 def write_table(table: LatencyTable, path: Path) -> None:
@@ -250,7 +279,7 @@ def write_table(table: LatencyTable, path: Path) -> None:
 def read_table(path: Path) -> LatencyTable:
     """A table written by `write_table` (the fits are recomputed from the measurements)."""
     content = json.loads(path.read_text())
-    fields = ("key", "num_layers", "head_counts", "attention_s", "neuron_counts", "mlp_s", "dense_s")
+    fields = ("key", "num_layers", "head_counts", "attention_s", "neuron_counts", "mlp_s", "dense_s", "empty_s")
     return LatencyTable(**{name: content[name] for name in fields})
 
 
