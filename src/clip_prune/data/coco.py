@@ -194,8 +194,8 @@ class CocoDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        pretrained: str,
         root: str | None = None,
+        pretrained: str | None = None,
         num_samples: int = 8192,
         seed: int = 1,
         batch_size: int = 32,
@@ -212,6 +212,8 @@ class CocoDataModule(L.LightningDataModule):
         super().__init__()
         if num_samples < 1:
             raise ValueError(f"--data.num_samples must be at least 1, got {num_samples}")
+        if pretrained is None:  # the CLI links it from --model.pretrained; optional only so root can come first
+            raise ValueError("CocoDataModule needs pretrained, the checkpoint whose processor prepares the images")
         if batch_size < 1:
             raise ValueError(f"--data.batch_size must be at least 1, got {batch_size}")
         if num_workers is not None and num_workers < 0:
