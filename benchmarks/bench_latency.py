@@ -1,4 +1,4 @@
-"""CPU latency of a physically pruned ViT-B/16 vision tower against the dense one.
+"""CPU latency of a physically pruned ViT-B/16 vision tower against the dense one, and latency budgets.
 
 For each FLOP constraint c, two pruned copies of one random-weight ViT-B/16 tower: a
 uniform one (every layer keeps round(c·H) heads and round(c·F) neurons) and a random
@@ -8,6 +8,16 @@ the encoder, the ideal speedup 1/ratio, the measured speedup and measured/ideal.
 timed round-robin, so load from other processes slows them alike. Example:
 
     python benchmarks/bench_latency.py --constraints 0.4 0.5 0.75 --runs 5 --threads 2
+
+Latency-budget rows (`--latency-constraints`): a latency table is measured for this CPU at the
+benchmark's batch (pruning/latency.py, cached), masks are searched within c times the dense
+latency by the table (pruning/search.py) from synthetic log-normal scores with per-layer scales
+(a stand-in for Fisher scores: this machine cannot download a trained ViT-B/16), and the pruned
+towers are timed against the dense one. Each latency-budget row is paired with the FLOP-constrained
+masks (search_masks) whose table latency is the same, found by bisection on the FLOP constraint,
+to compare the objective at equal latency; `--multiple-of` adds rows with widths held to multiples:
+
+    python benchmarks/bench_latency.py --constraints --latency-constraints 0.75 0.5 --multiple-of 64
 """
 
 import argparse
@@ -21,6 +31,8 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 from clip_prune.model.masking import mask_shapes
 from clip_prune.pruning.export import prune_model
 from clip_prune.pruning.flops import count_encoder_macs
+from clip_prune.pruning.latency import LatencyTable, cached_latency_table
+from clip_prune.pruning.search import search_layer_latency, search_masks
 
 
 def uniform_masks(config: CLIPVisionConfig, constraint: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,8 +91,12 @@ def interleaved_seconds(models: dict[str, torch.nn.Module], pixel_values: torch.
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--constraints", type=float, nargs="+", default=[0.4, 0.5, 0.75],
-                        help="FLOP constraints c in (0, 1] to prune to (default: 0.4 0.5 0.75)")
+    parser.add_argument("--constraints", type=float, nargs="*", default=[0.4, 0.5, 0.75],
+                        help="FLOP constraints c in (0, 1] to prune to (default: 0.4 0.5 0.75; none to skip)")
+    parser.add_argument("--latency-constraints", type=float, nargs="*", default=[],
+                        help="latency constraints for the latency-budget rows (e.g. 0.75 0.5; default: none)")
+    parser.add_argument("--multiple-of", type=int, default=None,
+                        help="also search the latency-budget rows with widths at multiples of this (e.g. 64)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
     parser.add_argument("--image-size", type=int, default=224, help="image side in pixels (default: 224)")
     parser.add_argument("--runs", type=int, default=5, help="timed forward passes per model (default: 5)")
@@ -92,6 +108,70 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def synthetic_scores(config: CLIPVisionConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-normal head [L, H] and neuron [L, F] scores with per-layer scales; a head weighs about as much as
+    the 144 neurons of its MACs."""
+    generator = torch.Generator().manual_seed(seed)
+    layers, heads, neurons = config.num_hidden_layers, config.num_attention_heads, config.intermediate_size
+    layer_heads = torch.randn(layers, 1, generator=generator).exp()
+    layer_neurons = torch.randn(layers, 1, generator=generator).exp()
+    head_scores = 144 * layer_heads * (torch.randn(layers, heads, generator=generator) * 0.8).exp()
+    neuron_scores = layer_neurons * (torch.randn(layers, neurons, generator=generator) * 1.2).exp()
+    return head_scores, neuron_scores
+
+
+def flop_masks_at_latency(scores: tuple[torch.Tensor, torch.Tensor], macs, table: LatencyTable, latency: float):
+    """FLOP-constrained masks whose table latency is `latency` (bisection on the FLOP constraint)."""
+    low, high = 1e-3, 1.0
+    for _ in range(40):
+        middle = (low + high) / 2
+        result = search_masks(*scores, macs, middle)
+        widths = (result.head_mask.sum(1).long().tolist(), result.neuron_mask.sum(1).long().tolist())
+        low, high = (middle, high) if table.latency_of(*widths) <= latency else (low, middle)
+    result = search_masks(*scores, macs, low)
+    return result.head_mask, result.neuron_mask, result.objective, low
+
+
+def latency_budget_rows(args: argparse.Namespace, config: CLIPVisionConfig) -> tuple[dict, dict]:
+    """Masks of the latency-budget rows, and what each row reports beside its timing."""
+    table, cached = cached_latency_table(config, args.batch_size, attn_implementation=args.attn)
+    print(f"latency table {'read from the cache' if cached else 'measured'}: {table.key['device']}; dense "
+          f"{table.dense_s:.3f} s, empty tower {table.fixed_s:.3f} s, layer scale {table.scale:.2f}; "
+          f"attention fit {table.attention_fit}; MLP fit {table.mlp_fit}")
+    scores = synthetic_scores(config, args.seed)
+    macs = count_encoder_macs(config)
+    head_dim = config.hidden_size // config.num_attention_heads
+    masks, notes = {}, {}
+    for constraint in args.latency_constraints:
+        for multiple in [1] + ([args.multiple_of] if args.multiple_of else []):
+            result = search_layer_latency(*scores, table, constraint, head_dim, multiple)
+            name = "latency" if multiple == 1 else f"lat x{multiple}"
+            masks[(name, constraint)] = (result.head_mask, result.neuron_mask)
+            notes[(name, constraint)] = (result.objective, (table.fixed_s + result.cost) / table.dense_latency)
+            if multiple == 1:
+                head_mask, neuron_mask, objective, flops = flop_masks_at_latency(
+                    scores, macs, table, table.fixed_s + result.cost)
+                masks[("flops@lat", constraint)] = (head_mask, neuron_mask)
+                widths = (head_mask.sum(1).long().tolist(), neuron_mask.sum(1).long().tolist())
+                notes[("flops@lat", constraint)] = (objective, table.latency_of(*widths) / table.dense_latency)
+    return masks, notes
+
+
+def print_latency_budget_rows(notes: dict, masks: dict, seconds: dict[tuple, list[float]]) -> None:
+    header = (f"{'masks':<10} {'c':>5} {'heads':>5} {'neurons':>7} {'objective':>10} {'table ratio':>11} "
+              f"{'measured ratio':>14} {'measured/c':>10} {'neurons per layer'}")
+    print(header)
+    print("-" * len(header))
+    for (name, constraint), (objective, predicted) in notes.items():
+        head_mask, neuron_mask = masks[(name, constraint)]
+        measured = statistics.median(p / d for d, p in zip(seconds[("dense", 1.0)], seconds[(name, constraint)],
+                                                             strict=True))
+        widths = ",".join(str(int(row.count_nonzero())) for row in neuron_mask)
+        kept = f"{int(head_mask.count_nonzero()):>5} {int(neuron_mask.count_nonzero()):>7}"
+        print(f"{name:<10} {constraint:>5.2f} {kept} "
+              f"{objective:>10.1f} {predicted:>11.3f} {measured:>14.3f} {measured / constraint:>10.3f} {widths}")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads is not None:
@@ -100,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     config = CLIPVisionConfig(patch_size=16, image_size=args.image_size)
     dense = CLIPVisionModel._from_config(config, attn_implementation=args.attn).eval()
     pixel_values = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
+    budget_masks, budget_notes = latency_budget_rows(args, config) if args.latency_constraints else ({}, {})
     macs = count_encoder_macs(config)
     generator = torch.Generator().manual_seed(args.seed)
 
@@ -108,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         uniform = uniform_masks(config, constraint)
         rows[("uniform", constraint)] = uniform
         rows[("random", constraint)] = random_masks(*uniform, generator)
+    rows |= budget_masks
     models = {key: dense if key[0] == "dense" else prune_model(dense, *masks) for key, masks in rows.items()}
     load_before = os.getloadavg()[0]
     seconds = interleaved_seconds(models, pixel_values, args.warmup, args.runs)
@@ -123,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     print(header)
     print("-" * len(header))
     for (name, constraint), (head_mask, neuron_mask) in rows.items():
+        if (name, constraint) in budget_notes:
+            continue
         ratio = macs.of_masks(head_mask, neuron_mask) / macs.dense
         widths = ",".join(str(int(row.count_nonzero())) for row in head_mask) if name != "dense" else ""
         times = seconds[(name, constraint)]
@@ -130,6 +214,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name:<8} {constraint:>5.2f} {int(head_mask.count_nonzero()):>5} "
               f"{int(neuron_mask.count_nonzero()):>7} {widths:<38} {ratio:>10.3f} {1 / ratio:>7.2f} "
               f"{statistics.median(times):>8.3f} {measured:>10.2f} {measured * ratio:>10.2f}")
+
+    if budget_notes:
+        print(f"\nLatency budgets: measured ratio = median over runs of pruned time / dense time; table ratio = "
+              f"the latency table's prediction; objective = sum of kept scores; flops@lat = FLOP-constrained masks "
+              f"at the latency-budget row's table latency; load average now {os.getloadavg()[0]:.1f}")
+        print_latency_budget_rows(budget_notes, rows, seconds)
 
 
 if __name__ == "__main__":

@@ -198,6 +198,28 @@ def test_fisher_from_two_ddp_processes_equals_one(num_samples, tiny_clip_dir, ti
         torch.testing.assert_close(refits[1][key], refits[0][key], rtol=2e-3, atol=5e-4)
 
 
+def test_prune_under_a_latency_budget_with_widths_at_multiples(tiny_clip_dir, tiny_coco_root, tmp_path,
+                                                               monkeypatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    args = ("--constraint", "0.6", "--constraint_type", "latency", "--options.multiple_of", "8",
+            "--options.reconstruct", "none")
+    run_prune(tiny_clip_dir, tiny_coco_root, tmp_path / "run", *args)
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    table = json.loads((tmp_path / "run" / "latency_table.json").read_text())
+    assert report["constraint_type"] == "latency" and report["multiple_of"] == 8
+    assert len(report["steps"]) == 2  # iterative: 0.6 in two steps, the second among the first's units
+    assert report["latency"]["predicted_ratio"] <= 0.6
+    assert report["latency"]["dense_s"] == pytest.approx(table["dense_latency_s"])
+    assert table["key"]["batch_size"] == 4 and table["key"]["tokens"] == 26
+    assert all(n % 8 == 0 or n == 37 for n in report["kept"]["neurons_per_layer"])
+    assert len(list((tmp_path / "cache" / "clip_prune" / "latency").glob("*.json"))) == 1
+    # A second run reads the cached table: the same table, so the same masks.
+    run_prune(tiny_clip_dir, tiny_coco_root, tmp_path / "again", *args)
+    assert json.loads((tmp_path / "again" / "latency_table.json").read_text()) == table
+    for name in ("head_mask.pt", "neuron_mask.pt"):
+        assert torch.equal(torch.load(tmp_path / "again" / name), torch.load(tmp_path / "run" / name))
+
+
 def run_apply(model_dir: Path, data_root: Path, masks: Path, output_dir: Path, *extra: str) -> None:
     main(["apply", "--model.pretrained", str(model_dir), "--data.root", str(data_root), "--data.num_workers", "0",
           "--masks", str(masks), "--output_dir", str(output_dir), "--latency_repeats", "1", *extra])
@@ -226,6 +248,26 @@ def test_apply_reproduces_the_model_exported_by_prune(tiny_clip_dir, tiny_coco_r
     binary = load_file(tmp_path / "binary" / "model.safetensors")
     assert not torch.equal(binary["vision_model.encoder.layers.0.mlp.fc2.weight"],
                            exported["vision_model.encoder.layers.0.mlp.fc2.weight"])
+
+
+def test_apply_without_data_root_verifies_on_synthetic_images(tiny_clip_dir, tiny_coco_root, tmp_path) -> None:
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    torch.save(torch.tensor([[1.0, 0, 1, 0], [0, 1, 1, 1], [1, 1, 0, 0]]), masks / "head_mask.pt")
+    torch.save((torch.arange(37) % 4 != 0).float().repeat(3, 1), masks / "neuron_mask.pt")
+    main(["apply", "--model.pretrained", str(tiny_clip_dir), "--masks", str(masks), "--output_dir",
+          str(tmp_path / "no-data"), "--latency_repeats", "1"])
+    report = json.loads((tmp_path / "no-data" / "report.json").read_text())
+    assert report["verified_on"] == "synthetic images (no --data.root)"
+    assert report["equivalence"]["samples"] == 8 and report["equivalence"]["max_abs_diff"] <= 1e-5
+    assert "metrics" not in report
+    run_apply(tiny_clip_dir, tiny_coco_root, masks, tmp_path / "with-data")
+    with_data = load_file(tmp_path / "with-data" / "model.safetensors")
+    without = load_file(tmp_path / "no-data" / "model.safetensors")
+    assert with_data.keys() == without.keys() and all(torch.equal(with_data[k], without[k]) for k in with_data)
+    with pytest.raises(ValueError, match="--data.root is not set: calibration needs"):
+        main(["prune", "--config", str(CONFIG), "--model.pretrained", str(tiny_clip_dir), "--data.root", "null",
+              "--output_dir", str(tmp_path / "prune"), "--constraint", "0.5"])
 
 
 def test_apply_refuses_bad_masks(tiny_clip_dir, tiny_coco_root, tmp_path) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel, CLIPVisionModel
+from transformers import CLIPModel, CLIPVisionModel
 
 from clip_prune.data.coco import available_cores
 from clip_prune.model.masking import VisionMasks, vision_tower
@@ -21,6 +21,7 @@ from clip_prune.model.module import image_embeddings
 from clip_prune.pruning.export import prune_model, save_pruned
 from clip_prune.pruning.flops import count_encoder_macs
 from clip_prune.pruning.refit import RefitWeights, refit_applied
+from clip_prune.pruning.sharing import read_processor
 from clip_prune.pruning.structural import count_vision_flops, plan_from_masks
 
 EQUIVALENCE_TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
@@ -135,9 +136,8 @@ def export_pruned(model: CLIPModel | CLIPVisionModel, head_mask: torch.Tensor, n
             f"the pruned model's image embeddings differ from the masked model's by {difference:.3g} "
             f"(tolerance {tolerance:.3g} in {reference.dtype}); this is a bug in clip-prune, please report it"
         )
-    save_pruned(pruned, directory, plan_from_masks(head_mask, neuron_mask),
-                processor=AutoImageProcessor.from_pretrained(pretrained), overwrite=True)
-    _save_tokenizer(pretrained, directory)
+    save_pruned(pruned, directory, plan_from_masks(head_mask, neuron_mask), processor=read_processor(pretrained),
+                overwrite=True)
     return pruned, {
         "equivalence": {"max_abs_diff": difference, "tolerance": tolerance, "dtype": str(reference.dtype),
                         "samples": len(pixels)},
@@ -164,11 +164,3 @@ def measure_costs(dense: nn.Module, pruned: nn.Module, head_mask: torch.Tensor, 
         "latency_s": {**summarise_latency(dense_times, pruned_times, load, available_cores()),
                       "batch": len(pixels), "device": str(pixels.device)},
     }
-
-
-def _save_tokenizer(pretrained: str, directory: Path) -> None:
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(pretrained)
-    except (OSError, ValueError):
-        return  # a vision-only checkpoint has no tokenizer to carry over
-    tokenizer.save_pretrained(directory)

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -24,8 +24,10 @@ from clip_prune.model.module import MaskedCLIPModule
 from clip_prune.outputs import RunDirectory, link_or_copy
 from clip_prune.pruning.fisher import FisherStatistics, save_fisher
 from clip_prune.pruning.flops import EncoderMacs, count_encoder_macs
+from clip_prune.pruning.latency import LatencyTable, cached_latency_table, write_table
 from clip_prune.pruning.pipeline import PruningOptions, StepResult, prune_step
 from clip_prune.pruning.refit import REFIT_FILE, refit_applied, save_refit
+from clip_prune.pruning.search import SearchResult, WidthBudget
 from clip_prune.pruning.sensitivity import choose_head, keep_single_head
 from clip_prune.pruning.structural import plan_from_masks, write_plan
 from clip_prune.resume import statistics_provenance
@@ -78,10 +80,13 @@ class PruningCallback(L.Callback):
         options: stages, steps and reconstruction settings.
         statistics: statistics loaded from an earlier run (`--fisher`), used by the first step; None gathers them.
         cascade_top_m: also measure the pruned-then-dense search cascade re-ranking these top M.
+        constraint_type: `flops`, or `latency`: the constraint is a fraction of the dense tower's latency by a
+            table measured on the run's device (DESIGN.md, "Latency budget").
     """
 
     def __init__(self, run: RunDirectory, constraint: float | None, options: PruningOptions,
-                 statistics: FisherStatistics | None = None, cascade_top_m: list[int] | None = None) -> None:
+                 statistics: FisherStatistics | None = None, cascade_top_m: list[int] | None = None,
+                 constraint_type: Literal["flops", "latency"] = "flops") -> None:
         if constraint is not None:
             check_constraint(constraint)
         self.cascade_top_m = check_top_m(cascade_top_m)
@@ -90,6 +95,8 @@ class PruningCallback(L.Callback):
                              "--options.export true")
         self.run = run
         self.constraint = constraint
+        self.constraint_type = constraint_type
+        self.widths: WidthBudget | None = None
         self.options = options
         self.statistics = statistics
         self.constraints = [] if constraint is None else options.step_constraints(constraint)
@@ -138,17 +145,22 @@ class PruningCallback(L.Callback):
         """One pruning step on `stats`; logs its masks."""
         index = len(self.steps)
         previous = self.steps[-1] if self.steps else None
+        if index == 0 and (self.constraint_type == "latency" or self.options.multiple_of > 1):
+            config = pl_module.vision_config
+            table = self._latency_table(trainer, pl_module) if self.constraint_type == "latency" else None
+            self.widths = WidthBudget(config.hidden_size // config.num_attention_heads, self.options.multiple_of,
+                                      table)
         result = prune_step(
             pl_module.model, stats, count_encoder_macs(pl_module.vision_config), self.constraints[index],
             self.options, self._calibration_batches(trainer, pl_module),
             kept=None if previous is None else (previous.head_mask, previous.neuron_mask),
             all_reduce=lambda t: trainer.strategy.reduce(t, reduce_op="sum") if trainer.world_size > 1 else t,
-            progress=trainer.is_global_zero,
+            progress=trainer.is_global_zero, widths=self.widths,
         )
         self.steps.append(result)
         for stage, seconds in result.timings.items():
             self._add_time(stage, seconds)
-        if index == 0:
+        if index == 0 and isinstance(result.search, SearchResult):
             log_search_curve(trainer, result.search.objective_curve, result.search.num_heads)
         for number, (stage, masks) in enumerate(result.stage_masks.items(), start=1):
             log_masks(trainer, stage if len(self.constraints) == 1 else f"step{index + 1}_{stage}", number, *masks)
@@ -188,7 +200,33 @@ class PruningCallback(L.Callback):
             "steps": [step.report(constraint, macs) for step, constraint in zip(self.steps, self.constraints,
                                                                                strict=True)],
             "warnings": [warning for step in self.steps for warning in step.warnings],
+            **self._budget_report(last),
         }
+
+    def _budget_report(self, last: StepResult) -> dict[str, Any]:
+        """The report's constraint type and, under a latency budget, the table's latency of the final masks."""
+        report: dict[str, Any] = {"constraint_type": self.constraint_type, "multiple_of": self.options.multiple_of}
+        table = None if self.widths is None else self.widths.latency
+        if table is not None:
+            predicted = table.latency_of((last.head_mask != 0).sum(1).tolist(), (last.neuron_mask != 0).sum(1).tolist())
+            report["latency"] = {"table": "latency_table.json", "batch_size": table.key["batch_size"],
+                                 "device": table.key["device"], "dense_s": table.dense_latency,
+                                 "predicted_s": predicted, "predicted_ratio": predicted / table.dense_latency}
+        return report
+
+    def _latency_table(self, trainer: L.Trainer, pl_module: MaskedCLIPModule) -> LatencyTable:
+        """The run's latency table: measured (or read from the cache) on rank zero, saved in the run, shared."""
+        table = None
+        if trainer.is_global_zero:
+            datamodule = trainer.datamodule
+            batch_size = datamodule.hparams.batch_size if datamodule is not None else 8
+            table, cached = cached_latency_table(
+                pl_module.vision_config, batch_size, pl_module.device, next(pl_module.model.parameters()).dtype,
+                pl_module.model.config._attn_implementation)
+            print(f"clip-prune: latency table {'read from the cache' if cached else 'measured'} "
+                  f"({table.key['device']}, batch {batch_size})")
+            write_table(table, self.run.file("latency_table.json"))
+        return trainer.strategy.broadcast(table)
 
     def _export(self, trainer: L.Trainer, pl_module: MaskedCLIPModule) -> tuple[Any, dict[str, Any]]:
         """Slice, verify and save the pruned model into OUTPUT_DIR/pruned."""

@@ -6,7 +6,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -26,7 +26,7 @@ from clip_prune.console import (
     user_error,
 )
 from clip_prune.data.coco import CocoDataModule
-from clip_prune.data.synthetic import write_synthetic_coco
+from clip_prune.data.synthetic import synthetic_pixels, write_synthetic_coco
 from clip_prune.evaluation import Evaluator
 from clip_prune.model.masking import mask_shapes, vision_tower
 from clip_prune.model.module import MaskedCLIPModule
@@ -62,6 +62,13 @@ def resolve_pruned(path: str) -> str:
     return str(inner) if not (Path(path) / "config.json").exists() and (inner / "config.json").is_file() else path
 
 
+def verification_pixels(datamodule: CocoDataModule, image_size: int, count: int = 8) -> tuple[torch.Tensor, str]:
+    """Images to check the pruned model on: calibration images, or synthetic ones without --data.root."""
+    if datamodule.hparams.root is not None:
+        return datamodule.sample_pixels(count), "calibration images"
+    return synthetic_pixels(count, image_size, datamodule.image_processor()), "synthetic images (no --data.root)"
+
+
 class LoggerConfigCallback(SaveConfigCallback):
     """Lightning's config saver, but only into a logger's folder: without a logger it would write
     ./config.yaml over whatever is there; every run directory gets its own config.yaml anyway."""
@@ -91,12 +98,14 @@ class ClipPruneTrainer(L.Trainer):
         overwrite: bool = False,
         options: PruningOptions | None = None,
         cascade_top_m: list[int] | None = None,
+        constraint_type: Literal["flops", "latency"] = "flops",
     ) -> None:
         """Gather Fisher information on calibration data, then search, rearrange and reconstruct, in steps.
 
         Args:
-            constraint: fraction of the vision encoder's FLOPs to keep, in (0, 1]; leave it out to
-                only gather the statistics (fisher.safetensors) for later `--fisher` runs.
+            constraint: fraction of the vision encoder's FLOPs (or latency, see --constraint_type) to
+                keep, in (0, 1]; leave it out to only gather the statistics (fisher.safetensors) for
+                later `--fisher` runs.
             output_dir: run directory to write (refused if it exists, unless --overwrite).
             fisher: fisher.safetensors of an earlier run: skip the first gradient pass and reuse it (linked
                 into the run, keeping its own metadata; later steps of iterative pruning gather their own).
@@ -106,10 +115,12 @@ class ClipPruneTrainer(L.Trainer):
             options: pruning stages, steps and reconstruction settings (see `--options.help PruningOptions`).
             cascade_top_m: also evaluate text-to-image search where the pruned model ranks the gallery
                 and the dense model re-ranks each caption's top M, for each M given (e.g. '[10, 50]').
+            constraint_type: `flops` (analytic MACs) or `latency`: a fraction of the dense tower's latency,
+                measured on the run's device at the data batch size (latency_table.json, cached).
         """
         run = RunDirectory(output_dir, overwrite=overwrite)
         callback = PruningCallback(run, constraint, options or PruningOptions(),  # checks the constraint
-                                   cascade_top_m=cascade_top_m)
+                                   cascade_top_m=cascade_top_m, constraint_type=constraint_type)
         model.check_loss(tokenizer_available=datamodule.tokenizer() is not None)
         all_batches = self.limit_val_batches
         resumed = None
@@ -170,11 +181,11 @@ class ClipPruneTrainer(L.Trainer):
         dense = model.model.to(device)
         model.masks.remove()
         with run.abandoned_on_error():
-            pixels = datamodule.sample_pixels(8).to(device)
+            pixels, verified_on = verification_pixels(datamodule, model.vision_config.image_size)
             pruned, report = export_pruned(dense, head_mask, neuron_mask, run.staging, model.hparams.pretrained,
-                                           pixels, latency_repeats, refit)
+                                           pixels.to(device), latency_repeats, refit)
             save_resolved_config(self, run)
-            report = {"model": model.hparams.pretrained, "masks": str(masks), **report}
+            report = {"model": model.hparams.pretrained, "masks": str(masks), "verified_on": verified_on, **report}
             if datamodule.has_evaluation_data():
                 evaluator = Evaluator(datamodule, device)
                 report["metrics"] = evaluator.compare(dense, pruned, cascade_top_m)
@@ -206,9 +217,11 @@ class ClipPruneTrainer(L.Trainer):
         if output_json is not None and Path(output_json).exists() and not overwrite:
             raise FileExistsError(f"{output_json} exists; choose another --output_json or pass --overwrite true")
         if not datamodule.has_evaluation_data():
+            root = datamodule.hparams.root
             raise FileNotFoundError(
-                f"no evaluation data: {Path(datamodule.hparams.root) / datamodule.hparams.val_captions} does not "
-                "exist and --data.zero_shot_root is not set"
+                "no evaluation data: " + ("--data.root is not set" if root is None else
+                                          f"{Path(root) / datamodule.hparams.val_captions} does not exist")
+                + " and --data.zero_shot_root is not set"
             )
         device = self.strategy.root_device
         if pruned is not None:
@@ -317,8 +330,36 @@ def make_demo_data(root: str = "demo_data", num_train: int = 2000, num_val: int 
     print(f"clip-prune: wrote the demo data set to {path}")
 
 
+def export_onnx(pruned: str, output: str | None = None, batch_size: int = 8, latency_repeats: int = 10,
+                overwrite: bool = False) -> dict[str, Any]:
+    """Export a pruned model's vision tower to ONNX (dynamic batch), check it under onnxruntime, time it.
+
+    Args:
+        pruned: directory written by `clip-prune prune` (DIR/pruned) or `clip-prune apply`.
+        output: ONNX file to write; PRUNED/onnx/model.onnx if not given. The report (parity,
+            onnxruntime latency of the dense shapes vs the pruned model) goes beside it as
+            OUTPUT_report.json.
+        batch_size: images per batch for the parity check (also run at batch 1) and the latency.
+        latency_repeats: timed onnxruntime runs per model.
+        overwrite: replace an existing output file.
+    """
+    from clip_prune.onnx_export import export_pruned_onnx  # needs the optional onnx extra
+
+    path = Path(output) if output is not None else Path(pruned) / "onnx" / "model.onnx"
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; choose another --output or pass --overwrite true")
+    report = export_pruned_onnx(pruned, path, batch_size, latency_repeats)
+    write_json_atomically(path.with_name(f"{path.stem}_report.json"), report, overwrite=True)
+    print(format_summary(report))
+    print(f"  onnxruntime vs PyTorch: max abs diff {report['parity']['max_abs_diff']:.2g} "
+          f"(tolerance {report['parity']['tolerance']:.2g})")
+    print(f"clip-prune: wrote {path}")
+    return report
+
+
 EXTRA_COMMANDS = {
     "make-demo-data": "write the synthetic COCO-format demo data set",
+    "export-onnx": "write a pruned model's vision tower as ONNX, checked with onnxruntime",
     "fit": "train a CLIP contrastively (builds the demo model: --config configs/demo_train.yaml)",
 }
 
@@ -355,6 +396,9 @@ def _dispatch(argv: list[str], args: list[str] | None) -> None:
     set_parsing_settings(docstring_parse_attribute_docstrings=any(arg.endswith("help") for arg in argv))
     if argv[:1] == ["make-demo-data"]:
         CLI(make_demo_data, args=argv[1:], prog="clip-prune make-demo-data")
+        return
+    if argv[:1] == ["export-onnx"]:
+        CLI(export_onnx, args=argv[1:], prog="clip-prune export-onnx", as_positional=False)
         return
     if argv[:1] == ["fit"]:
         from clip_prune.model.training import TrainingCLI

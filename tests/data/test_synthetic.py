@@ -5,8 +5,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from transformers import CLIPImageProcessor
 
-from clip_prune.data.synthetic import _captions, _sample_scene, caption_vocabulary, write_synthetic_coco
+from clip_prune.data.synthetic import (
+    _captions,
+    _sample_scene,
+    caption_vocabulary,
+    synthetic_pixels,
+    write_synthetic_coco,
+)
 
 SPLITS = ("train2017", "val2017")
 
@@ -89,3 +96,12 @@ def test_zero_shot_tree_is_an_image_folder_per_shape(tmp_path) -> None:
     assert classes == sorted(["circle", "square", "triangle", "star", "cross"])
     assert all(len(list((root / "zeroshot" / name).glob("*.jpg"))) == 3 for name in classes)
     assert set(classes) <= set(caption_vocabulary())
+
+
+def test_synthetic_pixels_are_deterministic_processed_images_of_the_input_size():
+    processor = CLIPImageProcessor(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30})
+    pixels = synthetic_pixels(5, 30, processor, seed=2)
+    assert pixels.shape == (5, 3, 30, 30)
+    assert np.array_equal(pixels.numpy(), synthetic_pixels(5, 30, processor, seed=2).numpy())
+    assert not np.array_equal(pixels.numpy(), synthetic_pixels(5, 30, processor, seed=3).numpy())
+    assert pixels.std(dim=(1, 2, 3)).min() > 0.1  # drawn scenes, not blank images

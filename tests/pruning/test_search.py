@@ -1,4 +1,4 @@
-"""Tests of the FLOP-constrained mask search (DESIGN.md, "FLOP-constrained search")."""
+"""Tests of the mask searches: FLOP-constrained (global ranking) and per-layer widths under cost tables."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from transformers import CLIPVisionConfig
 
 from clip_prune.pruning.flops import EncoderMacs, count_encoder_macs
-from clip_prune.pruning.search import search_masks
+from clip_prune.pruning.search import allowed_widths, search_layer_macs, search_layer_widths, search_masks
 
 
 def _macs(layers: int, heads: int, neurons: int, per_head: int, per_neuron: int) -> EncoderMacs:
@@ -185,3 +185,87 @@ def test_search_refuses_candidates_of_another_shape():
     macs = _macs(2, 2, 3, per_head=7, per_neuron=3)
     with pytest.raises(ValueError, match="candidates have shapes"):
         search_masks(torch.rand(2, 2), torch.rand(2, 3), macs, 0.5, (torch.ones(2, 3), torch.ones(2, 3)))
+
+
+def _brute_force_widths(head_scores, neuron_scores, head_costs, neuron_costs, budget, resolution, counts):
+    """Best objective over every choice of per-layer counts whose costs, rounded up to budget/resolution
+    steps as the search rounds them, fit in resolution - 1 steps."""
+    step = budget / resolution
+    layers = head_scores.shape[0]
+    parts = [(head_scores, head_costs, counts[0]), (neuron_scores, neuron_costs, counts[1])]
+    options = []  # per (part, layer): list of (steps, value)
+    for scores, costs, allowed in parts:
+        for layer in range(layers):
+            top = scores[layer].double().sort(descending=True).values
+            options.append([(math.ceil(float(costs[layer, k]) / step), float(top[:k].sum())) for k in allowed])
+    best = -math.inf
+    for choice in itertools.product(*options):
+        if sum(steps for steps, _ in choice) <= resolution - 1:
+            best = max(best, sum(value for _, value in choice))
+    return best
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), fraction=st.floats(0.05, 1.0), multiple=st.sampled_from([1, 2]))
+def test_width_search_is_optimal_and_within_budget(seed: int, fraction: float, multiple: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    layers, heads, neurons, resolution = 2, 3, 4, 40
+    head_scores, neuron_scores = torch.rand(layers, heads, generator=generator), torch.rand(layers, neurons,
+                                                                                           generator=generator)
+    # Per-layer, non-linear costs: a jump for the first unit, then uneven increments.
+    head_costs = torch.rand(layers, heads + 1, generator=generator).double().cumsum(1)
+    neuron_costs = torch.rand(layers, neurons + 1, generator=generator).double().cumsum(1)
+    head_costs[:, 0] = neuron_costs[:, 0] = 0
+    budget = fraction * float(head_costs[:, -1].sum() + neuron_costs[:, -1].sum())
+    counts = (allowed_widths(heads, 1, multiple), allowed_widths(neurons, 1, multiple))
+    result = search_layer_widths(head_scores, neuron_scores, head_costs, neuron_costs, budget, *counts,
+                                 resolution=resolution)
+    cost = (sum(float(head_costs[layer, h]) for layer, h in enumerate(result.heads_per_layer))
+            + sum(float(neuron_costs[layer, n]) for layer, n in enumerate(result.neurons_per_layer)))
+    assert cost <= budget and result.cost == pytest.approx(cost)
+    assert result.objective == pytest.approx(
+        _brute_force_widths(head_scores, neuron_scores, head_costs, neuron_costs, budget, resolution, counts))
+    assert result.head_mask.sum(1).tolist() == result.heads_per_layer
+    # Each layer keeps its top-scored units.
+    for layer, count in enumerate(result.neurons_per_layer):
+        kept = neuron_scores[layer][result.neuron_mask[layer] == 1]
+        dropped = neuron_scores[layer][result.neuron_mask[layer] == 0]
+        assert count == len(kept) and (len(dropped) == 0 or len(kept) == 0 or kept.min() >= dropped.max())
+
+
+def test_allowed_widths_are_multiples_or_dense() -> None:
+    assert allowed_widths(37, 1, 8) == [0, 8, 16, 24, 32, 37]
+    assert allowed_widths(4, 6, 4) == [0, 2, 4]  # heads of 6 columns: widths 0, 12, 24
+    assert allowed_widths(12, 64, 64) == list(range(13))
+
+
+@pytest.mark.parametrize("multiple_of", [8, 16])
+def test_multiple_of_keeps_neuron_widths_at_multiples_within_the_flop_budget(multiple_of: int) -> None:
+    config = CLIPVisionConfig(image_size=30, patch_size=6, hidden_size=32, num_hidden_layers=3,
+                              num_attention_heads=4, intermediate_size=37)
+    macs = count_encoder_macs(config)
+    generator = torch.Generator().manual_seed(3)
+    head_scores, neuron_scores = torch.rand(3, 4, generator=generator), torch.rand(3, 37, generator=generator)
+    for constraint in (0.3, 0.55, 0.8):
+        result = search_layer_macs(head_scores, neuron_scores, macs, constraint, head_dim=8, multiple_of=multiple_of)
+        assert all(n % multiple_of == 0 or n == 37 for n in result.neurons_per_layer)
+        assert macs.of_masks(result.head_mask, result.neuron_mask) <= constraint * macs.dense
+        free = search_masks(head_scores, neuron_scores, macs, constraint)
+        assert result.objective <= free.objective + 1e-9  # the free global search is optimal for linear costs
+
+
+def test_width_search_keeps_only_candidates() -> None:
+    generator = torch.Generator().manual_seed(4)
+    head_scores, neuron_scores = torch.rand(3, 4, generator=generator), torch.rand(3, 37, generator=generator)
+    heads_allowed = torch.rand(3, 4, generator=generator) < 0.6
+    neurons_allowed = torch.rand(3, 37, generator=generator) < 0.6
+    head_costs = torch.arange(5).double().expand(3, -1) * 10
+    neuron_costs = torch.arange(38).double().expand(3, -1)
+    for fraction in (0.3, 0.7, 1.0):
+        budget = fraction * float(head_costs[:, -1].sum() + neuron_costs[:, -1].sum())
+        result = search_layer_widths(head_scores, neuron_scores, head_costs, neuron_costs, budget,
+                                     candidates=(heads_allowed, neurons_allowed))
+        assert not (result.head_mask.bool() & ~heads_allowed).any()
+        assert not (result.neuron_mask.bool() & ~neurons_allowed).any()
+        assert result.cost <= budget
+    assert result.head_mask.bool().equal(heads_allowed) and result.neuron_mask.bool().equal(neurons_allowed)

@@ -204,7 +204,8 @@ def test_save_and_reload(model_kind: str, tmp_path: Path) -> None:
     output = save_pruned(pruned, tmp_path / "out" / "pruned", plan, processor=processor)
 
     files = {path.name for path in output.iterdir()}
-    assert files == {"config.json", "model.safetensors", PLAN_FILE, "preprocessor_config.json"}
+    assert files == {"config.json", "model.safetensors", PLAN_FILE, "preprocessor_config.json",
+                     "configuration_clip_pruned.py", "modeling_clip_pruned.py"}
     assert [path.name for path in tmp_path.joinpath("out").iterdir()] == ["pruned"], "staging dir left behind"
     assert read_plan(output / PLAN_FILE) == plan
     assert CLIPImageProcessor.from_pretrained(output).crop_size == processor.crop_size

@@ -170,7 +170,8 @@ class CocoDataModule(L.LightningDataModule):
     """COCO-captions calibration samples (the validation loop) and evaluation split (retrieval metrics).
 
     Args:
-        root: folder holding the image folders and `annotations/`.
+        root: folder holding the image folders and `annotations/`; only `apply` runs without it
+            (it then verifies the pruned model on synthetic images).
         pretrained: checkpoint whose image processor and tokenizer prepare the data (linked
             from `--model.pretrained` by the CLI).
         num_samples: image–caption pairs drawn for calibration, one caption per image, without
@@ -193,8 +194,8 @@ class CocoDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        root: str,
-        pretrained: str,
+        root: str | None = None,
+        pretrained: str | None = None,
         num_samples: int = 8192,
         seed: int = 1,
         batch_size: int = 32,
@@ -211,6 +212,8 @@ class CocoDataModule(L.LightningDataModule):
         super().__init__()
         if num_samples < 1:
             raise ValueError(f"--data.num_samples must be at least 1, got {num_samples}")
+        if pretrained is None:  # the CLI links it from --model.pretrained; optional only so root can come first
+            raise ValueError("CocoDataModule needs pretrained, the checkpoint whose processor prepares the images")
         if batch_size < 1:
             raise ValueError(f"--data.batch_size must be at least 1, got {batch_size}")
         if num_workers is not None and num_workers < 0:
@@ -232,6 +235,11 @@ class CocoDataModule(L.LightningDataModule):
     def _calibration_pairs(self, count: int) -> ImageItems:
         """`count` image–caption pairs of the calibration split, drawn with the seed and checked."""
         hp = self.hparams
+        if hp.root is None:
+            raise ValueError(
+                "--data.root is not set: calibration needs COCO-format image-caption data (a folder with "
+                f"{hp.train_images}/ and {hp.train_captions}); `clip-prune make-demo-data` writes a small one"
+            )
         images = read_coco_captions(Path(hp.root), hp.train_images, hp.train_captions)
         if not images:
             raise ValueError(f"{Path(hp.root) / hp.train_captions} lists no image with a caption")
@@ -297,7 +305,11 @@ class CocoDataModule(L.LightningDataModule):
     def has_evaluation_data(self) -> bool:
         """Whether the evaluation split (or a zero-shot tree) is there to measure what pruning costs."""
         hp = self.hparams
-        return (Path(hp.root) / hp.val_captions).is_file() or hp.zero_shot_root is not None
+        return self._has_retrieval_split() or hp.zero_shot_root is not None
+
+    def _has_retrieval_split(self) -> bool:
+        hp = self.hparams
+        return hp.root is not None and (Path(hp.root) / hp.val_captions).is_file()
 
     def retrieval_split(self) -> RetrievalSplit | None:
         """The evaluation split's images and all their captions, checked; None when it is absent."""
@@ -305,7 +317,7 @@ class CocoDataModule(L.LightningDataModule):
 
     def _read_retrieval_split(self) -> RetrievalSplit | None:
         hp = self.hparams
-        if not (Path(hp.root) / hp.val_captions).is_file():
+        if not self._has_retrieval_split():
             return None
         images = read_coco_captions(Path(hp.root), hp.val_images, hp.val_captions)
         if hp.eval_samples is not None:

@@ -8,8 +8,10 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 _SHAPES = ("circle", "square", "triangle", "star", "cross")
@@ -121,6 +123,17 @@ def _draw_scene(scene: _Scene, image_size: int, rng: np.random.Generator) -> Ima
         pixels = np.asarray(image, dtype=np.int16) + rng.integers(-12, 13, (image_size, image_size, 1))
         image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
     return image
+
+
+def synthetic_pixels(count: int, image_size: int, processor: Any, seed: int = 0) -> torch.Tensor:
+    """`count` demo scenes drawn at `image_size` px and run through `processor`: [count, 3, S, S] pixel values.
+
+    Identical for a seed, for checks that need some images but no data set (`clip-prune apply`
+    without `--data.root`).
+    """
+    rng = np.random.default_rng(seed)
+    images = [_draw_scene(_sample_scene(rng), image_size, rng) for _ in range(count)]
+    return processor(images=images, return_tensors="pt")["pixel_values"]
 
 
 def _article(phrase: str) -> str:

@@ -3,8 +3,8 @@
 DESIGN.md, "Physical pruning and the saved model": a Hugging Face-style directory with
 safetensors weights, a config recording each layer's head and neuron counts, the
 processor files and the plan (`plan.json`). transformers 5 cannot load per-layer widths
-into `CLIPModel`, so the config subclasses below record them and the model subclasses
-resize the dense structure before `from_pretrained` fills in the weights.
+into `CLIPModel`, so the config and model classes of `clip_prune.hub` record them, and travel
+with the directory as remote code (`pruning/sharing.py`).
 """
 
 import copy
@@ -16,25 +16,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub.dataclasses import strict
 from transformers import (
     AutoConfig,
     AutoModel,
+    AutoModelForZeroShotImageClassification,
     CLIPConfig,
     CLIPModel,
-    CLIPTextConfig,
     CLIPVisionConfig,
     CLIPVisionModel,
 )
-from transformers import initialization as init
 from transformers.initialization import no_init_weights
 
+from clip_prune.hub import PrunedCLIPConfig, PrunedCLIPModel, PrunedCLIPVisionConfig, PrunedCLIPVisionModel
 from clip_prune.model.masking import mask_shapes, vision_tower
 from clip_prune.pruning.refit import RefitWeights, write_refit
+from clip_prune.pruning.sharing import write_remote_code
 from clip_prune.pruning.structural import (
-    Bias,
-    ConstantAttention,
-    ConstantMLP,
     LayerPlan,
     check_masks,
     plan_from_masks,
@@ -46,137 +43,14 @@ PLAN_FILE = "plan.json"
 """Name of the pruning plan inside a saved pruned-model directory."""
 
 
-@strict
-class PrunedCLIPVisionConfig(CLIPVisionConfig):
-    r"""
-    Configuration of a CLIP vision tower whose encoder layers keep their own numbers of heads and neurons.
-
-    Takes every argument of [`CLIPVisionConfig`], which describe the dense model the pruned one was cut
-    from (`num_attention_heads` H and `intermediate_size` F stay the dense sizes, and the head size stays
-    `hidden_size // num_attention_heads`), plus:
-
-    Args:
-        heads_per_layer (`list[int]`, *optional*, defaults to `num_attention_heads` for every layer):
-            Number of attention heads kept by each of the `num_hidden_layers` encoder layers, from 0 to H.
-        neurons_per_layer (`list[int]`, *optional*, defaults to `intermediate_size` for every layer):
-            Number of MLP neurons kept by each encoder layer, from 0 to F.
-    """
-
-    model_type = "clip_pruned_vision_model"
-
-    heads_per_layer: list[int] | None = None
-    neurons_per_layer: list[int] | None = None
-
-    def __post_init__(self, **kwargs: Any) -> None:
-        if self.heads_per_layer is None:
-            self.heads_per_layer = [self.num_attention_heads] * self.num_hidden_layers
-        if self.neurons_per_layer is None:
-            self.neurons_per_layer = [self.intermediate_size] * self.num_hidden_layers
-        super().__post_init__(**kwargs)
-
-    def validate_widths(self) -> None:
-        """Part of `@strict` validation: one width per layer, each within the dense size."""
-        for name, widths, dense in (("heads_per_layer", self.heads_per_layer, self.num_attention_heads),
-                                    ("neurons_per_layer", self.neurons_per_layer, self.intermediate_size)):
-            if len(widths) != self.num_hidden_layers:
-                raise ValueError(
-                    f"{name} has {len(widths)} entries but num_hidden_layers is {self.num_hidden_layers}"
-                )
-            if not all(0 <= width <= dense for width in widths):
-                raise ValueError(f"{name} must lie in [0, {dense}], got {widths}")
-
-
-@strict
-class PrunedCLIPConfig(CLIPConfig):
-    r"""
-    Configuration of a CLIP model whose vision tower is pruned: a [`CLIPConfig`] with a pruned vision config.
-
-    Args:
-        text_config (`dict` or `CLIPTextConfig`, *optional*):
-            Options of the text tower, which pruning leaves untouched; CLIPTextConfig's defaults if None.
-        vision_config (`dict` or `PrunedCLIPVisionConfig`, *optional*):
-            Options of the vision tower, with its per-layer widths; a dense ViT-B/32 layout if None.
-        projection_dim (`int`, *optional*, defaults to 512):
-            Dimensionality of the text and vision projection layers.
-        logit_scale_init_value (`float`, *optional*, defaults to 2.6592):
-            Initial value of the *logit_scale* parameter.
-        initializer_factor (`float`, *optional*, defaults to 1.0):
-            Factor applied to all weight initialisations.
-    """
-
-    model_type = "clip_pruned"
-    sub_configs_defaults = {"vision_config": PrunedCLIPVisionConfig, "text_config": CLIPTextConfig}
-
-    def validate_pruned_vision(self) -> None:
-        """Part of `@strict` validation: the vision config must record the per-layer widths."""
-        if not isinstance(self.vision_config, PrunedCLIPVisionConfig):
-            raise TypeError(
-                "vision_config must be a PrunedCLIPVisionConfig (or a dict), got "
-                f"{type(self.vision_config).__name__}; build it with config_from_plan"
-            )
-
-
-def _resize_layers(vision: CLIPVisionModel, config: PrunedCLIPVisionConfig) -> None:
-    """Give each layer of the dense `vision` the widths recorded in `config`, with new (unset) weights."""
-    for layer, heads, neurons in zip(vision.encoder.layers, config.heads_per_layer, config.neurons_per_layer,
-                                     strict=True):
-        attention, mlp = layer.self_attn, layer.mlp
-        hidden, head_dim = attention.embed_dim, attention.head_dim
-        if heads == 0:
-            layer.self_attn = ConstantAttention(torch.empty(hidden))
-        elif heads != attention.num_heads:
-            attention.q_proj = torch.nn.Linear(hidden, heads * head_dim)
-            attention.k_proj = torch.nn.Linear(hidden, heads * head_dim)
-            attention.v_proj = torch.nn.Linear(hidden, heads * head_dim)
-            attention.out_proj = torch.nn.Linear(heads * head_dim, hidden)
-            attention.num_heads = heads
-        if neurons == 0:
-            layer.mlp = ConstantMLP(torch.empty(hidden))
-        elif neurons != mlp.fc1.out_features:
-            mlp.fc1 = torch.nn.Linear(hidden, neurons)
-            mlp.fc2 = torch.nn.Linear(neurons, hidden)
-
-
-class PrunedCLIPVisionModel(CLIPVisionModel):
-    """A CLIPVisionModel whose layers have the widths of `config.heads_per_layer` and `neurons_per_layer`.
-
-    Builds the dense structure, then swaps in narrower projections (or constant modules
-    for layers with no heads or neurons); `from_pretrained` fills in the weights.
-    """
-
-    config: PrunedCLIPVisionConfig
-
-    def __init__(self, config: PrunedCLIPVisionConfig) -> None:
-        super().__init__(config)
-        _resize_layers(self, config)
-        # Again, so the swapped-in modules are initialised (from_pretrained skips this on the meta device).
-        self.post_init()
-
-    def _init_weights(self, module: torch.nn.Module) -> None:
-        super()._init_weights(module)
-        # The Bias module itself, not ConstantAttention/ConstantMLP: transformers treats this
-        # class as custom code and skips modules without parameters of their own.
-        if isinstance(module, Bias):
-            init.zeros_(module.bias)
-
-
-class PrunedCLIPModel(CLIPModel):
-    """A CLIPModel whose vision tower is a `PrunedCLIPVisionModel`; the text tower is CLIP's own."""
-
-    config: PrunedCLIPConfig
-
-    def __init__(self, config: PrunedCLIPConfig) -> None:
-        super().__init__(config)
-        self.vision_model = PrunedCLIPVisionModel._from_config(config.vision_config)
-        self.post_init()
-
-
 def register_pruned_models() -> None:
     """Let `AutoConfig` and `AutoModel` load pruned directories (called when `clip_prune` is imported)."""
     AutoConfig.register(PrunedCLIPVisionConfig.model_type, PrunedCLIPVisionConfig, exist_ok=True)
     AutoConfig.register(PrunedCLIPConfig.model_type, PrunedCLIPConfig, exist_ok=True)
     AutoModel.register(PrunedCLIPVisionConfig, PrunedCLIPVisionModel, exist_ok=True)
     AutoModel.register(PrunedCLIPConfig, PrunedCLIPModel, exist_ok=True)
+    # What transformers' zero-shot-image-classification pipeline loads, as it does for CLIPModel.
+    AutoModelForZeroShotImageClassification.register(PrunedCLIPConfig, PrunedCLIPModel, exist_ok=True)
 
 
 def _pruned_vision_config(config: CLIPVisionConfig, plan: list[LayerPlan]) -> PrunedCLIPVisionConfig:
@@ -268,6 +142,7 @@ def save_pruned(model: PrunedCLIPModel | PrunedCLIPVisionModel, output_dir: str 
     staging.mkdir()
     try:
         model.save_pretrained(staging)
+        write_remote_code(staging, model)
         write_plan(plan, staging / PLAN_FILE)
         if processor is not None:
             processor.save_pretrained(staging)

@@ -21,7 +21,7 @@ from clip_prune.pruning.flops import EncoderMacs
 from clip_prune.pruning.rearrange import rearrange_mask
 from clip_prune.pruning.reconstruct import Reconstruction, reconstruct
 from clip_prune.pruning.refit import RefitWeights
-from clip_prune.pruning.search import SearchResult, search_masks
+from clip_prune.pruning.search import SearchResult, WidthBudget, WidthSearchResult, search_masks
 
 
 @dataclass(frozen=True)
@@ -57,9 +57,14 @@ class PruningOptions:
     """At the last layer, reconstruct only the CLS token (the one CLIP pools)."""
     export: bool = True
     """Slice the weights and save the smaller model into OUTPUT_DIR/pruned."""
+    multiple_of: int = 1
+    """Keep each layer's widths (heads x head size, neurons) at multiples of this (e.g. 8 or 64 for GPU
+    matmuls), or dense; 1 leaves them free."""
 
     def __post_init__(self) -> None:
         problems = []
+        if self.multiple_of < 1:
+            problems.append(f"--options.multiple_of must be >= 1, got {self.multiple_of}")
         if self.damping < 0:
             problems.append(f"--options.damping must be >= 0, got {self.damping}")
         if self.reconstruct_samples < 1:
@@ -89,7 +94,7 @@ class StepResult:
     """[L, F] float32, same convention."""
     refit: RefitWeights
     """Refit columns of the kept units (empty unless `weights`)."""
-    search: SearchResult
+    search: SearchResult | WidthSearchResult
     stage_masks: dict[str, tuple[torch.Tensor, torch.Tensor]]
     """Masks after `search`, `rearrange` and `reconstruct` (those that ran), for plots."""
     reconstruction: Reconstruction | None
@@ -130,6 +135,7 @@ def prune_step(
     kept: tuple[torch.Tensor, torch.Tensor] | None = None,
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     progress: bool = False,
+    widths: WidthBudget | None = None,
 ) -> StepResult:
     """Search the masks for `constraint` among the `kept` units, rearrange and reconstruct them.
 
@@ -143,11 +149,14 @@ def prune_step(
         kept: ([L, H], [L, F]) units the previous step kept (non-zero); None: all.
         all_reduce: sum across DDP ranks, for reconstruction (None: one process).
         progress: show progress bars.
+        widths: search each layer's widths within a latency table or at multiples (`WidthBudget`);
+            None: the global FLOP-constrained ranking (`search_masks`).
     """
     timings: dict[str, float] = {}
     candidates = None if kept is None else (kept[0] != 0, kept[1] != 0)
-    search = _timed(timings, "search", lambda: search_masks(stats.head_fisher, stats.neuron_fisher, macs,
-                                                            constraint, candidates))
+    searcher = search_masks if widths is None else widths.search
+    search = _timed(timings, "search", lambda: searcher(stats.head_fisher, stats.neuron_fisher, macs,
+                                                        constraint, candidates))
     head_mask, neuron_mask = search.head_mask, search.neuron_mask
     stage_masks = {"search": (head_mask, neuron_mask)}
     if options.rearrange:
@@ -161,7 +170,7 @@ def prune_step(
         return StepResult(head_mask, neuron_mask, {}, search, stage_masks, None, timings)
     teacher: dict[str, torch.Tensor] = {}
     if options.teacher == "ta":
-        assistant = search_masks(stats.head_fisher, stats.neuron_fisher, macs, math.sqrt(constraint), candidates)
+        assistant = searcher(stats.head_fisher, stats.neuron_fisher, macs, math.sqrt(constraint), candidates)
         teacher = {"teacher_head_mask": assistant.head_mask, "teacher_neuron_mask": assistant.neuron_mask}
     device = next(model.parameters()).device
     result = _timed(timings, "reconstruct", lambda: reconstruct(

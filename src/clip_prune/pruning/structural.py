@@ -20,6 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from transformers.models.clip.modeling_clip import CLIPMLP, CLIPAttention, CLIPEncoderLayer
 
+from clip_prune.hub.modeling_clip_pruned import ConstantAttention, ConstantMLP
 from clip_prune.model.masking import encoder_layers, mask_shapes, vision_tower
 
 
@@ -128,44 +129,6 @@ def read_plan(path: str | Path) -> list[LayerPlan]:
             and all(isinstance(layer, dict) and set(layer) == keys for layer in layers)):
         raise ValueError(f"{path} is not a pruning plan: expected a list of objects with keys {sorted(keys)}")
     return [LayerPlan(**layer) for layer in layers]
-
-
-class Bias(nn.Module):
-    """A bias vector alone, standing in for a Linear layer that lost all its inputs."""
-
-    def __init__(self, bias: torch.Tensor) -> None:
-        super().__init__()
-        self.bias = nn.Parameter(bias)
-
-
-class ConstantAttention(nn.Module):
-    """Self-attention of a layer with no heads left: outputs its out_proj bias at every token.
-
-    Keeps `out_proj.bias` so the state dict reads like CLIPAttention's.
-    """
-
-    def __init__(self, bias: torch.Tensor) -> None:
-        super().__init__()
-        self.out_proj = Bias(bias)
-
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                **kwargs) -> tuple[torch.Tensor, None]:
-        """(B, T, D) copies of the bias, and no attention weights."""
-        # A new tensor rather than an expanded view: a view of a parameter taken under no_grad
-        # reports requires_grad without a grad_fn, which breaks torch's ModuleTracker (FLOP counting).
-        return torch.zeros_like(hidden_states) + self.out_proj.bias, None
-
-
-class ConstantMLP(nn.Module):
-    """MLP of a layer with no neurons left: outputs its fc2 bias at every token (keeps `fc2.bias`)."""
-
-    def __init__(self, bias: torch.Tensor) -> None:
-        super().__init__()
-        self.fc2 = Bias(bias)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """(B, T, D) copies of the bias (a new tensor, as in ConstantAttention)."""
-        return torch.zeros_like(hidden_states) + self.fc2.bias
 
 
 def _new_linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Linear) -> nn.Linear:
