@@ -104,6 +104,7 @@ class PruningCallback(L.Callback):
         self.timings: dict[str, float] = {}
         self.finished = False
         self._pruned_so_far = ExitStack()
+        self._reconstruction_batches: list[torch.Tensor] | None = None
         self.statistics_source: Path | None = None
         """The file `statistics` were read from (`--fisher` or an interrupted run), linked into the run."""
         self.summary: str | None = None
@@ -244,7 +245,13 @@ class PruningCallback(L.Callback):
         return metrics
 
     def _calibration_batches(self, trainer: L.Trainer, pl_module: MaskedCLIPModule) -> list[torch.Tensor]:
-        """This rank's share of `reconstruct_samples` calibration images, on the model's device."""
+        """This rank's share of `reconstruct_samples` calibration images, on the model's device (read once: every
+        step reconstructs on the same images)."""
+        if self._reconstruction_batches is None:
+            self._reconstruction_batches = self._read_calibration_batches(trainer, pl_module)
+        return self._reconstruction_batches
+
+    def _read_calibration_batches(self, trainer: L.Trainer, pl_module: MaskedCLIPModule) -> list[torch.Tensor]:
         if self.options.reconstruct == "none":
             return []
         per_rank = math.ceil(self.options.reconstruct_samples / trainer.world_size)
