@@ -33,6 +33,7 @@ HARMLESS_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\)",  # Lightning 2.6 on torch 2.9 internals, nothing to act on
     r".*does not have many workers",  # --data.num_workers is chosen on purpose (default: all cores)
     r".*`srun` command is available",  # SLURM hint; clip-prune launches its own processes
+    r"You have overridden `on_before_batch_transfer`",  # MaskedCLIPModule's hook is meant to run beside our data
 )
 
 

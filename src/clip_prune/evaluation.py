@@ -128,10 +128,11 @@ class Evaluator:
 
     @torch.no_grad()
     def _encode_images(self, model: CLIPModel, images: ImageItems, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
-        loader = DataLoader(images, batch_size=self.batch_size, num_workers=self.num_workers)
+        loader = DataLoader(images, batch_size=self.batch_size, num_workers=self.num_workers,
+                            pin_memory=self.device.type == "cuda")
         embeds, labels = [], []
         for batch in tqdm(loader, desc=desc, disable=not self.progress, leave=False):
-            pixels = batch["pixel_values"].to(self.device, dtype=model.dtype)
+            pixels = batch["pixel_values"].to(self.device, dtype=model.dtype, non_blocking=True)
             embeds.append(F.normalize(image_embeddings(model, pixels).float(), dim=-1))
             labels.append(batch["label"].to(self.device))
         return torch.cat(embeds), torch.cat(labels)

@@ -20,10 +20,11 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from transformers import AutoImageProcessor, AutoTokenizer
 
-from clip_prune.data.images import check_image_files, describe_bad_images, read_rgb
+from clip_prune.data.images import check_image_files, describe_bad_images
+from clip_prune.data.pixels import PixelLoader
 from clip_prune.data.sampling import PADDING, GlobalBatchSampler
 
 
@@ -100,8 +101,8 @@ def check_images(images: list[CaptionedImage], workers: int = 1, skip_bad: bool 
 
 
 def load_pixels(path: Path, image_processor: Any) -> torch.Tensor:
-    """One image file as CLIP pixels [3, S, S] (converted to RGB, resized and normalised by the processor)."""
-    return image_processor(images=read_rgb(path), return_tensors="pt")["pixel_values"][0]
+    """One image file as CLIP pixels [3, S, S] (converted to RGB, resized and normalised as the processor does)."""
+    return PixelLoader(image_processor)(path)
 
 
 class ImageItems(Dataset):
@@ -117,13 +118,14 @@ class ImageItems(Dataset):
         self.items = items
         self.field = field
         self.image_processor = image_processor
+        self.load = PixelLoader(image_processor)
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         path, value = self.items[-1 if index == PADDING else index]
-        return {"pixel_values": load_pixels(path, self.image_processor), "index": index, self.field: value}
+        return {"pixel_values": self.load(path), "index": index, self.field: value}
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,8 @@ class CaptionCollator:
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = {
-            "pixel_values": torch.stack([item["pixel_values"] for item in items]),
+            # default_collate stacks straight into shared memory inside a worker: no extra copy of the batch
+            "pixel_values": default_collate([item["pixel_values"] for item in items]),
             "index": torch.tensor([item["index"] for item in items]),
         }
         if self.tokenizer is not None:
@@ -279,7 +282,7 @@ class CocoDataModule(L.LightningDataModule):
         return DataLoader(
             self.calibration, batch_size=self.hparams.batch_size, shuffle=False, sampler=sampler,
             num_workers=self.num_workers, collate_fn=self.collator(),
-            persistent_workers=False, pin_memory=False,
+            persistent_workers=False, pin_memory=trainer is not None and trainer.strategy.root_device.type == "cuda",
         )
 
     def _once(self, key: str, read: Callable[[], Any]) -> Any:

@@ -74,22 +74,30 @@ def gather_across_ranks(local: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def distill_loss(image_embeds: torch.Tensor, sample_ids: torch.Tensor, seed: int) -> torch.Tensor:
+def distill_noise(sample_ids: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
+    """[B, dim] Gaussian samples ε_n, each drawn from (seed, sample id) alone, on the host."""
+    return torch.stack([
+        torch.randn(dim, generator=torch.Generator().manual_seed(seed * 1_000_003 + i)) for i in sample_ids.tolist()
+    ])
+
+
+def distill_loss(image_embeds: torch.Tensor, sample_ids: torch.Tensor, seed: int,
+                 noise: torch.Tensor | None = None) -> torch.Tensor:
     """Label-free loss whose per-sample gradients estimate the true Fisher of the image embedding.
 
     The normalised embedding e_n is pulled towards a Gaussian sample around its own value,
     e_n + ε_n; a plain masked-vs-dense distance would have zero gradient at the dense
     model. ε_n depends only on (seed, sample id), so the statistics do not depend on batch
     composition or on the number of processes. Summed (not averaged) over the batch.
+    `noise` is `distill_noise(sample_ids, E, seed)` made before the batch went to the device:
+    drawing it here from device-resident ids would wait for the device once per batch.
     """
     if len(sample_ids) == 0:  # a DDP rank whose share of the last global batch is a padding item
         return image_embeds.float().sum()
     embeds = F.normalize(image_embeds.float(), dim=-1)
-    noise = torch.stack([
-        torch.randn(embeds.shape[-1], generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i)))
-        for i in sample_ids
-    ]).to(embeds.device)
-    return 0.5 * (embeds - (embeds.detach() + noise)).square().sum()
+    if noise is None:
+        noise = distill_noise(sample_ids, embeds.shape[-1], seed)
+    return 0.5 * (embeds - (embeds.detach() + noise.to(embeds.device))).square().sum()
 
 
 class MaskedCLIPModule(L.LightningModule):
@@ -140,12 +148,12 @@ class MaskedCLIPModule(L.LightningModule):
         """The `CLIPVisionConfig` of the vision tower."""
         return vision_tower(self.model).config
 
-    def mask_loss(self, batch: dict[str, torch.Tensor], real: torch.Tensor) -> torch.Tensor:
+    def mask_loss(self, batch: dict[str, torch.Tensor], real: torch.Tensor | slice) -> torch.Tensor:
         """The loss whose gradients w.r.t. the masks give the Fisher information.
 
         Args:
             batch: the calibration batch.
-            real: [B] False for DDP padding items, which the loss leaves out.
+            real: [B] False for DDP padding items, which the loss leaves out (`slice(None)`: none).
 
         Under DDP the contrastive loss is the global batch's (every rank's images and captions, the
         same on every rank), so each sample meets the negatives it would meet in one process.
@@ -160,7 +168,20 @@ class MaskedCLIPModule(L.LightningModule):
                 return contrastive_loss(gather_across_ranks(image_embeds.float()),
                                         gather_across_ranks(text_embeds.float()), self.model.logit_scale.float())
             case "distill":
-                return distill_loss(image_embeds, batch["index"][real], self.hparams.noise_seed)
+                return distill_loss(image_embeds, batch["index"][real], self.hparams.noise_seed,
+                                    None if "distill_noise" not in batch else batch["distill_noise"][real])
+
+    def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        """Decide on the host, where the sample ids are, what would otherwise wait for the device once per batch:
+        whether the batch holds DDP padding items (`padded`), and with `distill` its noise."""
+        if "index" not in batch:
+            return batch
+        batch["padded"] = bool((batch["index"] == PADDING).any())
+        if self.hparams.loss == "distill":
+            clip = isinstance(self.model, CLIPModel)
+            dim = self.model.config.projection_dim if clip else self.vision_config.hidden_size
+            batch["distill_noise"] = distill_noise(batch["index"], dim, self.hparams.noise_seed)
+        return batch
 
     def on_validation_epoch_start(self) -> None:
         if torch.is_inference_mode_enabled():
@@ -175,7 +196,8 @@ class MaskedCLIPModule(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         if not self.collect_fisher:
             return
-        real = batch["index"] != PADDING
+        # Boolean indexing waits for the device (it must count the rows): only where padding exists.
+        real = batch["index"] != PADDING if batch.get("padded", True) else slice(None)
         with torch.enable_grad(), self.masks.tracking_samples():
             loss = self.mask_loss(batch, real)
             head_grads, neuron_grads = self.masks.per_sample_grads(loss)

@@ -1,0 +1,87 @@
+"""The fast image path against the image processors of transformers (torchvision and PIL backends)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw, JpegImagePlugin
+from transformers import AutoImageProcessor
+
+from clip_prune.data.coco import ImageItems
+from clip_prune.data.pixels import PixelLoader
+
+
+def _processors(model_dir):
+    return (AutoImageProcessor.from_pretrained(model_dir),
+            AutoImageProcessor.from_pretrained(model_dir, backend="pil"))
+
+
+def _reference(processor, path) -> torch.Tensor:
+    with Image.open(path) as image:
+        return processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+
+
+def test_tiny_data_equals_both_processor_backends(tiny_clip_dir, tiny_coco_root) -> None:
+    fast, slow = _processors(tiny_clip_dir)
+    paths = sorted((tiny_coco_root / "train2017").glob("*.jpg"))
+    items = ImageItems([(path, None) for path in paths], "label", fast)
+    assert items.load.direct and not PixelLoader(slow).direct
+    for index, path in enumerate(paths):
+        pixels = items[index]["pixel_values"]
+        assert pixels.shape == (3, 30, 30) and pixels.dtype == torch.float32
+        torch.testing.assert_close(pixels, _reference(fast, path), rtol=0, atol=1e-6)
+        # The PIL backend resizes in PIL's uint8 arithmetic: at most two grey levels apart (2/255/std <= 0.031).
+        slow_pixels = _reference(slow, path)
+        torch.testing.assert_close(pixels, slow_pixels, rtol=0, atol=0.031)
+        assert (pixels - slow_pixels).abs().mean() < 0.002
+        torch.testing.assert_close(PixelLoader(slow)(path), _reference(slow, path), rtol=0, atol=0)
+
+
+def _photo(size: tuple[int, int]) -> Image.Image:
+    rng = np.random.default_rng(0)
+    width, height = size
+    ramp = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
+    base = ramp * np.array([1.0, 0.6, 0.3], dtype=np.float32) + rng.normal(0, 8, (height, width, 3))
+    image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+    ImageDraw.Draw(image).ellipse((width // 4, height // 4, width // 2, height // 2), fill=(20, 200, 90))
+    return image
+
+
+@pytest.mark.parametrize("size", [(240, 180), (170, 250)])
+def test_large_jpeg_is_drafted_and_stays_close(size, tiny_clip_dir, tmp_path, monkeypatch) -> None:
+    fast, _ = _processors(tiny_clip_dir)
+    _photo(size).save(tmp_path / "photo.jpg", quality=90)
+    _photo(size).save(tmp_path / "photo.png")
+    drafted = []
+    real_draft = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(image, mode, requested):
+        result = real_draft(image, mode, requested)
+        drafted.append((image.format, requested, image.size))
+        return result
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    loader = PixelLoader(fast)
+    pixels = loader(tmp_path / "photo.jpg")
+    # The processor's resize target (short side 30 px, long side rounded down) is requested from the
+    # decoder, which hands over at least that, here at 1/4 scale.
+    short, long = sorted(size)
+    assert [(fmt, tuple(sorted(requested))) for fmt, requested, _ in drafted] == [("JPEG", (30, 30 * long // short))]
+    assert drafted[0][2] == tuple(-(-side // 4) for side in size)
+    reference = _reference(fast, tmp_path / "photo.jpg")
+    difference = (pixels - reference).abs()
+    assert pixels.shape == reference.shape == (3, 30, 30)
+    # DCT-domain downscaling is another good low-pass filter: about one grey level (0.015) on average.
+    assert difference.mean() < 0.03 and difference.flatten().quantile(0.99) < 0.25
+    # A PNG is never drafted: the same pixels as the processor, exactly.
+    torch.testing.assert_close(loader(tmp_path / "photo.png"), _reference(fast, tmp_path / "photo.png"),
+                               rtol=0, atol=1e-6)
+    assert len(drafted) == 1
+
+
+def test_draft_can_be_turned_off(tiny_clip_dir, tmp_path) -> None:
+    fast, _ = _processors(tiny_clip_dir)
+    _photo((240, 180)).save(tmp_path / "photo.jpg", quality=90)
+    exact = PixelLoader(fast, jpeg_draft=False)(tmp_path / "photo.jpg")
+    torch.testing.assert_close(exact, _reference(fast, tmp_path / "photo.jpg"), rtol=0, atol=1e-6)
