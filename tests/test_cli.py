@@ -248,6 +248,10 @@ def test_apply_reproduces_the_model_exported_by_prune(tiny_clip_dir, tiny_coco_r
     binary = load_file(tmp_path / "binary" / "model.safetensors")
     assert not torch.equal(binary["vision_model.encoder.layers.0.mlp.fc2.weight"],
                            exported["vision_model.encoder.layers.0.mlp.fc2.weight"])
+    # Beside the run's report.json, which says the masks came with refit columns, the missing file is refused.
+    shutil.copy(tmp_path / "run" / "report.json", masks_only / "report.json")
+    with pytest.raises(FileNotFoundError, match="refit.safetensors is missing"):
+        run_apply(tiny_clip_dir, tiny_coco_root, masks_only, tmp_path / "refused")
 
 
 def test_apply_without_data_root_verifies_on_synthetic_images(tiny_clip_dir, tiny_coco_root, tmp_path) -> None:

@@ -120,9 +120,9 @@ class PruningCallback(L.Callback):
                                                             last.refit))
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: MaskedCLIPModule) -> None:
-        self._pruned_so_far.close()  # the dense weights again: the teacher of every step
-        pl_module.masks.set(torch.ones_like(pl_module.masks.head_mask), torch.ones_like(pl_module.masks.neuron_mask))
-        self._add_time("fisher", time.perf_counter() - self._started)
+        self._restore_dense(pl_module)  # the teacher of every step
+        fisher_s = time.perf_counter() - self._started
+        self._add_time("fisher", fisher_s)
         first = not self.steps
         stats = self.statistics if first and self.statistics is not None else pl_module.fisher.compute()
         if first and trainer.is_global_zero:
@@ -135,12 +135,21 @@ class PruningCallback(L.Callback):
             log_fisher(trainer, stats)
         if self.constraint is not None:
             self._step(trainer, pl_module, stats)  # every rank: reconstruction sums across ranks
+            self.steps[-1].timings["fisher"] = fisher_s
         self.finished = len(self.steps) == len(self.constraints)
         if self.finished:
             report: dict[str, Any] = {"model": pl_module.hparams.pretrained, "fisher_samples": stats.num_samples}
             if self.statistics_source is not None:
                 report["fisher_source"] = str(self.statistics_source)
             on_rank_zero(trainer, lambda: self._finish(trainer, pl_module, report))
+
+    def on_exception(self, trainer: L.Trainer, pl_module: MaskedCLIPModule, exception: BaseException) -> None:
+        self._restore_dense(pl_module)  # a failed pass must not leave refit columns in the caller's model
+
+    def _restore_dense(self, pl_module: MaskedCLIPModule) -> None:
+        """The dense weights and all-ones masks again, after a Fisher pass on the model pruned so far."""
+        self._pruned_so_far.close()
+        pl_module.masks.set(torch.ones_like(pl_module.masks.head_mask), torch.ones_like(pl_module.masks.neuron_mask))
 
     def _step(self, trainer: L.Trainer, pl_module: MaskedCLIPModule, stats: FisherStatistics) -> None:
         """One pruning step on `stats`; logs its masks."""

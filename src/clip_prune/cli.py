@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -67,6 +68,22 @@ def verification_pixels(datamodule: CocoDataModule, image_size: int, count: int 
     if datamodule.hparams.root is not None:
         return datamodule.sample_pixels(count), "calibration images"
     return synthetic_pixels(count, image_size, datamodule.image_processor()), "synthetic images (no --data.root)"
+
+
+def check_refit_present(refit_file: Path) -> None:
+    """Refuse masks of a `weights` run without their refit columns: they alone would export a worse model."""
+    report = refit_file.parent / "report.json"
+    if refit_file.is_file() or not report.is_file():
+        return
+    try:
+        method = json.loads(report.read_text()).get("options", {}).get("reconstruct")
+    except (json.JSONDecodeError, AttributeError):
+        return
+    if method == "weights":
+        raise FileNotFoundError(
+            f"{report} says these masks come with refit columns (--options.reconstruct weights), but "
+            f"{refit_file} is missing; copy it beside the masks (without it the export loses the reconstruction)"
+        )
 
 
 class LoggerConfigCallback(SaveConfigCallback):
@@ -177,6 +194,7 @@ class ClipPruneTrainer(L.Trainer):
         head_mask, neuron_mask = read_masks(masks, model.vision_config)
         refit_file = (Path(masks) if Path(masks).is_dir() else Path(masks).parent) / REFIT_FILE
         refit = load_refit(refit_file, model.model, head_mask, neuron_mask) if refit_file.is_file() else None
+        check_refit_present(refit_file)
         device = self.strategy.root_device
         dense = model.model.to(device)
         model.masks.remove()

@@ -148,5 +148,10 @@ def test_fixed_units_stay_pruned_and_the_rest_is_rearranged_as_without_them():
     # Without the fixed units, some layer would bring one of them back: the constraint is what holds them.
     free = rearrange_mask(mask, scores.masked_fill(fixed, 1e9), gram)
     assert (free[fixed] != 0).any()
+    # The fixed units' Gram entries do not matter: the result is that of the model without them.
+    noisy = gram.clone()
+    noise = _random_gram(3, 9, 20, torch.Generator().manual_seed(6))
+    noisy[fixed[:, :, None] | fixed[:, None, :]] = noise[fixed[:, :, None] | fixed[:, None, :]]
+    assert torch.equal(rearrange_mask(mask, scores, noisy, fixed), result)
     with pytest.raises(ValueError, match="fixed"):
         rearrange_mask(torch.ones(3, 9), scores, gram, fixed)

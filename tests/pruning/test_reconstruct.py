@@ -154,14 +154,17 @@ def test_refit_columns_recovers_planted_weights(fit_bias: bool) -> None:
     torch.testing.assert_close(damped, start_weight, atol=1e-5, rtol=0)
 
 
-def test_rescale_columns_matches_an_explicit_design_matrix() -> None:
+def test_rescale_columns_recovers_planted_scales_and_pulls_towards_the_incoming_ones() -> None:
     generator = torch.Generator().manual_seed(3)
     inputs, weight, bias = _planted_moments(generator, columns=3 * HEAD_DIM)
     true_scales = torch.tensor([1.5, 0.5, 2.0], dtype=torch.float64)
     residual = inputs @ (weight * true_scales.repeat_interleave(HEAD_DIM)).T + bias
-    solved = rescale_columns(accumulate_moments(inputs, residual), weight, bias, torch.ones(3), HEAD_DIM,
-                             damping=0.0)
+    moments = accumulate_moments(inputs, residual)
+    solved = rescale_columns(moments, weight, bias, torch.ones(3), HEAD_DIM, damping=0.0)
     torch.testing.assert_close(solved, true_scales)
+    incoming = torch.tensor([0.5, 2.0, 1.0])
+    damped = rescale_columns(moments, weight, bias, incoming, HEAD_DIM, damping=1e9, max_abs_scale=100.0)
+    torch.testing.assert_close(damped, incoming.double(), atol=1e-5, rtol=0)
 
 
 def test_solve_bounded_raises_the_damping_until_the_solution_is_in_bounds() -> None:
@@ -287,6 +290,20 @@ def test_errors_agree_with_the_masked_model(model: CLIPVisionModel, pixel_batche
     expected = _layer_errors(model, pixel_batches, result.head_mask, result.neuron_mask, teacher_masks,
                              refit=result.refit)
     torch.testing.assert_close(result.errors["neurons_after"], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_weights_from_scaled_incoming_masks_fold_the_scales_into_the_columns(
+    model: CLIPVisionModel, pixel_batches: list[torch.Tensor]
+) -> None:
+    head_mask, neuron_mask = _random_masks()
+    head_mask, neuron_mask = head_mask * 0.5, neuron_mask * 1.5  # e.g. masks of a `scales` run
+    result = reconstruct(model, head_mask, neuron_mask, pixel_batches, method="weights", damping=1e8)
+    assert set(result.head_mask.unique().tolist()) <= {0.0, 1.0}
+    # Heavy damping keeps the incoming effective columns W₀·s: the scaled masks' model, now in the refit.
+    expected = _layer_errors(model, pixel_batches, head_mask, neuron_mask)
+    got = _layer_errors(model, pixel_batches, result.head_mask, result.neuron_mask, refit=result.refit)
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(result.errors["neurons_after"], got, rtol=1e-4, atol=1e-6)
 
 
 def test_last_layer_cls_only(model: CLIPVisionModel, pixel_batches: list[torch.Tensor]) -> None:

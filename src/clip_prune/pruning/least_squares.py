@@ -26,7 +26,7 @@ import torch
 DAMPING_STEPS = 7
 """Tries of a failing solve, each with ten times the damping of the last (up to 10⁶ × the configured one)."""
 MIN_DAMPING = 1e-6
-"""Damping the retries start from when the configured damping is 0."""
+"""Stands in for a configured damping of 0 when retrying: the retries use 1e-5, 1e-4, ..., 1."""
 
 
 Solution = TypeVar("Solution")

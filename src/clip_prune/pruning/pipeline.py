@@ -45,7 +45,7 @@ class PruningOptions:
     """Reconstruction target: the dense model, or the 'teaching assistant' mask searched at √constraint."""
     damping: float = 1e-2
     """Pull of the solution towards the incoming weights, relative to the mean diagonal of the Gram matrix;
-    raised tenfold (up to 10⁶ ×) for a stage whose solution is not finite or out of bounds."""
+    raised tenfold (up to 10⁶ ×, from 1e-6 if 0) for a stage whose solution is not finite or out of bounds."""
     max_abs_scale: float = 10.0
     """Bound on solved scales |s| (`scales`) and on the growth ‖W‖/‖W₀‖ of a stage's refit columns (`weights`)."""
     fit_bias: bool = True
@@ -69,6 +69,9 @@ class PruningOptions:
             problems.append(f"--options.damping must be >= 0, got {self.damping}")
         if self.reconstruct_samples < 1:
             problems.append(f"--options.reconstruct_samples must be >= 1, got {self.reconstruct_samples}")
+        if self.teacher == "ta" and self.steps != 1:
+            problems.append("--options.teacher ta works in one step (each later step's assistant would be the last "
+                            "step's mask): pass --options.steps 1 with it")
         if self.steps is not None and self.steps < 1:
             problems.append(f"--options.steps must be >= 1 (or null for automatic), got {self.steps}")
         if not 0 < self.step_keep < 1:
@@ -141,7 +144,8 @@ def prune_step(
 
     Args:
         model: the dense model (reconstruction reads its weights and leaves them unchanged).
-        stats: Fisher statistics of the model pruned so far (units outside `kept` are ignored).
+        stats: Fisher statistics of the model pruned so far (search and rearrangement leave units outside `kept`
+            out, Gram entries included).
         macs: per-unit MAC costs of the encoder.
         constraint: fraction of the dense encoder's MACs this step keeps.
         options: stages and reconstruction settings.
@@ -170,6 +174,9 @@ def prune_step(
         return StepResult(head_mask, neuron_mask, {}, search, stage_masks, None, timings)
     teacher: dict[str, torch.Tensor] = {}
     if options.teacher == "ta":
+        if kept is not None:
+            # Among the kept units, √c_k ≥ c_(k-1) keeps them all: the assistant would be the last step's mask.
+            raise ValueError("--options.teacher ta works in one step; pass --options.steps 1 or use the dense teacher")
         assistant = searcher(stats.head_fisher, stats.neuron_fisher, macs, math.sqrt(constraint), candidates)
         teacher = {"teacher_head_mask": assistant.head_mask, "teacher_neuron_mask": assistant.neuron_mask}
     device = next(model.parameters()).device

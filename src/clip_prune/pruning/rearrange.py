@@ -43,7 +43,8 @@ def rearrange_mask(mask: torch.Tensor, scores: torch.Tensor, gram: torch.Tensor,
         scores: [L, N] diagonal importance of each unit (e.g. the diagonal of `gram`).
         gram: [L, N, N] symmetric Fisher block of each layer (Σ_n g g^T).
         fixed: [L, N] bool, units that stay pruned whatever their scores (those an earlier step of
-            iterative pruning removed); they must be pruned in `mask`.
+            iterative pruning removed); they must be pruned in `mask`. Their rows and columns of `gram`
+            are left out: the damage is that of pruning the other units from the model without them.
 
     Returns:
         [L, N] 0/1 mask in `mask`'s dtype and device, with as many zeros per layer as `mask`.
@@ -62,6 +63,11 @@ def rearrange_mask(mask: torch.Tensor, scores: torch.Tensor, gram: torch.Tensor,
     if not bool(active.any()):
         return (~input_pruned).to(mask.dtype)
 
+    if bool(fixed.any()):
+        # Masked units still get mask gradients (their activations exist), so their Gram entries are not
+        # zero; they describe a model the fixed units are already gone from, so they must not count.
+        free = (~fixed).to(device=gram.device, dtype=gram.dtype)
+        gram = gram.detach() * free[:, :, None] * free[:, None, :]
     layers = torch.nonzero(active).flatten()
     pruned = _greedy_pruned_sets(
         scores[layers].detach().to(torch.float64), gram[layers].detach(), num_pruned[layers], fixed[layers]

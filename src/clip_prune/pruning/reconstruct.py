@@ -17,6 +17,7 @@ kept neurons' activations); the teacher runs CLIP's own layers under hook masks.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -51,7 +52,8 @@ class Reconstruction:
     """Masks and refit columns after reconstruction, and what it did, layer by layer."""
 
     head_mask: torch.Tensor
-    """[L, H] float32; pruned heads stay 0; binary with `weights`, the solved scales with `scales`."""
+    """[L, H] float32; pruned heads stay 0; binary with `weights` (incoming scales are folded into the refit
+    columns), the solved scales with `scales`."""
     neuron_mask: torch.Tensor
     """[L, F] float32, same convention."""
     refit: RefitWeights
@@ -153,12 +155,24 @@ class _Run:
 
     def solve(self, stage: _Stage, moments: Moments, where: str) -> tuple[torch.Tensor, torch.Tensor, float]:
         """New effective columns [D, C] and bias [D] of one stage, and the damping used (NaN if none)."""
+        weight, bias, used = self._solve(stage, moments, where)
+        solved = not math.isnan(used)
+        if self.method == "weights":
+            # The masks come out binary: the columns carry the incoming scales too, even where nothing was solved.
+            if len(stage.columns) and (solved or bool((stage.scales != 1).any())):
+                self.refit[f"{stage.key}.weight"] = weight.float()
+            if self.fit_bias and solved:
+                self.refit[f"{stage.key}.bias"] = bias.float()
+        return weight, bias, used
+
+    def _solve(self, stage: _Stage, moments: Moments, where: str) -> tuple[torch.Tensor, torch.Tensor, float]:
         incoming = stage.incoming()
         weight0, bias0 = stage.dense()
         if self.method == "weights":
             if not len(stage.columns) and not self.fit_bias:
                 return *incoming, float("nan")
-            solve = partial(refit_columns, moments, weight0, bias0, fit_bias=self.fit_bias,
+            # Ridge towards the incoming effective columns (the dense ones for a binary mask).
+            solve = partial(refit_columns, moments, *incoming, fit_bias=self.fit_bias,
                             max_growth=self.max_abs_scale)
         else:
             if not len(stage.units):
@@ -170,19 +184,14 @@ class _Run:
         except SolveError as error:
             message = f"{where}: kept the incoming weights because {error}"
             self.warnings.append(message)
-            warnings.warn(message, RuntimeWarning, stacklevel=4)
+            warnings.warn(message, RuntimeWarning, stacklevel=5)
             return *incoming, float("nan")
         if used != self.damping:
             self.notes.append(f"{where}: solved with damping raised to {used:.3g}")
         if self.method == "scales":
             self.scale_mask(stage)[stage.layer, stage.units] = solution.to(self.head_mask.dtype)
             return weight0 * solution.to(weight0).repeat_interleave(stage.group), bias0, used
-        weight, bias = solution
-        if len(stage.columns):
-            self.refit[f"{stage.key}.weight"] = weight.float()
-        if self.fit_bias:
-            self.refit[f"{stage.key}.bias"] = bias.float()
-        return weight, bias, used
+        return (*solution, used)
 
     def scale_mask(self, stage: _Stage) -> torch.Tensor:
         return self.head_mask if stage.name == "heads" else self.neuron_mask
@@ -276,8 +285,8 @@ def reconstruct(
     """Reconstruct the kept heads and neurons of `model`'s vision encoder, layer by layer (DESIGN.md).
 
     A stage whose solve fails (not positive definite, not finite, out of bounds) is solved again with ten
-    times the damping, up to 10⁶ times (noted in `notes`); only then does it keep its incoming weights,
-    with a warning. Cached on the model's device: the hidden states of teacher and student, 2 × (N, T, D),
+    times the damping, up to 10⁶ times (from 1e-6 if it is 0; noted in `notes`); only then does it keep its
+    incoming weights, with a warning. Cached on the model's device: the hidden states of teacher and student, 2 × (N, T, D),
     and the kept heads' contexts of the current layer, at most (N, T, D).
 
     Args:
@@ -325,6 +334,8 @@ def reconstruct(
     finally:
         masks.remove()
         model.train(was_training)
+    if method == "weights":  # the incoming scales live in the refit columns now
+        run.head_mask, run.neuron_mask = (run.head_mask != 0).float(), (run.neuron_mask != 0).float()
     return Reconstruction(
         head_mask=run.head_mask.to(head_mask.device), neuron_mask=run.neuron_mask.to(neuron_mask.device),
         refit=run.refit, errors=dict(zip(ERROR_NAMES, errors, strict=True)), damping=dampings,
