@@ -286,8 +286,8 @@ def reconstruct(
 
     A stage whose solve fails (not positive definite, not finite, out of bounds) is solved again with ten
     times the damping, up to 10⁶ times (from 1e-6 if it is 0; noted in `notes`); only then does it keep its
-    incoming weights, with a warning. Cached on the model's device: the hidden states of teacher and student, 2 × (N, T, D),
-    and the kept heads' contexts of the current layer, at most (N, T, D).
+    incoming weights, with a warning. Cached on the model's device: the hidden states of teacher and student,
+    2 × (N, T, D), and the kept heads' contexts of the current layer, at most (N, T, D).
 
     Args:
         model: a CLIPModel or CLIPVisionModel (dense weights); mask hooks it already carries must be all
