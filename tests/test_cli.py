@@ -373,3 +373,17 @@ def test_evaluate_refuses_a_model_pruned_from_another_checkpoint(tiny_clip_dir, 
     with pytest.raises(ValueError, match="was not cut from --model.pretrained"):
         main(["evaluate", "--model.pretrained", str(tiny_clip_dir), "--data.root", str(tiny_coco_root),
               "--data.num_workers", "0", "--pruned", str(tmp_path / "run" / "pruned")])
+
+
+def test_a_terminated_run_exits_with_the_sigterm_status(monkeypatch) -> None:
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    import clip_prune.cli
+
+    def terminated(*_: object) -> None:
+        raise SIGTERMException  # what Lightning raises when the process receives SIGTERM
+
+    monkeypatch.setattr(clip_prune.cli, "_dispatch", terminated)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prune"])
+    assert exit_info.value.code == 143

@@ -71,3 +71,11 @@ def test_missing_runtime_names_the_extra(monkeypatch) -> None:
                         lambda name: None if name == "onnxruntime" else real(name))
     with pytest.raises(ImportError, match=r"needs onnxruntime.*pip install 'clip-prune\[onnx\]'"):
         onnx_export.require_onnxruntime()
+
+
+def test_export_onnx_takes_a_prune_run_directory(pruned_dir, tmp_path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "pruned").symlink_to(pruned_dir)
+    main(["export-onnx", "--pruned", str(run), "--output", str(tmp_path / "model.onnx"), "--latency_repeats", "1"])
+    assert (tmp_path / "model.onnx").is_file()

@@ -34,3 +34,9 @@ def test_cascade_rows() -> None:
     text = format_summary({"metrics": {"dense": {"retrieval": {"t2i_R@1": 46.0}}, "cascade": [entry]}})
     assert "M=10 t2i_R@1 (%)" in text and "-2.0" in text and "0.250" in text and "0.650" in text
     assert "1.25x" in text and "first 1200 of 2500 queries" in text
+
+
+def test_summary_shows_the_predicted_latency_of_a_latency_budget() -> None:
+    latency = {"predicted_ratio": 0.3993, "batch_size": 64, "device": "cpu"}
+    text = format_summary({"kept": {"heads": 3, "neurons": 100}, "latency": latency})
+    assert "the table predicts 0.399 of the dense tower (batch 64, cpu)" in text

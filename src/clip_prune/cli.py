@@ -13,6 +13,7 @@ import lightning as L
 import torch
 from jsonargparse import CLI, set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from transformers import CLIPModel
 
 from clip_prune.apply import export_pruned
@@ -363,6 +364,7 @@ def export_onnx(pruned: str, output: str | None = None, batch_size: int = 8, lat
     """
     from clip_prune.onnx_export import export_pruned_onnx  # needs the optional onnx extra
 
+    pruned = resolve_pruned(pruned)  # a `prune` run directory means its pruned/ model
     path = Path(output) if output is not None else Path(pruned) / "onnx" / "model.onnx"
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; choose another --output or pass --overwrite true")
@@ -398,6 +400,11 @@ def main(args: list[str] | None = None) -> None:
     quiet_the_libraries(debug)
     try:
         _dispatch(argv, None if args is None else argv)
+    except SIGTERMException:
+        # Lightning stops a terminated run with a SystemExit without a code, i.e. status 0: a scheduler would
+        # take the pre-empted job for a finished one. 128 + SIGTERM, as the shell reports it.
+        print("clip-prune: stopped by SIGTERM; rerun the same command to resume from its statistics", file=sys.stderr)
+        sys.exit(143)
     except Exception as error:
         cause = user_error(error)
         if debug or cause is None:

@@ -42,6 +42,10 @@ def format_summary(report: dict[str, Any]) -> str:
                      + (f", reused from {source}" if source else ""))
     if "kept" in report:
         lines.append(f"  kept {report['kept']['heads']} heads, {report['kept']['neurons']} neurons")
+    if "predicted_ratio" in report.get("latency", {}):
+        budget = report["latency"]
+        lines.append(f"  latency budget: the table predicts {budget['predicted_ratio']:.3f} of the dense tower "
+                     f"(batch {budget['batch_size']}, {budget['device']})")
     if len(report.get("steps", [])) > 1:
         steps = ", ".join(f"{step['macs_ratio']:.2f} ({step['kept_heads']} h, {step['kept_neurons']} n)"
                           for step in report["steps"])
