@@ -140,7 +140,10 @@ class PruningCallback(L.Callback):
         if self.finished:
             report: dict[str, Any] = {"model": pl_module.hparams.pretrained, "fisher_samples": stats.num_samples}
             if self.statistics_source is not None:
-                report["fisher_source"] = str(self.statistics_source)
+                # An interrupted run's staging folder is removed once this run is in place: name the run itself.
+                resumed = self.statistics_source.parent.name.startswith(f".{self.run.path.name}.partial-")
+                report["fisher_source"] = ("an interrupted run of this output directory" if resumed
+                                           else str(self.statistics_source))
             on_rank_zero(trainer, lambda: self._finish(trainer, pl_module, report))
 
     def on_exception(self, trainer: L.Trainer, pl_module: MaskedCLIPModule, exception: BaseException) -> None:
