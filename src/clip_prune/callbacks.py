@@ -25,7 +25,7 @@ from clip_prune.outputs import RunDirectory, link_or_copy
 from clip_prune.pruning.fisher import FisherStatistics, save_fisher
 from clip_prune.pruning.flops import EncoderMacs, count_encoder_macs
 from clip_prune.pruning.latency import LatencyTable, cached_latency_table, write_table
-from clip_prune.pruning.pipeline import PruningOptions, StepResult, prune_step
+from clip_prune.pruning.pipeline import PruningOptions, StepResult, prune_step, timed
 from clip_prune.pruning.refit import REFIT_FILE, refit_applied, save_refit
 from clip_prune.pruning.search import SearchResult, WidthBudget
 from clip_prune.pruning.sensitivity import choose_head, keep_single_head
@@ -185,10 +185,11 @@ class PruningCallback(L.Callback):
         if self.steps:
             report |= self._write_masks(count_encoder_macs(pl_module.vision_config))
             if self.options.export:
-                pruned, export_report = self._timed("export", lambda: self._export(trainer, pl_module))
+                pruned, export_report = timed(self.timings, "export", lambda: self._export(trainer, pl_module))
                 report |= export_report
                 if trainer.datamodule is not None and trainer.datamodule.has_evaluation_data():
-                    report["metrics"] = self._timed("evaluate", lambda: self._evaluate(trainer, pl_module, pruned))
+                    report["metrics"] = timed(self.timings, "evaluate",
+                                              lambda: self._evaluate(trainer, pl_module, pruned))
         report["timings_s"] = {**self.timings, "total": sum(self.timings.values())}
         self.run.write_json("report.json", report)
         path = self.run.commit()
@@ -278,12 +279,6 @@ class PruningCallback(L.Callback):
 
     def _add_time(self, stage: str, seconds: float) -> None:
         self.timings[stage] = self.timings.get(stage, 0.0) + seconds
-
-    def _timed(self, stage: str, work: Any) -> Any:
-        start = time.perf_counter()
-        result = work()
-        self._add_time(stage, time.perf_counter() - start)
-        return result
 
 
 class SensitivityCallback(L.Callback):

@@ -120,10 +120,11 @@ class StepResult:
         return entry
 
 
-def _timed(timings: dict[str, float], stage: str, work: Callable[[], Any]) -> Any:
+def timed(timings: dict[str, float], stage: str, work: Callable[[], Any]) -> Any:
+    """`work()`, its seconds added to `timings[stage]`."""
     start = time.perf_counter()
     result = work()
-    timings[stage] = time.perf_counter() - start
+    timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
     return result
 
 
@@ -159,13 +160,13 @@ def prune_step(
     timings: dict[str, float] = {}
     candidates = None if kept is None else (kept[0] != 0, kept[1] != 0)
     searcher = search_masks if widths is None else widths.search
-    search = _timed(timings, "search", lambda: searcher(stats.head_fisher, stats.neuron_fisher, macs,
+    search = timed(timings, "search", lambda: searcher(stats.head_fisher, stats.neuron_fisher, macs,
                                                         constraint, candidates))
     head_mask, neuron_mask = search.head_mask, search.neuron_mask
     stage_masks = {"search": (head_mask, neuron_mask)}
     if options.rearrange:
         fixed = (None, None) if candidates is None else (~candidates[0], ~candidates[1])
-        head_mask, neuron_mask = _timed(timings, "rearrange", lambda: (
+        head_mask, neuron_mask = timed(timings, "rearrange", lambda: (
             rearrange_mask(head_mask, stats.head_fisher, stats.head_gram, fixed[0]),
             rearrange_mask(neuron_mask, stats.neuron_fisher, stats.neuron_gram, fixed[1]),
         ))
@@ -180,7 +181,7 @@ def prune_step(
         assistant = searcher(stats.head_fisher, stats.neuron_fisher, macs, math.sqrt(constraint), candidates)
         teacher = {"teacher_head_mask": assistant.head_mask, "teacher_neuron_mask": assistant.neuron_mask}
     device = next(model.parameters()).device
-    result = _timed(timings, "reconstruct", lambda: reconstruct(
+    result = timed(timings, "reconstruct", lambda: reconstruct(
         model, head_mask.to(device), neuron_mask.to(device), pixel_batches, method=options.reconstruct,
         damping=options.damping, max_abs_scale=options.max_abs_scale, fit_bias=options.fit_bias,
         last_layer_cls_only=options.last_layer_cls_only, all_reduce=all_reduce, progress=progress, **teacher,
