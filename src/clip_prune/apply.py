@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import statistics
-import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from clip_prune.model.masking import VisionMasks, vision_tower
 from clip_prune.model.module import image_embeddings
 from clip_prune.pruning.export import prune_model, save_pruned
 from clip_prune.pruning.flops import count_encoder_macs
+from clip_prune.pruning.latency import timed_call
 from clip_prune.pruning.refit import RefitWeights, refit_applied
 from clip_prune.pruning.sharing import read_processor
 from clip_prune.pruning.structural import count_vision_flops, plan_from_masks
@@ -51,13 +52,7 @@ def measure_latencies(models: list[nn.Module], pixels: torch.Tensor, repeats: in
     timings: list[list[float]] = [[] for _ in towers]
     for _ in range(repeats):
         for tower, times in zip(towers, timings, strict=True):
-            if pixels.is_cuda:
-                torch.cuda.synchronize(pixels.device)
-            start = time.perf_counter()
-            tower(pixel_values=pixels)
-            if pixels.is_cuda:
-                torch.cuda.synchronize(pixels.device)
-            times.append(time.perf_counter() - start)
+            times.append(timed_call(partial(tower, pixel_values=pixels), pixels.device)[0])
     return timings
 
 

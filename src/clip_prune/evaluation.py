@@ -8,9 +8,9 @@ once per run and reused for the dense, masked and pruned models.
 from __future__ import annotations
 
 import statistics
-import time
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from itertools import zip_longest
 from typing import Any
 
@@ -27,6 +27,7 @@ from clip_prune.model.masking import vision_tower
 from clip_prune.model.module import image_embeddings
 from clip_prune.pruning.export import PrunedCLIPVisionConfig
 from clip_prune.pruning.flops import count_encoder_macs
+from clip_prune.pruning.latency import timed_call
 
 
 class Evaluator:
@@ -206,7 +207,7 @@ def time_encodings(dense: CLIPModel, pruned: CLIPModel, images: ImageItems, subs
         outputs: dict[int, torch.Tensor] = {}
         for _ in range(repeats):
             for job, model, pixels in work:
-                elapsed, outputs[job] = _timed_embeddings(model, pixels)
+                elapsed, outputs[job] = timed_call(partial(image_embeddings, model, pixels), pixels.device)
                 times[job].append(elapsed)
         for job in times:
             seconds[job] += statistics.median(times[job])
@@ -214,12 +215,3 @@ def time_encodings(dense: CLIPModel, pruned: CLIPModel, images: ImageItems, subs
                 embeds[job - 2].append(F.normalize(outputs[job].float(), dim=-1))
     return EncodingTimes(seconds[0], seconds[1], seconds[2:], [torch.cat(parts) for parts in embeds])
 
-
-def _timed_embeddings(model: CLIPModel, pixels: torch.Tensor) -> tuple[float, torch.Tensor]:
-    if pixels.is_cuda:
-        torch.cuda.synchronize(pixels.device)
-    start = time.perf_counter()
-    output = image_embeddings(model, pixels)
-    if pixels.is_cuda:
-        torch.cuda.synchronize(pixels.device)
-    return time.perf_counter() - start, output

@@ -22,11 +22,14 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from transformers import CLIPVisionConfig
 
 from clip_prune.hub import PrunedCLIPVisionConfig, PrunedCLIPVisionModel
+
+Result = TypeVar("Result")
 
 TABLE_VERSION = 2
 """Bumped when the measurement changes, so older cached tables are not reused."""
@@ -187,14 +190,15 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "clip_prune" / "latency"
 
 
-def _timed(run: Callable[[], object], device: torch.device) -> float:
+def timed_call(run: Callable[[], Result], device: torch.device) -> tuple[float, Result]:
+    """Seconds `run()` takes on `device` (synchronised before and after on a GPU), and what it returned."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    run()
+    result = run()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, result
 
 
 def _median_seconds(runs: list[Callable[[], object]], device: torch.device, warmup: int, repeats: int) -> list[float]:
@@ -205,7 +209,7 @@ def _median_seconds(runs: list[Callable[[], object]], device: torch.device, warm
     times: list[list[float]] = [[] for _ in runs]
     for _ in range(repeats):
         for run, seconds in zip(runs, times, strict=True):
-            seconds.append(_timed(run, device))
+            seconds.append(timed_call(run, device)[0])
     return [statistics.median(seconds) for seconds in times]
 
 
