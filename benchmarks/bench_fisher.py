@@ -22,9 +22,9 @@ import time
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from clip_prune.model.masking import VisionMasks, mask_shapes
-from clip_prune.model.module import distill_loss
-from clip_prune.pruning.fisher import FisherInformation
+from clip_prune.core.fisher import FisherInformation
+from clip_prune.core.masks import VisionMasks, mask_shapes
+from clip_prune.lightning.module import distill_loss
 
 
 def build(layers: int, image_size: int) -> CLIPVisionModel:

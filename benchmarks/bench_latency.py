@@ -28,11 +28,11 @@ import time
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from clip_prune.model.masking import mask_shapes
-from clip_prune.pruning.export import prune_model
-from clip_prune.pruning.flops import count_encoder_macs
-from clip_prune.pruning.latency import LatencyTable, cached_latency_table
-from clip_prune.pruning.search import search_layer_latency, search_masks
+from clip_prune.core.latency import LatencyTable, cached_latency_table
+from clip_prune.core.macs import count_encoder_macs
+from clip_prune.core.masks import mask_shapes
+from clip_prune.core.saving import prune_model
+from clip_prune.core.search import search_layer_latency, search_masks
 
 
 def uniform_masks(config: CLIPVisionConfig, constraint: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-from clip_prune.cli import main as clip_prune
 from clip_prune.data.synthetic import caption_vocabulary, write_synthetic_coco
 from clip_prune.data.tokenizer import build_word_tokenizer
+from clip_prune.lightning.cli import main as clip_prune
 
 
 def save_vit_b16_clip(path: Path) -> None:
@@ -76,7 +76,7 @@ def main() -> None:
     for stage, seconds in report["timings_s"].items():
         print(f"  {stage:<10} {seconds:8.1f} s  ({seconds / forward:5.2f} x dense forward)")
     print(f"  whole command: {wall:.1f} s; peak RSS {peak:.0f} MiB")
-    print(f"  FLOP ratio {report['flops']['ratio']:.3f} (counted {report['flops_counted']['ratio']:.3f}), "
+    print(f"  MAC ratio {report['macs']['ratio']:.3f} (counted {report['macs_counted']['ratio']:.3f}), "
           f"speedup {report['latency_s']['speedup']:.2f}x at batch {report['latency_s']['batch']}, "
           f"equivalence max |diff| {report['equivalence']['max_abs_diff']:.2e}")
 

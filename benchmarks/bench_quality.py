@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from clip_prune.data.coco import CocoDataModule
-from clip_prune.evaluation import Evaluator
-from clip_prune.model.module import MaskedCLIPModule, contrastive_loss, image_embeddings
-from clip_prune.pruning.fisher import FisherStatistics
-from clip_prune.pruning.flops import count_encoder_macs
-from clip_prune.pruning.pipeline import PruningOptions, prune_step
-from clip_prune.pruning.refit import RefitWeights, refit_applied
+from clip_prune.core.fisher import FisherStatistics
+from clip_prune.core.macs import count_encoder_macs
+from clip_prune.core.pipeline import PruningOptions, prune_step
+from clip_prune.core.refit import RefitWeights, refit_applied
+from clip_prune.lightning.data import CocoDataModule
+from clip_prune.lightning.module import MaskedCLIPModule
+from clip_prune.towers import image_embeds, tower_of
 
 sys.path.insert(0, str(Path(__file__).parent))  # the Torch-Pruning peer beside this script
 
@@ -42,7 +42,7 @@ STAGES: dict[str, tuple[str, PruningOptions]] = {
     "weights": ("+ weights", PruningOptions(reconstruct="weights", steps=1, fit_bias=False)),
     "bias": ("+ weights, bias refit too", PruningOptions(reconstruct="weights", steps=1, fit_bias=True)),
     "all-tokens": ("+ weights, all tokens at the last layer",
-                   PruningOptions(reconstruct="weights", steps=1, fit_bias=False, last_layer_cls_only=False)),
+                   PruningOptions(reconstruct="weights", steps=1, fit_bias=False, last_layer_pooled_only=False)),
     "steps": ("+ weights, K steps", PruningOptions(reconstruct="weights", fit_bias=False)),
     "steps-no-rearrange": ("weights, K steps, no rearrangement", PruningOptions(rearrange=False, fit_bias=False)),
     "steps-bias": ("weights, K steps, bias refit too", PruningOptions(fit_bias=True)),
@@ -76,14 +76,14 @@ class Bench:
         self.batches = list(self.data.val_dataloader())
         self.pixels = [batch["pixel_values"] for batch in self.batches]
         self.macs = count_encoder_macs(self.module.vision_config)
-        self.evaluator = Evaluator(self.data, torch.device("cpu"), progress=False)
+        self.evaluator = self.data.evaluator(torch.device("cpu"), progress=False)
         self.images = DataLoader(self.data.retrieval_split().images, batch_size=args.batch_size)
         self.dense_embeddings = self._embeddings()
         self.dense = self._metrics("dense")
 
     @torch.no_grad()
     def _embeddings(self) -> torch.Tensor:
-        return torch.cat([F.normalize(image_embeddings(self.module.model, batch["pixel_values"]), dim=-1)
+        return torch.cat([F.normalize(image_embeds(self.module.model, batch["pixel_values"]), dim=-1)
                           for batch in self.images])
 
     def _metrics(self, name: str) -> dict[str, float]:
@@ -123,7 +123,7 @@ class Bench:
         with torch.no_grad():
             texts = model.get_text_features(input_ids=batch["input_ids"],
                                             attention_mask=batch["attention_mask"]).pooler_output
-        return contrastive_loss(image_embeddings(model, pixels), texts, model.logit_scale)
+        return tower_of(model).loss(image_embeds(model, pixels), texts)
 
 
 def magnitude_masks(module: MaskedCLIPModule, counts: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:

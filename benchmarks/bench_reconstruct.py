@@ -13,9 +13,9 @@ import time
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from clip_prune.pruning.flops import count_encoder_macs
-from clip_prune.pruning.reconstruct import reconstruct
-from clip_prune.pruning.search import search_masks
+from clip_prune.core.macs import count_encoder_macs
+from clip_prune.core.reconstruct import reconstruct
+from clip_prune.core.search import search_masks
 
 TARGET_RATIO = 5.0
 
@@ -86,7 +86,7 @@ def main(args: list[str] | None = None) -> None:
         forward_before_s, forward_before_cpu_s = _time_forward(model, batches, device)
         start, start_cpu = time.perf_counter(), time.process_time()
         result = reconstruct(model, head_mask.to(device), neuron_mask.to(device), batches, method=method,
-                             last_layer_cls_only=options.last_layer_cls_only)
+                             last_layer_pooled_only=options.last_layer_pooled_only)
         _synchronize(device)
         method_s, method_cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
         forward_after_s, forward_after_cpu_s = _time_forward(model, batches, device)

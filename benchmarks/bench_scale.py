@@ -38,9 +38,9 @@ from bench_pipeline import save_vit_b16_clip
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
 
-from clip_prune.data.coco import CocoDataModule
 from clip_prune.data.synthetic import caption_vocabulary
-from clip_prune.model.module import MaskedCLIPModule
+from clip_prune.lightning.data import CocoDataModule
+from clip_prune.lightning.module import MaskedCLIPModule
 
 SIZES = ((640, 480), (480, 640), (640, 427), (500, 375), (640, 512), (427, 640))
 RECONSTRUCT_SAMPLES = 512  # PruningOptions.reconstruct_samples' default
@@ -138,7 +138,7 @@ def prune_command(args: argparse.Namespace, model_dir: Path, data_root: Path, ou
 
 def run_child(cli_args: list[str]) -> None:
     """In a fresh process: the CLI, then its peak host and device memory as one JSON line."""
-    from clip_prune.cli import main as clip_prune
+    from clip_prune.lightning.cli import main as clip_prune
 
     clip_prune(cli_args)
     device_peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None

@@ -38,8 +38,9 @@ import torch_pruning as tp
 from torch import nn
 from transformers import CLIPModel, CLIPVisionModel
 
-from clip_prune.model.masking import VisionMasks, encoder_layers, vision_tower
-from clip_prune.pruning.flops import EncoderMacs, count_encoder_macs
+from clip_prune.core.macs import EncoderMacs, count_encoder_macs
+from clip_prune.core.masks import VisionMasks
+from clip_prune.towers import tower_of
 
 LossFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 MAX_TRIALS = 24
@@ -83,7 +84,7 @@ def torch_pruning_prune(model: nn.Module, pixel_batches: Sequence[torch.Tensor],
     work = copy.deepcopy(model)
     work.eval()
     grads = _taylor_gradients(work, pixel_batches, loss_fn)
-    tower = vision_tower(work)
+    tower = tower_of(work).vision
     macs = count_encoder_macs(tower.config)
     budget = math.floor(constraint * macs.dense)
     example = pixel_batches[0][:1]
@@ -126,11 +127,11 @@ def _nearest_first(start: int, stop: int) -> list[int]:
 def _taylor_gradients(work: nn.Module, pixel_batches: Sequence[torch.Tensor],
                       loss_fn: LossFn) -> dict[str, torch.Tensor]:
     """Weight gradients of the vision tower, summed over the batches, by parameter name."""
-    vision_tower(work).requires_grad_(True)  # a frozen input model still needs weight gradients
+    tower_of(work).vision.requires_grad_(True)  # a frozen input model still needs weight gradients
     work.zero_grad(set_to_none=True)
     for pixels in pixel_batches:
         loss_fn(work, pixels).backward()
-    return {name: param.grad.detach().clone() for name, param in vision_tower(work).named_parameters()
+    return {name: param.grad.detach().clone() for name, param in tower_of(work).vision.named_parameters()
             if param.grad is not None}
 
 
@@ -159,7 +160,7 @@ def _prune_once(tower: CLIPVisionModel, grads: dict[str, torch.Tensor], example:
     pruned = copy.deepcopy(tower)
     for name, param in pruned.named_parameters():
         param.grad = grads[name].clone() if name in grads else None
-    layers = encoder_layers(pruned)
+    layers = tower_of(pruned).layers
     num_layers = len(layers)
     num_heads = layers[0].self_attn.num_heads
     head_dim = layers[0].self_attn.head_dim
@@ -229,13 +230,14 @@ def _demo_pixels(model_dir: str, images: str | None, batches: int, batch_size: i
 
 def _distill_loss_fn(seed: int) -> LossFn:
     """The project's label-free distillation loss (DESIGN.md "Loss"), fresh sample ids for each batch."""
-    from clip_prune.model.module import distill_loss, image_embeddings
+    from clip_prune.core.losses import distill_loss
+    from clip_prune.towers import image_embeds
 
     counter = itertools.count()
 
     def loss_fn(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
         start = next(counter) * len(pixels)
-        return distill_loss(image_embeddings(model, pixels), torch.arange(start, start + len(pixels)), seed)
+        return distill_loss(image_embeds(model, pixels), torch.arange(start, start + len(pixels)), seed)
 
     return loss_fn
 
@@ -281,8 +283,8 @@ def main(args: list[str] | None = None) -> None:
         assert result.macs <= result.budget, "kept MACs over budget"
         assert result.macs == macs.of_masks(result.head_mask, result.neuron_mask)
         pruned_heads = [layer.self_attn.q_proj.out_features // layer.self_attn.head_dim
-                        for layer in encoder_layers(result.pruned_vision)]
-        pruned_neurons = [layer.mlp.fc1.out_features for layer in encoder_layers(result.pruned_vision)]
+                        for layer in tower_of(result.pruned_vision).layers]
+        pruned_neurons = [layer.mlp.fc1.out_features for layer in tower_of(result.pruned_vision).layers]
         assert pruned_heads == result.head_mask.sum(1).int().tolist(), "masks disagree with tp's q/k/v widths"
         assert pruned_neurons == result.neuron_mask.sum(1).int().tolist(), "masks disagree with tp's fc1 widths"
         error = _check_against_masks(model, result, torch.cat(pixel_batches))

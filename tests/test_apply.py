@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import CLIPVisionModel
 
-import clip_prune.apply
-from clip_prune.apply import export_pruned
-from clip_prune.model.module import image_embeddings
-from clip_prune.pruning.export import load_pruned, prune_model
-from clip_prune.pruning.refit import head_columns, load_refit, save_refit
+import clip_prune.core.finish
+from clip_prune.core.finish import export_pruned
+from clip_prune.core.refit import head_columns, load_refit, save_refit
+from clip_prune.core.saving import load_pruned, prune_model
+from clip_prune.towers import image_embeds
 
 
 def _masks_and_refit(model: CLIPVisionModel) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -47,7 +47,7 @@ def test_export_with_refit_equals_the_masked_model_and_reloads(tiny_vision_dir: 
     torch.testing.assert_close(layer.bias, refit["layers.1.mlp.fc2.bias"])
     reloaded = load_pruned(tmp_path / "out").eval()
     with torch.no_grad():
-        torch.testing.assert_close(image_embeddings(reloaded, pixels), image_embeddings(pruned, pixels))
+        torch.testing.assert_close(image_embeds(reloaded, pixels), image_embeds(pruned, pixels))
     save_refit(tmp_path / "refit.safetensors", refit)
     loaded = load_refit(tmp_path / "refit.safetensors", model, head_mask, neuron_mask)
     assert all(torch.equal(loaded[key], value) for key, value in refit.items())
@@ -60,8 +60,8 @@ def test_the_equivalence_check_fails_when_the_slicing_drops_the_refit(tiny_visio
     model = CLIPVisionModel.from_pretrained(tiny_vision_dir).eval()
     head_mask, neuron_mask, refit = _masks_and_refit(model)
     pixels = torch.randn(4, 3, 30, 30, generator=torch.Generator().manual_seed(1))
-    monkeypatch.setattr(clip_prune.apply, "prune_model", lambda dense, heads, neurons, _: prune_model(dense, heads,
-                                                                                                    neurons))
+    monkeypatch.setattr(clip_prune.core.finish, "prune_model",
+                        lambda dense, heads, neurons, _: prune_model(dense, heads, neurons))
     with pytest.raises(RuntimeError, match="differ from the masked model"):
         export_pruned(model, head_mask, neuron_mask, tmp_path / "out", str(tiny_vision_dir), pixels,
                       latency_repeats=1, refit=refit)

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import torch
 
-from clip_prune.callbacks import PruningCallback
-from clip_prune.model.module import MaskedCLIPModule
-from clip_prune.outputs import RunDirectory
-from clip_prune.pruning.fisher import FisherStatistics
-from clip_prune.pruning.flops import count_encoder_macs
-from clip_prune.pruning.pipeline import PruningOptions, prune_step
+from clip_prune.core.fisher import FisherStatistics
+from clip_prune.core.macs import count_encoder_macs
+from clip_prune.core.outputs import RunDirectory
+from clip_prune.core.pipeline import PruningOptions, prune_step
+from clip_prune.lightning.callbacks import PruningCallback
+from clip_prune.lightning.module import MaskedCLIPModule
 
 
 def test_a_failed_later_fisher_pass_leaves_the_dense_model(tiny_clip_dir: Path, tmp_path: Path) -> None:

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import BertConfig
 
-from clip_prune.cli import main
-from clip_prune.pruning.fisher import fisher_metadata
+from clip_prune.core.fisher import fisher_metadata
+from clip_prune.lightning.cli import main
 
 CONFIG = Path(__file__).parents[1] / "configs" / "tiny.yaml"
 
@@ -33,7 +33,7 @@ def test_prune_writes_masks_statistics_report_and_tensorboard(tiny_clip_dir, tin
     out = tmp_path / "run"
     run_prune(tiny_clip_dir, tiny_coco_root, out, "--constraint", "0.6")
     report = json.loads((out / "report.json").read_text())
-    assert report["flops"]["ratio"] <= 0.6
+    assert report["macs"]["ratio"] <= 0.6
     assert report["fisher_samples"] == 10
     assert set(report["timings_s"]) >= {"fisher", "search", "rearrange", "reconstruct", "total"}
     # Two steps by default at 0.6 (each keeps at least 0.75 of the previous), the last exactly at 0.6.
@@ -133,7 +133,7 @@ def test_too_many_samples_warns_and_uses_all(tiny_clip_dir, tiny_coco_root, tmp_
 def test_bad_model_and_constraint(tiny_clip_dir, tiny_coco_root, tmp_path) -> None:
     bert = tmp_path / "bert"
     BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37).save_pretrained(bert)
-    with pytest.raises(TypeError, match="'bert' model, not a CLIP model"):
+    with pytest.raises(TypeError, match="a 'bert' model is not a supported vision-language model"):
         run_prune(bert, tiny_coco_root, tmp_path / "out")
     for value in ("0", "1.5", "-0.2"):
         with pytest.raises(ValueError, match=r"--constraint must be in \(0, 1\]"):
@@ -235,7 +235,7 @@ def test_apply_reproduces_the_model_exported_by_prune(tiny_clip_dir, tiny_coco_r
         torch.testing.assert_close(applied[key], exported[key], rtol=0, atol=0)
     report = json.loads((tmp_path / "applied" / "report.json").read_text())
     assert report["equivalence"]["max_abs_diff"] <= 1e-5
-    assert report["flops_counted"]["ratio"] == pytest.approx(report["flops"]["ratio"], abs=1e-9)
+    assert report["macs_counted"]["ratio"] == pytest.approx(report["macs"]["ratio"], abs=1e-9)
     assert report["metrics"]["dense"]["retrieval"]["i2t_R@10"] >= 0
     with pytest.raises(FileExistsError, match="--overwrite"):
         run_apply(tiny_clip_dir, tiny_coco_root, tmp_path / "run", tmp_path / "applied")
@@ -296,7 +296,7 @@ def test_vision_only_checkpoint_without_tokenizer_prunes_with_distill(tiny_visio
         run_prune(tiny_vision_dir, tiny_coco_root, tmp_path / "refused", "--constraint", "0.6")
     run_prune(tiny_vision_dir, tiny_coco_root, tmp_path / "run", "--constraint", "0.6", "--model.loss", "distill")
     report = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert report["flops"]["ratio"] <= 0.6 and report["equivalence"]["max_abs_diff"] <= 1e-5
+    assert report["macs"]["ratio"] <= 0.6 and report["equivalence"]["max_abs_diff"] <= 1e-5
     assert "metrics" not in report or report["metrics"]["dense"] == {}
 
 
@@ -359,7 +359,7 @@ def test_user_errors_print_one_line_and_exit_2_and_runs_print_one_screen(tiny_cl
 
 def test_internal_errors_keep_their_traceback(tiny_clip_dir, tiny_coco_root, tmp_path, monkeypatch) -> None:
     monkeypatch.delenv("CLIP_PRUNE_DEBUG")
-    monkeypatch.setattr("clip_prune.callbacks.prune_step", lambda *args, **kwargs: int("not a number"))
+    monkeypatch.setattr("clip_prune.lightning.callbacks.prune_step", lambda *args, **kwargs: int("not a number"))
     with pytest.raises(ValueError, match="invalid literal"):
         run_prune(tiny_clip_dir, tiny_coco_root, tmp_path / "run", "--constraint", "0.6")
     with pytest.raises(SystemExit) as caught:
@@ -378,12 +378,12 @@ def test_evaluate_refuses_a_model_pruned_from_another_checkpoint(tiny_clip_dir, 
 def test_a_terminated_run_exits_with_the_sigterm_status(monkeypatch) -> None:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    import clip_prune.cli
+    import clip_prune.lightning.cli
 
     def terminated(*_: object) -> None:
         raise SIGTERMException  # what Lightning raises when the process receives SIGTERM
 
-    monkeypatch.setattr(clip_prune.cli, "_dispatch", terminated)
+    monkeypatch.setattr(clip_prune.lightning.cli, "_dispatch", terminated)
     with pytest.raises(SystemExit) as exit_info:
         main(["prune"])
     assert exit_info.value.code == 143

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from clip_prune.cli import main
+from clip_prune.lightning.cli import main
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 SUBCOMMAND = {"sensitivity": "sensitivity", "train": "fit"}

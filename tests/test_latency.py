@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clip_prune.apply import measure_latencies, relative_spread, summarise_latency
-from clip_prune.summary import format_summary
+from clip_prune.core.finish import measure_latencies, relative_spread, summarise_latency
+from clip_prune.core.summary import format_summary
 
 
 def test_steady_timings_on_an_idle_machine_raise_no_warning() -> None:

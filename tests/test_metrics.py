@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from clip_prune.metrics import retrieval_recall, zero_shot_accuracy
+from clip_prune.core.metrics import retrieval_recall, zero_shot_accuracy
 
 # Cosine similarity of image i (one-hot e_i) with caption t (unit vector) is column t's entry i:
 # rows are images 0-2, columns captions 0-5, captions 2i and 2i+1 belong to image i.

@@ -7,16 +7,16 @@ import pytest
 import torch
 from transformers import CLIPModel, CLIPVisionModel
 
-from clip_prune.apply import export_pruned
-from clip_prune.cli import main
-from clip_prune.pruning.export import load_pruned
+from clip_prune.core.finish import export_pruned
+from clip_prune.core.saving import load_pruned
+from clip_prune.lightning.cli import main
 
 onnxruntime = pytest.importorskip(
     "onnxruntime", reason="onnxruntime is not installed (pip install 'clip-prune[onnx]'): ONNX export is not tested"
 )
 pytest.importorskip("onnxscript", reason="onnxscript (torch's ONNX exporter backend) is not installed")
 
-from clip_prune.onnx_export import check_parity, dense_twin, export_image_encoder  # noqa: E402
+from clip_prune.core.onnx_export import check_parity, dense_twin, export_image_encoder  # noqa: E402
 
 IMAGE_SIZE = 30
 
@@ -64,7 +64,7 @@ def test_a_wrong_onnx_file_fails_the_parity_check(pruned_dir, tmp_path) -> None:
 
 
 def test_missing_runtime_names_the_extra(monkeypatch) -> None:
-    import clip_prune.onnx_export as onnx_export
+    import clip_prune.core.onnx_export as onnx_export
 
     real = onnx_export.importlib.util.find_spec
     monkeypatch.setattr(onnx_export.importlib.util, "find_spec",

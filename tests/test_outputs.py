@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from clip_prune.outputs import RunDirectory, write_json_atomically
+from clip_prune.core.outputs import RunDirectory, write_json_atomically
 
 
 def test_run_directory_is_staged_then_renamed(tmp_path) -> None:

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from conftest import write_tiny_coco
 
-from clip_prune.callbacks import PruningCallback
-from clip_prune.cli import main
-from clip_prune.pruning.fisher import fisher_metadata
+from clip_prune.core.fisher import fisher_metadata
+from clip_prune.lightning.callbacks import PruningCallback
+from clip_prune.lightning.cli import main
 
 CONFIG = Path(__file__).parents[1] / "configs" / "tiny.yaml"
 

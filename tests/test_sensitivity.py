@@ -10,10 +10,10 @@ import torch
 from conftest import run_cli_subprocess, save_tiny_clip
 from transformers import CLIPModel
 
-from clip_prune.cli import main
-from clip_prune.model.masking import VisionMasks
-from clip_prune.pruning.export import load_pruned
-from clip_prune.pruning.sensitivity import choose_head, keep_single_head
+from clip_prune.core.masks import VisionMasks
+from clip_prune.core.saving import load_pruned
+from clip_prune.core.sensitivity import choose_head, keep_single_head
+from clip_prune.lightning.cli import main
 
 CONFIG = Path(__file__).parents[1] / "configs" / "tiny_sensitivity.yaml"
 
@@ -64,7 +64,7 @@ def test_rounds_reduce_one_more_layer_each_and_start_with_the_dominant_head(domi
         assert sorted(single) == sorted(e["layer"] for e in rounds[: index + 1])
         assert all(mask[layer].tolist() == [1, 1, 1, 1] for layer in range(3) if layer not in single)
         assert mask[entry["layer"], entry["head"]] == 1
-        assert entry["flops_ratio"] < 1
+        assert entry["macs_ratio"] < 1
     assert torch.load(out / "neuron_mask.pt", weights_only=True).eq(1).all()
 
 

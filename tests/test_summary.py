@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from clip_prune.summary import format_summary
+from clip_prune.core.summary import format_summary
 
 
 def test_summary_rows() -> None:
     report = {
-        "flops": {"dense": 2e9, "pruned": 1e9, "ratio": 0.5},
+        "macs": {"dense": 2e9, "pruned": 1e9, "ratio": 0.5},
         "latency_s": {"dense": 0.2, "pruned": 0.1, "speedup": 2.0, "batch": 8},
         "metrics": {"dense": {"retrieval": {"i2t_R@1": 50.0}}, "pruned": {"retrieval": {"i2t_R@1": 45.5}}},
         "timings_s": {"fisher": 3.0, "total": 3.0},

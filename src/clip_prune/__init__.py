@@ -1,6 +1,6 @@
 """clip-prune: structured pruning of CLIP's vision tower without retraining."""
 
-from clip_prune.pruning.export import load_pruned, register_pruned_models
+from clip_prune.core.saving import load_pruned, register_pruned_models
 
 # Lets transformers.AutoConfig / AutoModel.from_pretrained open pruned model directories.
 register_pruned_models()

@@ -1,5 +1,5 @@
 """`python -m clip_prune` runs the `clip-prune` command."""
 
-from clip_prune.cli import main
+from clip_prune.lightning.cli import main
 
 main()

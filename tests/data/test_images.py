@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clip_prune.data.coco import CocoDataModule
 from clip_prune.data.images import check_image_files, read_rgb, to_rgb
+from clip_prune.lightning.data import CocoDataModule
 
 
 def truncate(path: Path) -> None:

@@ -1,0 +1,161 @@
+"""Masks → a physically smaller model on disk, verified against the masked model and measured.
+
+Shared by `clip-prune prune` (which ends by exporting into `DIR/pruned/`) and `clip-prune apply`.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from clip_prune.core.latency import timed_call
+from clip_prune.core.macs import count_encoder_macs
+from clip_prune.core.masks import VisionMasks
+from clip_prune.core.refit import RefitWeights, refit_applied
+from clip_prune.core.saving import prune_model, save_pruned
+from clip_prune.core.sharing import read_processor
+from clip_prune.core.slicing import count_vision_macs, plan_from_masks
+from clip_prune.data.coco import available_cores
+from clip_prune.towers import image_embeds, tower_of
+
+EQUIVALENCE_TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+"""Largest accepted |masked − pruned| of image embeddings, relative to the largest |embedding| (at least 1),
+per dtype: slicing reorders sums, so the two agree to the dtype's rounding (float32 measured ≤ 1e-5)."""
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(parameter.numel() for parameter in module.parameters())
+
+
+NOISY_SPREAD = 0.15
+"""Interquartile range of the timed passes, relative to their median, above which latency is flagged as noisy."""
+
+
+@torch.inference_mode()
+def measure_latencies(models: list[nn.Module], pixels: torch.Tensor, repeats: int = 15) -> list[list[float]]:
+    """Seconds of each timed vision-tower forward pass over `pixels`, `repeats` per model.
+
+    The models take turns within each repeat (after two warm-up passes each), so drifts of the
+    machine's speed touch all of them alike.
+    """
+    towers = [tower_of(model).vision for model in models]
+    for tower in towers:
+        tower(pixel_values=pixels)
+        tower(pixel_values=pixels)
+    timings: list[list[float]] = [[] for _ in towers]
+    for _ in range(repeats):
+        for tower, times in zip(towers, timings, strict=True):
+            times.append(timed_call(partial(tower, pixel_values=pixels), pixels.device)[0])
+    return timings
+
+
+def relative_spread(times: list[float]) -> float:
+    """Interquartile range of `times` over their median (0 for fewer than two)."""
+    if len(times) < 2:
+        return 0.0
+    low, _, high = statistics.quantiles(times, n=4, method="inclusive")
+    return (high - low) / statistics.median(times)
+
+
+def summarise_latency(dense: list[float], pruned: list[float], load: float | None, cores: int) -> dict[str, Any]:
+    """Medians, spreads and speedup of the timed passes, with a warning when they may be noise.
+
+    Args:
+        dense: seconds of the dense model's timed passes.
+        pruned: seconds of the pruned model's timed passes.
+        load: the machine's 1-minute load average when timing started (None where unknown).
+        cores: CPU cores this process may use.
+    """
+    spread = {"dense": relative_spread(dense), "pruned": relative_spread(pruned)}
+    summary: dict[str, Any] = {
+        "dense": statistics.median(dense), "pruned": statistics.median(pruned),
+        "speedup": statistics.median(dense) / statistics.median(pruned), "repeats": len(dense),
+        "spread": spread, "load_1min": load, "cores": cores,
+    }
+    reasons = []
+    if max(spread.values()) > NOISY_SPREAD:
+        reasons.append(f"the timed passes vary by {max(spread.values()):.0%} (interquartile range / median)")
+    if load is not None and load > cores:
+        reasons.append(f"the machine was busy (1-minute load {load:.1f} on {cores} cores)")
+    if reasons:
+        summary["warning"] = ("latency may be noise: " + " and ".join(reasons)
+                              + "; measure again on an idle machine or with more --latency_repeats")
+    return summary
+
+
+@torch.no_grad()
+def masked_embeddings(model: PreTrainedModel, head_mask: torch.Tensor, neuron_mask: torch.Tensor,
+                      pixels: torch.Tensor) -> torch.Tensor:
+    """Image embeddings of the dense model under hook masks: the reference the pruned model must match."""
+    masks = VisionMasks(model, head_mask, neuron_mask)
+    try:
+        return image_embeds(model, pixels)
+    finally:
+        masks.remove()
+
+
+def export_pruned(model: PreTrainedModel, head_mask: torch.Tensor, neuron_mask: torch.Tensor,
+                  directory: Path, pretrained: str, pixels: torch.Tensor, latency_repeats: int = 15,
+                  refit: RefitWeights | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Slice `model` by the masks, check it against the masked model, save it to `directory`; return it and a report.
+
+    The reference of the check is the dense model under hook masks with the refit columns written into
+    its weights: it shares no code with the slicing.
+
+    Args:
+        model: the dense model (left unchanged).
+        head_mask: [L, H] scales, 0 = pruned.
+        neuron_mask: [L, F] scales, 0 = pruned.
+        directory: where the Hugging Face directory goes (created or replaced).
+        pretrained: checkpoint whose image processor and tokenizer are saved alongside.
+        pixels: [B, 3, S, S] images on the model's device for the equivalence check and latency.
+        latency_repeats: timed forward passes per model.
+        refit: refit columns of the kept units (`weights` reconstruction); None or empty for none.
+    """
+    head_mask, neuron_mask, refit = head_mask.float().cpu(), neuron_mask.float().cpu(), refit or {}
+    pruned = prune_model(model, head_mask, neuron_mask, refit).eval()
+    with refit_applied(model, head_mask, neuron_mask, refit):
+        reference = masked_embeddings(model, head_mask.to(pixels.device), neuron_mask.to(pixels.device), pixels)
+    with torch.no_grad():
+        difference = (image_embeds(pruned, pixels) - reference).abs().max().item()
+    tolerance = EQUIVALENCE_TOLERANCE[reference.dtype] * max(1.0, reference.abs().max().item())
+    if not difference <= tolerance:
+        raise RuntimeError(
+            f"the pruned model's image embeddings differ from the masked model's by {difference:.3g} "
+            f"(tolerance {tolerance:.3g} in {reference.dtype}); this is a bug in clip-prune, please report it"
+        )
+    save_pruned(pruned, directory, plan_from_masks(head_mask, neuron_mask), processor=read_processor(pretrained),
+                overwrite=True)
+    return pruned, {
+        "equivalence": {"max_abs_diff": difference, "tolerance": tolerance, "dtype": str(reference.dtype),
+                        "samples": len(pixels)},
+        **measure_costs(model, pruned, head_mask, neuron_mask, pixels, latency_repeats),
+    }
+
+
+def measure_costs(dense: nn.Module, pruned: nn.Module, head_mask: torch.Tensor, neuron_mask: torch.Tensor,
+                  pixels: torch.Tensor, latency_repeats: int) -> dict[str, Any]:
+    """Analytic and counted MACs, parameters and measured latency of the dense and pruned vision towers."""
+    macs = count_encoder_macs(tower_of(dense).vision.config)
+    analytic = macs.of_masks(head_mask, neuron_mask)
+    counted_dense, counted_pruned = count_vision_macs(dense), count_vision_macs(pruned)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    dense_times, pruned_times = measure_latencies([dense, pruned], pixels, latency_repeats)
+    parameters = count_parameters(tower_of(dense).vision), count_parameters(tower_of(pruned).vision)
+    return {
+        "macs": {"dense": macs.dense, "pruned": analytic, "ratio": analytic / macs.dense,
+                  "unit": "encoder MACs per image (analytic)"},
+        "macs_counted": {"dense": counted_dense, "pruned": counted_pruned, "ratio": counted_pruned / counted_dense,
+                          "unit": "encoder MACs per image (torch.utils.flop_counter)"},
+        "parameters": {"dense": parameters[0], "pruned": parameters[1], "ratio": parameters[1] / parameters[0],
+                       "unit": "vision tower"},
+        "latency_s": {**summarise_latency(dense_times, pruned_times, load, available_cores()),
+                      "batch": len(pixels), "device": str(pixels.device)},
+    }

@@ -1,0 +1,193 @@
+"""One pruning step on Fisher statistics: search → rearrange → reconstruct (DESIGN.md; arXiv 2204.09656),
+and the constraints of iterative pruning (DESIGN.md, "Weight refit": step k of K keeps c^(k/K)).
+
+No Lightning here: the callback gathers the statistics (again after each step, on the model pruned so
+far) and calls `prune_step`; a benchmark can do the same with a plain loop.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from clip_prune.core.fisher import FisherStatistics
+from clip_prune.core.macs import EncoderMacs
+from clip_prune.core.rearrange import rearrange_mask
+from clip_prune.core.reconstruct import Reconstruction, reconstruct
+from clip_prune.core.refit import RefitWeights
+from clip_prune.core.search import SearchResult, WidthBudget, WidthSearchResult, search_masks
+from clip_prune.towers import VisionInputs
+
+
+@dataclass(frozen=True)
+class PruningOptions:
+    """Which stages run after the Fisher pass, in how many steps, and how reconstruction is done."""
+
+    rearrange: bool = True
+    """Rearrange the searched masks with the per-layer Fisher blocks."""
+    reconstruct: Literal["weights", "scales", "none"] = "weights"
+    """Layer-wise reconstruction: `weights` refits the output columns of the kept heads and neurons
+    (binary masks plus refit.safetensors), `scales` fits one scale per kept unit (the original tool's
+    mask format), `none` keeps the searched weights."""
+    steps: int | None = None
+    """Reach the constraint in this many steps (c^(k/K)), each followed by reconstruction and a new
+    Fisher pass on the pruned model; None: the fewest steps that each keep at least `step_keep` of the
+    previous step's MACs."""
+    step_keep: float = 0.75
+    """With steps None: the smallest fraction of MACs one step may keep (0.75: 1 step at c = 0.75,
+    3 at 0.5, 6 at 0.2)."""
+    teacher: Literal["dense", "ta"] = "dense"
+    """Reconstruction target: the dense model, or the 'teaching assistant' mask searched at √constraint."""
+    damping: float = 1e-2
+    """Pull of the solution towards the incoming weights, relative to the mean diagonal of the Gram matrix;
+    raised tenfold (up to 10⁶ ×, from 1e-6 if 0) for a stage whose solution is not finite or out of bounds."""
+    max_abs_scale: float = 10.0
+    """Bound on solved scales |s| (`scales`) and on the growth ‖W‖/‖W₀‖ of a stage's refit columns (`weights`)."""
+    fit_bias: bool = True
+    """With `weights`, also refit out_proj's and fc2's bias (unpenalised); on the demo model this raised the
+    cosine to dense at every constraint, most at low ones (benchmarks/bench_quality.py)."""
+    reconstruct_samples: int = 512
+    """Calibration images used for reconstruction (split across ranks)."""
+    last_layer_pooled_only: bool = True
+    """At the last layer, reconstruct only the tokens the tower's pooling reads (CLIP: the CLS token; SigLIP's
+    attention-pooling head reads all tokens, so there it changes nothing)."""
+    export: bool = True
+    """Slice the weights and save the smaller model into OUTPUT_DIR/pruned."""
+    multiple_of: int = 1
+    """Keep each layer's widths (heads x head size, neurons) at multiples of this (e.g. 8 or 64 for GPU
+    matmuls), or dense; 1 leaves them free."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.multiple_of < 1:
+            problems.append(f"--options.multiple_of must be >= 1, got {self.multiple_of}")
+        if self.damping < 0:
+            problems.append(f"--options.damping must be >= 0, got {self.damping}")
+        if self.reconstruct_samples < 1:
+            problems.append(f"--options.reconstruct_samples must be >= 1, got {self.reconstruct_samples}")
+        if self.teacher == "ta" and self.steps != 1:
+            problems.append("--options.teacher ta works in one step (each later step's assistant would be the last "
+                            "step's mask): pass --options.steps 1 with it")
+        if self.steps is not None and self.steps < 1:
+            problems.append(f"--options.steps must be >= 1 (or null for automatic), got {self.steps}")
+        if not 0 < self.step_keep < 1:
+            problems.append(f"--options.step_keep must be in (0, 1), got {self.step_keep}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def step_constraints(self, constraint: float) -> list[float]:
+        """The constraint of each step, c^(k/K) for k = 1..K, the last exactly `constraint`."""
+        steps = self.steps
+        if steps is None:
+            steps = max(1, math.ceil(math.log(constraint) / math.log(self.step_keep) - 1e-9))
+        return [constraint ** (k / steps) for k in range(1, steps)] + [constraint]
+
+
+@dataclass
+class StepResult:
+    """The masks and refit columns after one step, and what each stage did."""
+
+    head_mask: torch.Tensor
+    """[L, H] float32 after reconstruction (binary, or the scales with `scales`)."""
+    neuron_mask: torch.Tensor
+    """[L, F] float32, same convention."""
+    refit: RefitWeights
+    """Refit columns of the kept units (empty unless `weights`)."""
+    search: SearchResult | WidthSearchResult
+    stage_masks: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    """Masks after `search`, `rearrange` and `reconstruct` (those that ran), for plots."""
+    reconstruction: Reconstruction | None
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds per stage."""
+
+    @property
+    def warnings(self) -> list[str]:
+        return [] if self.reconstruction is None else self.reconstruction.warnings
+
+    def report(self, constraint: float, macs: EncoderMacs) -> dict[str, Any]:
+        """JSON-ready summary of the step."""
+        entry: dict[str, Any] = {
+            "constraint": constraint, "macs_ratio": macs.of_masks(self.head_mask, self.neuron_mask) / macs.dense,
+            "kept_heads": int((self.head_mask != 0).sum()), "kept_neurons": int((self.neuron_mask != 0).sum()),
+            "timings_s": self.timings,
+        }
+        if self.reconstruction is not None:
+            entry["reconstruction"] = self.reconstruction.report()
+        return entry
+
+
+def timed(timings: dict[str, float], stage: str, work: Callable[[], Any]) -> Any:
+    """`work()`, its seconds added to `timings[stage]`."""
+    start = time.perf_counter()
+    result = work()
+    timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+    return result
+
+
+def prune_step(
+    model: nn.Module,
+    stats: FisherStatistics,
+    macs: EncoderMacs,
+    constraint: float,
+    options: PruningOptions,
+    batches: Sequence[torch.Tensor | VisionInputs],
+    *,
+    kept: tuple[torch.Tensor, torch.Tensor] | None = None,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    progress: bool = False,
+    widths: WidthBudget | None = None,
+) -> StepResult:
+    """Search the masks for `constraint` among the `kept` units, rearrange and reconstruct them.
+
+    Args:
+        model: the dense model (reconstruction reads its weights and leaves them unchanged).
+        stats: Fisher statistics of the model pruned so far (search and rearrangement leave units outside `kept`
+            out, Gram entries included).
+        macs: per-unit MAC costs of the encoder.
+        constraint: fraction of the dense encoder's MACs this step keeps.
+        options: stages and reconstruction settings.
+        batches: calibration images for reconstruction (pixels or the tower's inputs), on the model's device.
+        kept: ([L, H], [L, F]) units the previous step kept (non-zero); None: all.
+        all_reduce: sum across DDP ranks, for reconstruction (None: one process).
+        progress: show progress bars.
+        widths: search each layer's widths within a latency table or at multiples (`WidthBudget`);
+            None: the global FLOP-constrained ranking (`search_masks`).
+    """
+    timings: dict[str, float] = {}
+    candidates = None if kept is None else (kept[0] != 0, kept[1] != 0)
+    searcher = search_masks if widths is None else widths.search
+    search = timed(timings, "search", lambda: searcher(stats.head_fisher, stats.neuron_fisher, macs,
+                                                        constraint, candidates))
+    head_mask, neuron_mask = search.head_mask, search.neuron_mask
+    stage_masks = {"search": (head_mask, neuron_mask)}
+    if options.rearrange:
+        fixed = (None, None) if candidates is None else (~candidates[0], ~candidates[1])
+        head_mask, neuron_mask = timed(timings, "rearrange", lambda: (
+            rearrange_mask(head_mask, stats.head_fisher, stats.head_gram, fixed[0]),
+            rearrange_mask(neuron_mask, stats.neuron_fisher, stats.neuron_gram, fixed[1]),
+        ))
+        stage_masks["rearrange"] = (head_mask, neuron_mask)
+    if options.reconstruct == "none":
+        return StepResult(head_mask, neuron_mask, {}, search, stage_masks, None, timings)
+    teacher: dict[str, torch.Tensor] = {}
+    if options.teacher == "ta":
+        if kept is not None:
+            # Among the kept units, √c_k ≥ c_(k-1) keeps them all: the assistant would be the last step's mask.
+            raise ValueError("--options.teacher ta works in one step; pass --options.steps 1 or use the dense teacher")
+        assistant = searcher(stats.head_fisher, stats.neuron_fisher, macs, math.sqrt(constraint), candidates)
+        teacher = {"teacher_head_mask": assistant.head_mask, "teacher_neuron_mask": assistant.neuron_mask}
+    device = next(model.parameters()).device
+    result = timed(timings, "reconstruct", lambda: reconstruct(
+        model, head_mask.to(device), neuron_mask.to(device), batches, method=options.reconstruct,
+        damping=options.damping, max_abs_scale=options.max_abs_scale, fit_bias=options.fit_bias,
+        last_layer_pooled_only=options.last_layer_pooled_only, all_reduce=all_reduce, progress=progress, **teacher,
+    ))
+    stage_masks["reconstruct"] = (result.head_mask, result.neuron_mask)
+    return StepResult(result.head_mask.cpu(), result.neuron_mask.cpu(), result.refit, search, stage_masks, result,
+                      timings)

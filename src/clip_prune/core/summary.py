@@ -1,0 +1,83 @@
+"""The short table `clip-prune` prints at the end of a run: what pruning gained and what it cost."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _row(name: str, dense: str, pruned: str, change: str = "") -> str:
+    return f"  {name:<22}{dense:>14}{pruned:>14}{change:>12}"
+
+
+def format_summary(report: dict[str, Any]) -> str:
+    """A plain-text table of MACs, parameters, latency, metrics and stage timings from `report.json`."""
+    lines: list[str] = []
+    for key, name, scale, unit in (("macs", "encoder GMACs/image", 1e9, "{:.4f}"),
+                                   ("macs_counted", "  counted (torch)", 1e9, "{:.4f}"),
+                                   ("parameters", "vision params (M)", 1e6, "{:.3f}")):
+        if key in report:
+            values = report[key]
+            lines.append(_row(name, unit.format(values["dense"] / scale), unit.format(values["pruned"] / scale),
+                              f"{values['ratio']:.3f}"))
+    if "latency_s" in report:
+        latency = report["latency_s"]
+        spread = latency.get("spread", {})
+        dense, pruned = (f"{latency[key] * 1e3:.1f}" + (f" ±{spread[key]:.0%}" if key in spread else "")
+                         for key in ("dense", "pruned"))
+        lines.append(_row(f"latency ms (batch {latency['batch']})", dense, pruned, f"{latency['speedup']:.2f}x"))
+    metrics = report.get("metrics", {})
+    for task, values in metrics.get("dense", {}).items():
+        for name, dense in values.items():
+            pruned = metrics.get("pruned", {}).get(task, {}).get(name)
+            if pruned is None:
+                lines.append(_row(f"{task} {name} (%)", f"{dense:.1f}", "-", "-"))
+            else:
+                lines.append(_row(f"{task} {name} (%)", f"{dense:.1f}", f"{pruned:.1f}", f"{pruned - dense:+.1f}"))
+    lines += _cascade_rows(metrics)
+    if lines:
+        lines = ["", "clip-prune summary", _row("", "dense", "pruned", "ratio"), *lines]
+    if "fisher_samples" in report:
+        source = report.get("fisher_source")
+        lines.append(f"  Fisher statistics of {report['fisher_samples']} samples"
+                     + (f", reused from {source}" if source else ""))
+    if "kept" in report:
+        lines.append(f"  kept {report['kept']['heads']} heads, {report['kept']['neurons']} neurons")
+    if "predicted_ratio" in report.get("latency", {}):
+        budget = report["latency"]
+        lines.append(f"  latency budget: the table predicts {budget['predicted_ratio']:.3f} of the dense tower "
+                     f"(batch {budget['batch_size']}, {budget['device']})")
+    if len(report.get("steps", [])) > 1:
+        steps = ", ".join(f"{step['macs_ratio']:.2f} ({step['kept_heads']} h, {step['kept_neurons']} n)"
+                          for step in report["steps"])
+        lines.append(f"  {len(report['steps'])} steps, MACs kept: {steps}")
+    if "timings_s" in report:
+        stages = ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in report["timings_s"].items())
+        lines.append(f"  time: {stages}")
+    if "warning" in report.get("latency_s", {}):
+        lines.append(f"  warning: {report['latency_s']['warning']}")
+    for warning in report.get("warnings", []):
+        lines.append(f"  warning: {warning}")
+    return "\n".join(lines)
+
+
+def _cascade_rows(metrics: dict[str, Any]) -> list[str]:
+    """Per M: the cascade's text-to-image recall and its gallery encoding cost, beside the dense model alone."""
+    entries = metrics.get("cascade", [])
+    if not entries:
+        return []
+    dense = metrics.get("dense", {}).get("retrieval", {})
+    lines = [_row("cascade: pruned top M", "dense", "cascade", "change")]
+    for entry in entries:
+        m = f"M={entry['top_m']}"
+        for name, value in entry["retrieval"].items():
+            lines.append(_row(f"{m} {name} (%)", f"{dense[name]:.1f}", f"{value:.1f}", f"{value - dense[name]:+.1f}"))
+        lines.append(_row(f"{m} dense encodings", str(entry["images"]), str(entry["reranked_images"]),
+                          f"{entry['reranked_images'] / entry['images']:.3f}"))
+        macs, seconds = entry["macs"], entry["seconds"]
+        lines.append(_row(f"{m} gallery GMACs", f"{macs['dense'] / 1e9:.4g}", f"{macs['cascade'] / 1e9:.4g}",
+                          f"{macs['ratio']:.3f}"))
+        lines.append(_row(f"{m} gallery s ({seconds['device']})", f"{seconds['dense']:.4g}",
+                          f"{seconds['cascade']:.4g}", f"{seconds['speedup']:.2f}x"))
+        lines.append(f"  {m}: fewer MACs than dense for the first {macs['break_even_queries']} of "
+                     f"{macs['queries']} queries (random order)")
+    return lines

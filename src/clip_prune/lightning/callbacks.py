@@ -1,0 +1,370 @@
+"""Callbacks that turn Fisher passes into masks: `PruningCallback` (search → rearrange → reconstruct, in one or
+more steps, then export) and `SensitivityCallback` (one layer reduced to its best head per pass)."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+
+from clip_prune.core.cascade import check_top_m
+from clip_prune.core.evaluation import Evaluator
+from clip_prune.core.finish import export_pruned
+from clip_prune.core.fisher import FisherStatistics, save_fisher
+from clip_prune.core.latency import LatencyTable, cached_latency_table, write_table
+from clip_prune.core.macs import EncoderMacs, count_encoder_macs
+from clip_prune.core.metrics import METRIC_NAMES
+from clip_prune.core.outputs import RunDirectory, link_or_copy
+from clip_prune.core.pipeline import PruningOptions, StepResult, prune_step, timed
+from clip_prune.core.refit import REFIT_FILE, refit_applied, save_refit
+from clip_prune.core.search import SearchResult, WidthBudget
+from clip_prune.core.sensitivity import choose_head, keep_single_head
+from clip_prune.core.slicing import plan_from_masks, write_plan
+from clip_prune.core.summary import format_summary
+from clip_prune.data.sampling import PADDING
+from clip_prune.lightning.module import MaskedCLIPModule
+from clip_prune.lightning.resume import statistics_provenance
+from clip_prune.lightning.tensorboard import (
+    log_fisher,
+    log_masks,
+    log_metrics,
+    log_reconstruction,
+    log_search_curve,
+    log_sensitivity_round,
+)
+
+
+def on_rank_zero(trainer: L.Trainer, work: Callable[[], None]) -> None:
+    """Run `work` on rank zero only; every rank learns whether it failed, so no rank waits forever."""
+    error = None
+    if trainer.is_global_zero:
+        try:
+            work()
+        except Exception as exception:  # re-raised below, after the other ranks are told
+            error = exception
+    failed = trainer.strategy.broadcast(error is not None)
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError("clip-prune failed on rank 0; its error is reported there")
+
+
+def check_constraint(constraint: float) -> None:
+    """Refuse a MAC constraint outside (0, 1] before any work starts."""
+    if not (isinstance(constraint, int | float) and 0 < constraint <= 1):
+        raise ValueError(
+            f"--constraint must be in (0, 1] (the fraction of the encoder's MACs to keep, e.g. 0.75), got {constraint}"
+        )
+
+
+class PruningCallback(L.Callback):
+    """Turns the Fisher statistics of each validation pass into a pruning step, and the last step into a run.
+
+    With K steps (`PruningOptions.steps`) the Trainer runs K validation passes: the first gathers Fisher
+    statistics on the dense model (or reuses `statistics`), each later one on the model pruned so far (its
+    masks hooked in, its refit columns written into the weights for the pass). After each pass
+    `prune_step` searches the step's budget among the units still kept, rearranges and reconstructs
+    (teacher: always the dense model); after the last, the masks are written, exported and evaluated.
+
+    Args:
+        run: where the outputs go (staged, renamed into place at the end).
+        constraint: fraction of the encoder's MACs to keep, in (0, 1]; None only saves the statistics.
+        options: stages, steps and reconstruction settings.
+        statistics: statistics loaded from an earlier run (`--fisher`), used by the first step; None gathers them.
+        cascade_top_m: also measure the pruned-then-dense search cascade re-ranking these top M.
+        constraint_type: `macs`, or `latency`: the constraint is a fraction of the dense tower's latency by a
+            table measured on the run's device (DESIGN.md, "Latency budget").
+    """
+
+    def __init__(self, run: RunDirectory, constraint: float | None, options: PruningOptions,
+                 statistics: FisherStatistics | None = None, cascade_top_m: list[int] | None = None,
+                 constraint_type: Literal["macs", "latency"] = "macs") -> None:
+        if constraint is not None:
+            check_constraint(constraint)
+        self.cascade_top_m = check_top_m(cascade_top_m)
+        if self.cascade_top_m and (constraint is None or not options.export):
+            raise ValueError("--cascade_top_m needs the exported pruned model: give --constraint and keep "
+                             "--options.export true")
+        self.run = run
+        self.constraint = constraint
+        self.constraint_type = constraint_type
+        self.widths: WidthBudget | None = None
+        self.options = options
+        self.statistics = statistics
+        self.constraints = [] if constraint is None else options.step_constraints(constraint)
+        self.steps: list[StepResult] = []
+        self.timings: dict[str, float] = {}
+        self.finished = False
+        self._pruned_so_far = ExitStack()
+        self._reconstruction_batches: list[torch.Tensor] | None = None
+        self.statistics_source: Path | None = None
+        """The file `statistics` were read from (`--fisher` or an interrupted run), linked into the run."""
+        self.summary: str | None = None
+        """What to print once the run is written (rank zero)."""
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: MaskedCLIPModule) -> None:
+        self._started = time.perf_counter()
+        if self.steps:  # a Fisher pass on the model pruned so far
+            last = self.steps[-1]
+            pl_module.fisher.reset()
+            pl_module.masks.set(last.head_mask, last.neuron_mask)
+            self._pruned_so_far.enter_context(refit_applied(pl_module.model, last.head_mask, last.neuron_mask,
+                                                            last.refit))
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: MaskedCLIPModule) -> None:
+        self._restore_dense(pl_module)  # the teacher of every step
+        fisher_s = time.perf_counter() - self._started
+        self._add_time("fisher", fisher_s)
+        first = not self.steps
+        stats = self.statistics if first and self.statistics is not None else pl_module.fisher.compute()
+        if first and trainer.is_global_zero:
+            target = self.run.file("fisher.safetensors")
+            if self.statistics_source is None:
+                save_fisher(target, stats, pl_module.hparams.pretrained,
+                            statistics_provenance(pl_module, trainer.datamodule, trainer.world_size))
+            else:  # the original file, with the metadata of where it came from
+                link_or_copy(self.statistics_source, target)
+            log_fisher(trainer, stats)
+        if self.constraint is not None:
+            self._step(trainer, pl_module, stats)  # every rank: reconstruction sums across ranks
+            self.steps[-1].timings["fisher"] = fisher_s
+        self.finished = len(self.steps) == len(self.constraints)
+        if self.finished:
+            report: dict[str, Any] = {"model": pl_module.hparams.pretrained, "fisher_samples": stats.num_samples}
+            if self.statistics_source is not None:
+                # An interrupted run's staging folder is removed once this run is in place: name the run itself.
+                resumed = self.statistics_source.parent.name.startswith(f".{self.run.path.name}.partial-")
+                report["fisher_source"] = ("an interrupted run of this output directory" if resumed
+                                           else str(self.statistics_source))
+            on_rank_zero(trainer, lambda: self._finish(trainer, pl_module, report))
+
+    def on_exception(self, trainer: L.Trainer, pl_module: MaskedCLIPModule, exception: BaseException) -> None:
+        self._restore_dense(pl_module)  # a failed pass must not leave refit columns in the caller's model
+
+    def _restore_dense(self, pl_module: MaskedCLIPModule) -> None:
+        """The dense weights and all-ones masks again, after a Fisher pass on the model pruned so far."""
+        self._pruned_so_far.close()
+        pl_module.masks.set(torch.ones_like(pl_module.masks.head_mask), torch.ones_like(pl_module.masks.neuron_mask))
+
+    def _step(self, trainer: L.Trainer, pl_module: MaskedCLIPModule, stats: FisherStatistics) -> None:
+        """One pruning step on `stats`; logs its masks."""
+        index = len(self.steps)
+        previous = self.steps[-1] if self.steps else None
+        if index == 0 and (self.constraint_type == "latency" or self.options.multiple_of > 1):
+            config = pl_module.vision_config
+            table = self._latency_table(trainer, pl_module) if self.constraint_type == "latency" else None
+            self.widths = WidthBudget(config.hidden_size // config.num_attention_heads, self.options.multiple_of,
+                                      table)
+        result = prune_step(
+            pl_module.model, stats, count_encoder_macs(pl_module.vision_config), self.constraints[index],
+            self.options, self._calibration_batches(trainer, pl_module),
+            kept=None if previous is None else (previous.head_mask, previous.neuron_mask),
+            all_reduce=lambda t: trainer.strategy.reduce(t, reduce_op="sum") if trainer.world_size > 1 else t,
+            progress=trainer.is_global_zero, widths=self.widths,
+        )
+        self.steps.append(result)
+        for stage, seconds in result.timings.items():
+            self._add_time(stage, seconds)
+        if index == 0 and isinstance(result.search, SearchResult):
+            log_search_curve(trainer, result.search.objective_curve, result.search.num_heads)
+        for number, (stage, masks) in enumerate(result.stage_masks.items(), start=1):
+            log_masks(trainer, stage if len(self.constraints) == 1 else f"step{index + 1}_{stage}", number, *masks)
+        if result.reconstruction is not None:
+            log_reconstruction(trainer, index + 1, result.reconstruction.errors)
+
+    def _finish(self, trainer: L.Trainer, pl_module: MaskedCLIPModule, report: dict[str, Any]) -> None:
+        """Rank zero: write masks and plan, export and evaluate the pruned model, write the report, commit."""
+        if self.steps:
+            report |= self._write_masks(count_encoder_macs(pl_module.vision_config))
+            if self.options.export:
+                pruned, export_report = timed(self.timings, "export", lambda: self._export(trainer, pl_module))
+                report |= export_report
+                if trainer.datamodule is not None and trainer.datamodule.has_evaluation_data():
+                    report["metrics"] = timed(self.timings, "evaluate",
+                                              lambda: self._evaluate(trainer, pl_module, pruned))
+        report["timings_s"] = {**self.timings, "total": sum(self.timings.values())}
+        self.run.write_json("report.json", report)
+        path = self.run.commit()
+        self.summary = f"{format_summary(report)}\nclip-prune: wrote {path}"
+
+    def _write_masks(self, macs: EncoderMacs) -> dict[str, Any]:
+        """Write the final masks, refit columns and plan; return the report's pruning part."""
+        last = self.steps[-1]
+        self.run.save_tensor("head_mask.pt", last.head_mask)
+        self.run.save_tensor("neuron_mask.pt", last.neuron_mask)
+        if last.refit:
+            save_refit(self.run.file(REFIT_FILE), last.refit)
+        write_plan(plan_from_masks(last.head_mask, last.neuron_mask), self.run.file("plan.json"))
+        pruned = macs.of_masks(last.head_mask, last.neuron_mask)
+        return {
+            "constraint": self.constraint,
+            "options": asdict(self.options),
+            "macs": {"dense": macs.dense, "pruned": pruned, "ratio": pruned / macs.dense, "unit": "MACs per image"},
+            "kept": {"heads": int((last.head_mask != 0).sum()), "neurons": int((last.neuron_mask != 0).sum()),
+                     "heads_per_layer": (last.head_mask != 0).sum(1).tolist(),
+                     "neurons_per_layer": (last.neuron_mask != 0).sum(1).tolist()},
+            "steps": [step.report(constraint, macs) for step, constraint in zip(self.steps, self.constraints,
+                                                                               strict=True)],
+            "warnings": [warning for step in self.steps for warning in step.warnings],
+            **self._budget_report(last),
+        }
+
+    def _budget_report(self, last: StepResult) -> dict[str, Any]:
+        """The report's constraint type and, under a latency budget, the table's latency of the final masks."""
+        report: dict[str, Any] = {"constraint_type": self.constraint_type, "multiple_of": self.options.multiple_of}
+        table = None if self.widths is None else self.widths.latency
+        if table is not None:
+            predicted = table.latency_of((last.head_mask != 0).sum(1).tolist(), (last.neuron_mask != 0).sum(1).tolist())
+            report["latency"] = {"table": "latency_table.json", "batch_size": table.key["batch_size"],
+                                 "device": table.key["device"], "dense_s": table.dense_latency,
+                                 "predicted_s": predicted, "predicted_ratio": predicted / table.dense_latency}
+        return report
+
+    def _latency_table(self, trainer: L.Trainer, pl_module: MaskedCLIPModule) -> LatencyTable:
+        """The run's latency table: measured (or read from the cache) on rank zero, saved in the run, shared."""
+        table = None
+        if trainer.is_global_zero:
+            datamodule = trainer.datamodule
+            batch_size = datamodule.hparams.batch_size if datamodule is not None else 8
+            table, cached = cached_latency_table(
+                pl_module.vision_config, batch_size, pl_module.device, next(pl_module.model.parameters()).dtype,
+                pl_module.model.config._attn_implementation)
+            print(f"clip-prune: latency table {'read from the cache' if cached else 'measured'} "
+                  f"({table.key['device']}, batch {batch_size})")
+            write_table(table, self.run.file("latency_table.json"))
+        return trainer.strategy.broadcast(table)
+
+    def _export(self, trainer: L.Trainer, pl_module: MaskedCLIPModule) -> tuple[Any, dict[str, Any]]:
+        """Slice, verify and save the pruned model into OUTPUT_DIR/pruned."""
+        pixels = next(iter(trainer.val_dataloaders))["pixel_values"][:8].to(pl_module.device)
+        pl_module.masks.remove()  # the dense model again: the reference for verification and evaluation
+        last = self.steps[-1]
+        return export_pruned(pl_module.model, last.head_mask, last.neuron_mask, self.run.file("pruned"),
+                             pl_module.hparams.pretrained, pixels, refit=last.refit)
+
+    def _evaluate(self, trainer: L.Trainer, pl_module: MaskedCLIPModule, pruned: Any) -> dict[str, Any]:
+        """Retrieval / zero-shot metrics of the dense and the pruned model (caption embeddings computed once)."""
+        evaluator = trainer.datamodule.evaluator(pl_module.device)
+        metrics = evaluator.compare(pl_module.model, pruned, self.cascade_top_m)
+        log_metrics(trainer, metrics)
+        return metrics
+
+    def _calibration_batches(self, trainer: L.Trainer, pl_module: MaskedCLIPModule) -> list[torch.Tensor]:
+        """This rank's share of `reconstruct_samples` calibration images, on the model's device (read once: every
+        step reconstructs on the same images)."""
+        if self._reconstruction_batches is None:
+            self._reconstruction_batches = self._read_calibration_batches(trainer, pl_module)
+        return self._reconstruction_batches
+
+    def _read_calibration_batches(self, trainer: L.Trainer, pl_module: MaskedCLIPModule) -> list[torch.Tensor]:
+        if self.options.reconstruct == "none":
+            return []
+        per_rank = math.ceil(self.options.reconstruct_samples / trainer.world_size)
+        batches, seen = [], 0
+        for batch in trainer.val_dataloaders:
+            if seen >= per_rank:
+                break
+            pixels = batch["pixel_values"][batch["index"] != PADDING][: per_rank - seen]  # DDP padding: not data
+            batches.append(pixels.to(pl_module.device))
+            seen += len(pixels)
+        return batches
+
+    def _add_time(self, stage: str, seconds: float) -> None:
+        self.timings[stage] = self.timings.get(stage, 0.0) + seconds
+
+
+class SensitivityCallback(L.Callback):
+    """One round of sensitivity pruning per validation pass (DESIGN.md, "Sensitivity-based pruning").
+
+    Before the pass the module's head mask is set to the current one; after it, the head
+    scores under that mask pick the next layer to reduce to its best head, `head_mask_{i}.pt`
+    is written and, with evaluation data, the round's metric decides the early stop.
+
+    Args:
+        run: where the masks and the report go.
+        stop_ratio: stop once the round's metric is below this fraction of the dense model's.
+        stop_metric: `task/name` of the watched metric, e.g. `retrieval/i2t_R@1`.
+    """
+
+    def __init__(self, run: RunDirectory, stop_ratio: float, stop_metric: str) -> None:
+        if not 0 <= stop_ratio <= 1.5:
+            raise ValueError(f"--stop_ratio must be a fraction of the dense metric (e.g. 0.8), got {stop_ratio}")
+        if stop_metric not in METRIC_NAMES:
+            raise ValueError(f"--stop_metric {stop_metric!r} is not a metric clip-prune measures; choose one of "
+                             f"{sorted(METRIC_NAMES)}")
+        self.run = run
+        self.stop_ratio = stop_ratio
+        self.stop_metric = stop_metric
+        self.rounds: list[dict[str, Any]] = []
+        self.reduced: set[int] = set()
+        self.head_mask: torch.Tensor | None = None
+        self.evaluator: Evaluator | None = None
+        self.dense_metric: float | None = None
+        self.finished = False
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: MaskedCLIPModule) -> None:
+        if self.head_mask is None:
+            config = pl_module.vision_config
+            self.head_mask = torch.ones(config.num_hidden_layers, config.num_attention_heads)
+            on_rank_zero(trainer, lambda: self._score_dense(trainer, pl_module))
+        pl_module.fisher.reset()
+        pl_module.masks.set(head_mask=self.head_mask)
+
+    def _score_dense(self, trainer: L.Trainer, pl_module: MaskedCLIPModule) -> None:
+        """Rank zero: the dense model's metric, the reference of the early stop (if it can be measured)."""
+        datamodule = trainer.datamodule
+        if datamodule is None or not datamodule.has_evaluation_data() or not pl_module.tower.has_text:
+            print("clip-prune sensitivity: no evaluation data for this model, so no early stop; all rounds run")
+            return
+        self.evaluator = datamodule.evaluator(pl_module.device)
+        self.dense_metric = metric_value(self.evaluator(pl_module.model, "dense"), self.stop_metric)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: MaskedCLIPModule) -> None:
+        scores = pl_module.fisher.compute().head_fisher.cpu()  # synced across ranks, on their devices
+        layer, head = choose_head(scores, self.reduced)
+        self.reduced.add(layer)
+        self.head_mask = keep_single_head(self.head_mask, layer, head)
+        macs = count_encoder_macs(pl_module.vision_config)
+        neuron_mask = torch.ones(macs.num_layers, macs.num_neurons)
+        entry: dict[str, Any] = {"round": len(self.rounds), "layer": layer, "head": head,
+                                 "score": float(scores[layer, head]),
+                                 "macs_ratio": macs.of_masks(self.head_mask, neuron_mask) / macs.dense}
+        on_rank_zero(trainer, lambda: self._finish_round(trainer, pl_module, entry))
+        entry = trainer.strategy.broadcast(entry)  # rank zero's metric and stop decision for every rank
+        self.rounds.append(entry)
+        self.finished = "stopped" in entry or len(self.reduced) == macs.num_layers
+        if self.finished:
+            on_rank_zero(trainer, lambda: self.run.save_tensor("neuron_mask.pt", neuron_mask))
+
+    def _finish_round(self, trainer: L.Trainer, pl_module: MaskedCLIPModule, entry: dict[str, Any]) -> None:
+        """Rank zero: write the round's mask, measure it, decide the early stop."""
+        self.run.save_tensor(f"head_mask_{entry['round']}.pt", self.head_mask)
+        if self.evaluator is not None:
+            pl_module.masks.set(head_mask=self.head_mask)
+            entry["metric"] = metric_value(self.evaluator(pl_module.model, f"round {entry['round']}"),
+                                           self.stop_metric)
+            if entry["metric"] < self.stop_ratio * self.dense_metric:
+                entry["stopped"] = (f"{self.stop_metric} {entry['metric']:.2f} < {self.stop_ratio} x dense "
+                                    f"{self.dense_metric:.2f}")
+        log_sensitivity_round(trainer, entry)
+
+    def report(self) -> dict[str, Any]:
+        return {"stop_metric": self.stop_metric, "stop_ratio": self.stop_ratio, "dense_metric": self.dense_metric,
+                "rounds": self.rounds}
+
+
+def metric_value(metrics: dict[str, Any], name: str) -> float:
+    """The metric `task/name` (e.g. `retrieval/i2t_R@1`) from an `Evaluator` result, with a clear error."""
+    task, _, key = name.partition("/")
+    try:
+        return float(metrics[task][key])
+    except KeyError:
+        available = [f"{t}/{k}" for t, values in metrics.items() for k in values]
+        raise ValueError(f"--stop_metric {name!r} is not measured here; choose one of {available}") from None

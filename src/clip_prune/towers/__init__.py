@@ -1,0 +1,72 @@
+"""Vision-tower adapters, one module per model family, found by `config.model_type`.
+
+To add a family, write one module with a `VisionTower` subclass (see `clip.py`) and list it in `FAMILIES`.
+This package imports transformers and `clip_prune.hub` only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+
+from clip_prune.towers.base import VisionInputs, VisionTower
+from clip_prune.towers.clip import ClipTower
+
+FAMILIES: tuple[type[VisionTower], ...] = (ClipTower,)
+
+
+def supported_model_types() -> list[str]:
+    """The dense `model_type`s clip-prune can prune."""
+    return sorted(model_type for family in FAMILIES for model_type in family.model_classes)
+
+
+def tower_class(config: PretrainedConfig) -> type[VisionTower]:
+    """The adapter class of the family that `config` (full, vision-only, dense or pruned) belongs to."""
+    for family in FAMILIES:
+        if config.model_type in family.model_types():
+            return family
+    raise TypeError(
+        f"a {config.model_type!r} model is not a supported vision-language model; clip-prune prunes the vision "
+        f"towers of {', '.join(supported_model_types())} checkpoints (e.g. openai/clip-vit-base-patch16)"
+    )
+
+
+def tower_of(model: nn.Module) -> VisionTower:
+    """The adapter around `model`'s vision tower."""
+    config = getattr(model, "config", None)
+    if not isinstance(config, PretrainedConfig):
+        raise TypeError(f"expected a transformers model with a config, got {type(model).__name__}")
+    return tower_class(config)(model)
+
+
+def image_embeds(model: nn.Module, inputs: torch.Tensor | VisionInputs) -> torch.Tensor:
+    """`model`'s image embeddings [B, E] of a pixel batch or of the tower's full inputs (SigLIP2's masks too)."""
+    return tower_of(model).image_embeds({"pixel_values": inputs} if isinstance(inputs, torch.Tensor) else inputs)
+
+
+def load_model(pretrained: str, attn_implementation: str = "sdpa") -> PreTrainedModel:
+    """Load a dense checkpoint of a supported family (Hub name or local folder); refuse anything else."""
+    try:
+        config = AutoConfig.from_pretrained(pretrained)
+    except (OSError, ValueError) as error:
+        local = Path(pretrained).resolve()
+        where = (f"the folder {local} has no usable config.json" if local.exists()
+                 else f"no folder {local} exists, and the Hub lookup failed")
+        raise OSError(
+            f"cannot load a model config from --model.pretrained={pretrained!r}: {where} ({error}). Give a Hub "
+            "name such as openai/clip-vit-base-patch16 or a folder written by save_pretrained."
+        ) from error
+    family = tower_class(config)
+    if config.model_type not in family.model_classes:
+        raise TypeError(
+            f"--model.pretrained={pretrained!r} is an already pruned {config.model_type!r} model; prune its dense "
+            "checkpoint instead (combine the masks), or evaluate this one with clip-prune evaluate"
+        )
+    return family.model_classes[config.model_type].from_pretrained(pretrained, attn_implementation=attn_implementation)
+
+
+__all__ = ["FAMILIES", "VisionInputs", "VisionTower", "image_embeds", "load_model", "supported_model_types",
+           "tower_class", "tower_of"]

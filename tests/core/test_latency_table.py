@@ -1,0 +1,94 @@
+"""Latency table: piecewise-linear fit, measurement and cache, and the search within its own budget."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import CLIPVisionConfig
+
+from clip_prune.core.latency import (
+    LatencyTable,
+    PiecewiseLinear,
+    cached_latency_table,
+    fit_piecewise_linear,
+    read_table,
+    write_table,
+)
+from clip_prune.core.search import search_layer_latency
+
+
+def tiny_config() -> CLIPVisionConfig:
+    return CLIPVisionConfig(image_size=30, patch_size=6, hidden_size=32, num_hidden_layers=3,
+                            num_attention_heads=4, intermediate_size=37)
+
+
+def test_fit_recovers_a_flat_then_linear_curve() -> None:
+    counts = [0, 1, 4, 8, 12, 16, 20, 24]
+    truth = PiecewiseLinear(zero=0.01, intercept=2.0, slope=0.5, threshold=8)
+    fitted = fit_piecewise_linear(counts, truth(torch.tensor(counts)).tolist())
+    assert fitted.zero == pytest.approx(0.01)
+    assert (fitted.intercept, fitted.slope, fitted.threshold) == pytest.approx((2.0, 0.5, 8))
+    # A falling measurement is fitted flat: the fitted latency never drops as units are added.
+    assert fit_piecewise_linear([1, 2, 3], [3.0, 2.0, 1.0]).slope == 0
+
+
+def fake_table(layers: int = 3, heads: int = 4, neurons: int = 37, fixed: float = 0.5) -> LatencyTable:
+    """Flat attention below 2 heads, then linear; linear MLP with a jump for its first neuron."""
+    head_counts, neuron_counts = list(range(heads + 1)), [0, 1, 10, 19, 28, 37]
+    attention = [0.0] + [1.0 + 0.5 * max(0, h - 2) for h in head_counts[1:]]
+    mlp = [0.0] + [0.4 + 0.05 * n for n in neuron_counts[1:]]
+    dense = fixed + layers * (attention[-1] + mlp[-1])
+    return LatencyTable(key={"device": "test"}, num_layers=layers, head_counts=head_counts, attention_s=attention,
+                        neuron_counts=neuron_counts, mlp_s=mlp, dense_s=dense, empty_s=fixed)
+
+
+@pytest.mark.parametrize("multiple_of", [1, 8])
+@pytest.mark.parametrize("constraint", [0.2, 0.35, 0.5, 0.75, 0.9])
+def test_latency_search_never_exceeds_its_own_budget(constraint: float, multiple_of: int) -> None:
+    table = fake_table()
+    assert table.fixed_s == pytest.approx(0.5) and table.scale == pytest.approx(1)
+    assert table.dense_latency == pytest.approx(table.dense_s)
+    generator = torch.Generator().manual_seed(int(constraint * 100))
+    head_scores, neuron_scores = torch.rand(3, 4, generator=generator), torch.rand(3, 37, generator=generator)
+    result = search_layer_latency(head_scores, neuron_scores, table, constraint, head_dim=8, multiple_of=multiple_of)
+    latency = table.latency_of(result.heads_per_layer, result.neurons_per_layer)
+    assert latency <= constraint * table.dense_latency
+    assert latency >= (constraint - 0.1) * table.dense_latency  # the budget is used, not wasted
+    assert all(n % multiple_of == 0 or n == 37 for n in result.neurons_per_layer)
+    assert result.head_mask.sum(1).tolist() == result.heads_per_layer
+
+
+def test_latency_search_refuses_a_budget_below_the_fixed_parts() -> None:
+    with pytest.raises(ValueError, match="parts no pruning removes .* raise the constraint"):
+        search_layer_latency(torch.rand(3, 4), torch.rand(3, 37), fake_table(fixed=5.0), 0.2, head_dim=8)
+
+
+def test_measured_table_is_cached_per_device_and_shape(tmp_path: Path) -> None:
+    measure = {"warmup": 1, "repeats": 2, "mlp_points": 5}
+    table, cached = cached_latency_table(tiny_config(), 2, cache_dir=tmp_path, **measure)
+    assert not cached and table.head_counts == [0, 1, 2, 3, 4] and table.neuron_counts[0] == 0
+    assert table.neuron_counts[-1] == 37 and len(table.mlp_s) == len(table.neuron_counts)
+    assert table.key["tokens"] == 26 and table.key["batch_size"] == 2
+    for costs in (table.head_costs(), table.neuron_costs()):
+        assert costs.shape[0] == 3 and bool((costs[:, 2:] >= costs[:, 1:-1]).all())  # non-decreasing from 1
+    again, cached = cached_latency_table(tiny_config(), 2, cache_dir=tmp_path, **measure)
+    assert cached and again.to_json() == table.to_json()
+    other, cached = cached_latency_table(tiny_config(), 3, cache_dir=tmp_path, **measure)  # another batch size
+    assert not cached and len(list(tmp_path.glob("*.json"))) == 2
+    write_table(table, tmp_path / "run" / "latency_table.json")
+    assert read_table(tmp_path / "run" / "latency_table.json").to_json() == table.to_json()
+
+
+def test_layer_costs_are_scaled_to_the_measured_tower() -> None:
+    """Layers timed in isolation at twice their cost in the tower: the table keeps their shape, the tower's total."""
+    base = fake_table()
+    table = LatencyTable(key={}, num_layers=3, head_counts=base.head_counts,
+                         attention_s=[2 * s for s in base.attention_s], neuron_counts=base.neuron_counts,
+                         mlp_s=[2 * s for s in base.mlp_s], dense_s=base.dense_s, empty_s=base.empty_s)
+    assert table.scale == pytest.approx(0.5)
+    assert table.latency_of([4] * 3, [37] * 3) == pytest.approx(base.dense_s)
+    assert table.latency_of([0] * 3, [0] * 3) == pytest.approx(base.empty_s)
+    torch.testing.assert_close(table.head_costs(), base.head_costs())
+    with pytest.raises(ValueError, match="too busy for a latency table"):
+        LatencyTable(key={}, num_layers=3, head_counts=base.head_counts, attention_s=base.attention_s,
+                     neuron_counts=base.neuron_counts, mlp_s=base.mlp_s, dense_s=1.0, empty_s=1.0)

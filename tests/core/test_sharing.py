@@ -1,0 +1,145 @@
+"""A saved pruned directory loads anywhere: remote code without clip-prune, Auto classes, processor, pipeline."""
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from transformers import (
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForZeroShotImageClassification,
+    AutoProcessor,
+    CLIPModel,
+    CLIPVisionModel,
+    pipeline,
+)
+
+from clip_prune.core.finish import export_pruned
+from clip_prune.hub import PrunedCLIPModel, PrunedCLIPVisionModel
+from clip_prune.towers import tower_of
+
+IMAGE_SIZE = 30  # tests/conftest.py's tiny checkpoints
+
+# Runs in a fresh interpreter where `import clip_prune` fails (the venv's editable install included):
+# loads DIR with stock transformers and remote code, and saves what it computes on PIXELS.
+NO_CLIP_PRUNE = """
+import sys
+class _Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "clip_prune":
+            raise ModuleNotFoundError("clip_prune is blocked in this test")
+sys.meta_path.insert(0, _Refuse())
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModel, AutoProcessor
+directory, pixels_file, output_file = sys.argv[1:]
+model = AutoModel.from_pretrained(directory, trust_remote_code=True).eval()
+pixel_values = torch.load(pixels_file)
+with torch.no_grad():
+    tower = model.vision_model if hasattr(model, "vision_model") else model
+    outputs = {"pooler_output": tower(pixel_values=pixel_values).pooler_output}
+processed = {name: loader.from_pretrained(directory)(images=[Image.new("RGB", (40, 50), (200, 30, 30))],
+                                                     return_tensors="pt")["pixel_values"]
+             for name, loader in (("processor", AutoProcessor), ("image_processor", AutoImageProcessor))}
+torch.save({"outputs": outputs, "processed": processed, "class_module": type(model).__module__,
+            "clip_prune_imported": any(name.startswith("clip_prune") for name in sys.modules)}, output_file)
+"""
+
+
+def imported_packages(path: Path) -> set[str]:
+    """Top-level packages a Python file imports ("" for a relative import)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.partition(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            names.add("" if node.level else node.module.partition(".")[0])
+    return names
+
+
+def head_and_neuron_masks() -> tuple[torch.Tensor, torch.Tensor]:
+    """Uneven widths, one layer without heads and one without neurons."""
+    head_mask = torch.tensor([[1.0, 0, 1, 1], [0, 0, 0, 0], [0.5, 1, 0, 2]])
+    neuron_mask = (torch.arange(37) % 3 != 1).float().repeat(3, 1)
+    neuron_mask[2] = 0
+    return head_mask, neuron_mask
+
+
+def export(pretrained: Path, directory: Path, vision_only: bool) -> torch.nn.Module:
+    dense = (CLIPVisionModel if vision_only else CLIPModel).from_pretrained(pretrained).eval()
+    pixels = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
+    pruned, _ = export_pruned(dense, *head_and_neuron_masks(), directory, str(pretrained), pixels,
+                              latency_repeats=1)
+    return pruned
+
+
+@pytest.fixture(scope="module", params=["clip", "vision"])
+def exported(request, tiny_clip_dir, tiny_vision_dir, tmp_path_factory) -> tuple[Path, torch.nn.Module]:
+    vision_only = request.param == "vision"
+    directory = tmp_path_factory.mktemp("pruned") / request.param
+    return directory, export(tiny_vision_dir if vision_only else tiny_clip_dir, directory, vision_only)
+
+
+def test_directory_loads_with_remote_code_where_clip_prune_cannot_be_imported(exported, tmp_path) -> None:
+    directory, pruned = exported
+    pixels = torch.randn(3, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
+    torch.save(pixels, tmp_path / "pixels.pt")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, "-I", "-c", NO_CLIP_PRUNE, str(directory), str(tmp_path / "pixels.pt"),
+                             str(tmp_path / "out.pt")], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = torch.load(tmp_path / "out.pt")
+    assert not out["clip_prune_imported"]
+    assert out["class_module"].startswith("transformers_modules.")
+    with torch.no_grad():
+        expected = tower_of(pruned).vision(pixel_values=pixels).pooler_output
+    torch.testing.assert_close(out["outputs"]["pooler_output"], expected, rtol=0, atol=1e-6)
+    for name in ("processor", "image_processor"):
+        assert out["processed"][name].shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE), name
+
+
+def test_directory_names_its_code_in_auto_map(exported) -> None:
+    directory, pruned = exported
+    auto_map = json.loads((directory / "config.json").read_text())["auto_map"]
+    module, _, name = auto_map["AutoModel"].partition(".")
+    assert name == type(pruned).__name__
+    files = {path.name for path in directory.glob("*.py")}
+    assert files == {f"{module}.py", f"{auto_map['AutoConfig'].partition('.')[0]}.py"}
+    for file in files:
+        assert imported_packages(directory / file) <= {"torch", "transformers", "huggingface_hub", "typing", ""}
+    assert ("AutoModelForZeroShotImageClassification" in auto_map) == isinstance(pruned, PrunedCLIPModel)
+
+
+def test_with_clip_prune_imported_the_directory_loads_without_remote_code(exported) -> None:
+    directory, pruned = exported
+    loaded = AutoModel.from_pretrained(directory)
+    assert type(loaded) is type(pruned) and type(loaded) in (PrunedCLIPModel, PrunedCLIPVisionModel)
+    processor = AutoProcessor.from_pretrained(directory)
+    image = Image.new("RGB", (50, 40), (30, 30, 200))
+    assert processor(images=[image], return_tensors="pt")["pixel_values"].shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    image_processor = AutoImageProcessor.from_pretrained(directory)
+    assert image_processor(images=[image], return_tensors="pt")["pixel_values"].shape == (1, 3, IMAGE_SIZE,
+                                                                                          IMAGE_SIZE)
+
+
+def test_zero_shot_pipeline_gives_the_scores_of_the_pruned_model_by_hand(tiny_clip_dir, tmp_path) -> None:
+    directory = tmp_path / "pruned"
+    pruned = export(tiny_clip_dir, directory, vision_only=False)
+    assert type(AutoModelForZeroShotImageClassification.from_pretrained(directory)) is PrunedCLIPModel
+    labels, template = ["red square", "blue circle", "large green square"], "a {}"
+    image = Image.new("RGB", (40, 40), (220, 30, 30))
+    classifier = pipeline("zero-shot-image-classification", model=str(directory))
+    scores = {entry["label"]: entry["score"]
+              for entry in classifier(image, candidate_labels=labels, hypothesis_template=template)}
+    processor = AutoProcessor.from_pretrained(directory)
+    inputs = processor(text=[template.format(label) for label in labels], images=[image], padding=True,
+                       return_tensors="pt")
+    with torch.no_grad():
+        by_hand = pruned(**inputs).logits_per_image.softmax(dim=-1)[0]
+    assert [scores[label] for label in labels] == pytest.approx(by_hand.tolist(), abs=1e-6)

@@ -1,0 +1,40 @@
+"""The architecture's layers: the pure core (towers, core, data, hub) imports neither Lightning nor the glue."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "clip_prune"
+CORE_PACKAGES = ("towers", "core", "data", "hub")
+
+
+def test_core_runs_without_lightning() -> None:
+    modules = [f"clip_prune.{path.relative_to(PACKAGE.parent).with_suffix('').as_posix().split('/', 1)[1]}"
+               .replace("/", ".").removesuffix(".__init__")
+               for package in CORE_PACKAGES for path in sorted((PACKAGE / package).rglob("*.py"))]
+    glue = "('lightning', 'lightning.', 'clip_prune.lightning', 'clip_prune.cli')"
+    script = "import sys, importlib\n" + "".join(f"importlib.import_module({name!r})\n" for name in modules) + (
+        f"print(sorted(m for m in sys.modules if m.startswith({glue})))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]", f"the core imported {result.stdout.strip()}"
+    assert len(modules) > 25
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    return names | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+
+
+def test_arrows_point_down() -> None:
+    """towers/ and hub/ import no other clip_prune layer above them; core/ and data/ never import the glue."""
+    allowed = {"hub": ("clip_prune.hub",), "towers": ("clip_prune.towers", "clip_prune.hub"),
+               "data": ("clip_prune.data",), "core": ("clip_prune.core", "clip_prune.towers", "clip_prune.hub",
+                                                     "clip_prune.data")}
+    for package, prefixes in allowed.items():
+        for path in (PACKAGE / package).rglob("*.py"):
+            ours = {name for name in _imports(path) if name.startswith("clip_prune")}
+            wrong = {name for name in ours if not name.startswith(prefixes)}
+            assert not wrong, f"{path.relative_to(PACKAGE)} imports {sorted(wrong)}"
