@@ -1,4 +1,4 @@
-"""CPU latency of a physically pruned ViT-B/16 vision tower against the dense one, and latency budgets.
+"""Latency of a physically pruned ViT-B/16 vision tower against the dense one (CPU or GPU), and latency budgets.
 
 For each FLOP constraint c, two pruned copies of one random-weight ViT-B/16 tower: a
 uniform one (every layer keeps round(c·H) heads and round(c·F) neurons) and a random
@@ -8,9 +8,13 @@ the encoder, the ideal speedup 1/ratio, the measured speedup and measured/ideal.
 timed round-robin, so load from other processes slows them alike. Example:
 
     python benchmarks/bench_latency.py --constraints 0.4 0.5 0.75 --runs 5 --threads 2
+    python benchmarks/bench_latency.py --device cuda --dtype bfloat16 --batch-size 128 --runs 10 --warmup 3
 
-Latency-budget rows (`--latency-constraints`): a latency table is measured for this CPU at the
-benchmark's batch (pruning/latency.py, cached), masks are searched within c times the dense
+`--device` and `--dtype` place the models and pixels (default: CPU, float32); every forward is
+timed with `pruning.latency.timed_call`, which synchronises a GPU before and after.
+
+Latency-budget rows (`--latency-constraints`): a latency table is measured for this device and dtype
+at the benchmark's batch (pruning/latency.py, cached), masks are searched within c times the dense
 latency by the table (pruning/search.py) from synthetic log-normal scores with per-layer scales
 (a stand-in for Fisher scores: this machine cannot download a trained ViT-B/16), and the pruned
 towers are timed against the dense one. Each latency-budget row is paired with the FLOP-constrained
@@ -23,16 +27,18 @@ to compare the objective at equal latency; `--multiple-of` adds rows with widths
 import argparse
 import os
 import statistics
-import time
+from functools import partial
 
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from clip_prune.core.latency import LatencyTable, cached_latency_table
+from clip_prune.core.latency import LatencyTable, cached_latency_table, timed_call
 from clip_prune.core.macs import count_encoder_macs
 from clip_prune.core.masks import mask_shapes
 from clip_prune.core.saving import prune_model
 from clip_prune.core.search import search_layer_latency, search_masks
+
+DTYPES = {"float32": (torch.float32, "fp32"), "bfloat16": (torch.bfloat16, "bf16"), "float16": (torch.float16, "fp16")}
 
 
 def uniform_masks(config: CLIPVisionConfig, constraint: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,10 +76,8 @@ def random_masks(head_mask: torch.Tensor, neuron_mask: torch.Tensor,
 
 @torch.inference_mode()
 def forward_seconds(model: torch.nn.Module, pixel_values: torch.Tensor) -> float:
-    """Wall-clock seconds of one forward pass."""
-    start = time.perf_counter()
-    model(pixel_values=pixel_values)
-    return time.perf_counter() - start
+    """Wall-clock seconds of one forward pass (on a GPU, synchronised before and after)."""
+    return timed_call(partial(model, pixel_values=pixel_values), pixel_values.device)[0]
 
 
 def interleaved_seconds(models: dict[str, torch.nn.Module], pixel_values: torch.Tensor, warmup: int,
@@ -104,6 +108,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice, usually the core count)")
     parser.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa", help="attention implementation")
+    parser.add_argument("--device", default="cpu", help="where the models run, e.g. cuda (default: cpu)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                        help="parameter and pixel dtype (default: float32)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and masks")
     return parser.parse_args(argv)
 
@@ -134,7 +141,8 @@ def flop_masks_at_latency(scores: tuple[torch.Tensor, torch.Tensor], macs, table
 
 def latency_budget_rows(args: argparse.Namespace, config: CLIPVisionConfig) -> tuple[dict, dict]:
     """Masks of the latency-budget rows, and what each row reports beside its timing."""
-    table, cached = cached_latency_table(config, args.batch_size, attn_implementation=args.attn)
+    table, cached = cached_latency_table(config, args.batch_size, torch.device(args.device), DTYPES[args.dtype][0],
+                                         attn_implementation=args.attn)
     print(f"latency table {'read from the cache' if cached else 'measured'}: {table.key['device']}; dense "
           f"{table.dense_s:.3f} s, empty tower {table.fixed_s:.3f} s, layer scale {table.scale:.2f}; "
           f"attention fit {table.attention_fit}; MLP fit {table.mlp_fit}")
@@ -177,9 +185,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    device, (dtype, dtype_name) = torch.device(args.device), DTYPES[args.dtype]
     config = CLIPVisionConfig(patch_size=16, image_size=args.image_size)
-    dense = CLIPVisionModel._from_config(config, attn_implementation=args.attn).eval()
-    pixel_values = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
+    dense = CLIPVisionModel._from_config(config, attn_implementation=args.attn).to(device, dtype).eval()
+    pixel_values = torch.randn(args.batch_size, 3, args.image_size, args.image_size).to(device, dtype)
     budget_masks, budget_notes = latency_budget_rows(args, config) if args.latency_constraints else ({}, {})
     macs = count_encoder_macs(config)
     generator = torch.Generator().manual_seed(args.seed)
@@ -194,8 +203,10 @@ def main(argv: list[str] | None = None) -> None:
     load_before = os.getloadavg()[0]
     seconds = interleaved_seconds(models, pixel_values, args.warmup, args.runs)
 
-    print(f"ViT-B/16 vision tower, {args.image_size} px, batch {args.batch_size}, fp32, CPU, "
-          f"{torch.get_num_threads()} threads, {args.attn} attention; {args.runs} round-robin runs after "
+    where = (f"{torch.cuda.get_device_name(device)} ({device})" if device.type == "cuda"
+             else f"{device.type.upper()}, {torch.get_num_threads()} threads")
+    print(f"ViT-B/16 vision tower, {args.image_size} px, batch {args.batch_size}, {dtype_name}, {where}, "
+          f"{args.attn} attention; {args.runs} round-robin runs after "
           f"{args.warmup} warm-up; load average {load_before:.1f} -> {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} CPUs")
     print(f"FLOP ratio = analytic encoder MACs / dense ({macs.dense / 1e9:.2f} G per image); measured x = "
