@@ -159,9 +159,9 @@ def latency_budget_rows(args: argparse.Namespace, config: CLIPVisionConfig) -> t
             if multiple == 1:
                 head_mask, neuron_mask, objective, flops = flop_masks_at_latency(
                     scores, macs, table, table.fixed_s + result.cost)
-                masks[("flops@lat", constraint)] = (head_mask, neuron_mask)
+                masks[("macs@lat", constraint)] = (head_mask, neuron_mask)
                 widths = (head_mask.sum(1).long().tolist(), neuron_mask.sum(1).long().tolist())
-                notes[("flops@lat", constraint)] = (objective, table.latency_of(*widths) / table.dense_latency)
+                notes[("macs@lat", constraint)] = (objective, table.latency_of(*widths) / table.dense_latency)
     return masks, notes
 
 
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if budget_notes:
         print(f"\nLatency budgets: measured ratio = median over runs of pruned time / dense time; table ratio = "
-              f"the latency table's prediction; objective = sum of kept scores; flops@lat = FLOP-constrained masks "
+              f"the latency table's prediction; objective = sum of kept scores; macs@lat = MAC-constrained masks "
               f"at the latency-budget row's table latency; load average now {os.getloadavg()[0]:.1f}")
         print_latency_budget_rows(budget_notes, rows, seconds)
 
