@@ -29,10 +29,14 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_arrows_point_down() -> None:
-    """towers/ and hub/ import no other clip_prune layer above them; core/ and data/ never import the glue."""
+    """towers/ and hub/ import no other clip_prune layer above them; core/ and data/ never import the glue;
+    files.py (atomic directories) is below them all."""
     allowed = {"hub": ("clip_prune.hub",), "towers": ("clip_prune.towers", "clip_prune.hub"),
-               "data": ("clip_prune.data",), "core": ("clip_prune.core", "clip_prune.towers", "clip_prune.hub",
-                                                     "clip_prune.data")}
+               "data": ("clip_prune.data", "clip_prune.files"),
+               "core": ("clip_prune.core", "clip_prune.towers", "clip_prune.hub", "clip_prune.data",
+                        "clip_prune.files")}
+    assert not {name for name in _imports(PACKAGE / "files.py") if name.startswith("clip_prune")}, \
+        "files.py is the bottom layer: it imports nothing of clip_prune"
     for package, prefixes in allowed.items():
         for path in (PACKAGE / package).rglob("*.py"):
             ours = {name for name in _imports(path) if name.startswith("clip_prune")}

@@ -1,42 +1,120 @@
-"""Run directories appear whole, never replace a run unless asked, and keep what a failure should not lose."""
+"""Output folders appear whole, never replace what is there unless asked, keep what a failure should not lose, and
+concurrent runs into one output directory leave each other's staging folders alone."""
 
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import pytest
 
 from clip_prune.core.outputs import RunDirectory, write_json_atomically
+from clip_prune.data.synthetic import write_synthetic_coco
+from clip_prune.files import atomic_directory, stale_stagings
 
 
 def test_run_directory_is_staged_then_renamed(tmp_path) -> None:
     run = RunDirectory(tmp_path / "run")
-    run.write_json("report.json", {"a": 1})
-    assert not (tmp_path / "run").exists()
-    run.commit()
+    with run.writing():
+        run.write_json("report.json", {"a": 1})
+        assert not (tmp_path / "run").exists()
     assert json.loads((tmp_path / "run" / "report.json").read_text()) == {"a": 1}
     assert [path.name for path in tmp_path.iterdir()] == ["run"]
     with pytest.raises(FileExistsError, match="--overwrite true"):
         RunDirectory(tmp_path / "run")
     again = RunDirectory(tmp_path / "run", overwrite=True)
-    again.write_json("report.json", {"a": 2})
-    again.commit()
+    with again.writing():
+        again.write_json("report.json", {"a": 2})
     assert json.loads((tmp_path / "run" / "report.json").read_text()) == {"a": 2}
     assert [path.name for path in tmp_path.iterdir()] == ["run"]
 
 
 def test_failed_run_keeps_only_what_is_worth_keeping(tmp_path) -> None:
     run = RunDirectory(tmp_path / "cheap")
-    with pytest.raises(RuntimeError), run.abandoned_on_error(keep="fisher.safetensors"):
+    with pytest.raises(RuntimeError), run.writing(keep="fisher.safetensors"):
         run.write_json("report.json", {})
         raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
     run = RunDirectory(tmp_path / "costly")
     with pytest.raises(RuntimeError), pytest.warns(UserWarning, match="fisher.safetensors was kept in"), \
-            run.abandoned_on_error(keep="fisher.safetensors"):
+            run.writing(keep="fisher.safetensors"):
         run.file("fisher.safetensors").write_bytes(b"statistics")
         raise RuntimeError("boom")
     assert (run.staging / "fisher.safetensors").read_bytes() == b"statistics"
+    assert RunDirectory(tmp_path / "costly").interrupted_runs() == [run.staging]
+
+
+def test_atomic_directory_leaves_nothing_on_failure_and_refuses_to_overwrite(tmp_path) -> None:
+    target = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt), atomic_directory(target) as staging:
+        (staging / "half.txt").write_text("half")
+        raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    with atomic_directory(target) as staging:
+        (staging / "a.txt").write_text("first")
+        assert not target.exists() and staging.parent == tmp_path and staging.name.startswith(".out.partial-")
+    assert (target / "a.txt").read_text() == "first"
+    with pytest.raises(FileExistsError, match="out already exists and is not empty.*--overwrite true"), \
+            atomic_directory(target):
+        pytest.fail("the block must not run")
+    with atomic_directory(target, overwrite=True) as staging:
+        (staging / "b.txt").write_text("second")
+        assert (target / "a.txt").exists()  # the old folder stays until the new one is complete
+    assert sorted(path.name for path in target.iterdir()) == ["b.txt"]
+    assert [path.name for path in tmp_path.iterdir()] == ["out"]
+    link = tmp_path / "link"  # a link is replaced, not what it points to
+    link.symlink_to(target)
+    with atomic_directory(link, overwrite=True) as staging:
+        (staging / "c.txt").write_text("third")
+    assert not link.is_symlink() and (target / "b.txt").exists()
+
+
+def test_a_concurrent_run_does_not_take_a_live_staging_folder_for_an_interrupted_one(tmp_path) -> None:
+    first, second = RunDirectory(tmp_path / "run"), RunDirectory(tmp_path / "run")
+    with first.writing(keep="fisher.safetensors"):
+        first.file("fisher.safetensors").write_bytes(b"in progress")
+        assert second.interrupted_runs() == [] and stale_stagings(tmp_path / "run") == []
+        assert first.staging.is_dir()
+    # Once the first is done (or dead: the lock goes with its process), its leftovers are another matter.
+    assert (tmp_path / "run" / "fisher.safetensors").read_bytes() == b"in progress"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_the_lock_is_held_across_processes(tmp_path) -> None:
+    """A live staging folder of another process is not stale; once that process ends, it is."""
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the other run: holds its staging folder until told to stop
+        os.close(write)
+        try:
+            with atomic_directory(tmp_path / "run", keep="fisher.safetensors") as staging:
+                (staging / "fisher.safetensors").write_bytes(b"x")
+                (tmp_path / "ready").write_text(str(staging))
+                os.read(read, 1)
+                raise SystemExit
+        finally:
+            os._exit(0)
+    os.close(read)
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "ready").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert RunDirectory(tmp_path / "run").interrupted_runs() == []
+    finally:
+        os.write(write, b"x")
+        os.waitpid(child, 0)
+    staging = (tmp_path / "ready").read_text()
+    assert [str(path) for path in RunDirectory(tmp_path / "run").interrupted_runs()] == [staging]
+
+
+def test_demo_data_is_written_atomically(tmp_path, monkeypatch) -> None:
+    import clip_prune.data.synthetic as synthetic
+
+    monkeypatch.setattr(synthetic, "_write_zero_shot", lambda *args: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        write_synthetic_coco(tmp_path / "demo", num_train=2, num_val=1, zero_shot_per_class=1)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_json_is_written_atomically_and_not_over_an_existing_file(tmp_path) -> None:

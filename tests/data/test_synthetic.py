@@ -77,7 +77,7 @@ def test_refuses_existing_root_unless_overwrite(tmp_path):
     root.mkdir()
     write_synthetic_coco(root, num_train=2, num_val=1)  # an empty folder is fine
     (root / "keep.txt").write_text("user data")
-    with pytest.raises(FileExistsError, match=r"coco exists.*overwrite=True"):
+    with pytest.raises(FileExistsError, match=r"coco already exists and is not empty.*overwrite=True"):
         write_synthetic_coco(root, num_train=2, num_val=1)
     assert (root / "keep.txt").exists()
     write_synthetic_coco(root, num_train=3, num_val=1, overwrite=True)

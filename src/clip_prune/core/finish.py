@@ -19,7 +19,7 @@ from clip_prune.core.latency import timed_call
 from clip_prune.core.macs import count_encoder_macs
 from clip_prune.core.masks import VisionMasks
 from clip_prune.core.refit import RefitWeights, refit_applied
-from clip_prune.core.saving import prune_model, save_pruned
+from clip_prune.core.saving import prune_model, write_pruned
 from clip_prune.core.sharing import read_processor
 from clip_prune.core.slicing import count_vision_macs, plan_from_masks
 from clip_prune.data.coco import available_cores
@@ -113,7 +113,8 @@ def export_pruned(model: PreTrainedModel, head_mask: torch.Tensor, neuron_mask: 
         model: the dense model (left unchanged).
         head_mask: [L, H] scales, 0 = pruned.
         neuron_mask: [L, F] scales, 0 = pruned.
-        directory: where the Hugging Face directory goes (created or replaced).
+        directory: folder to write the Hugging Face files into (created if missing; not staged: callers write
+            it inside a staged run directory).
         pretrained: checkpoint whose image processor and tokenizer are saved alongside.
         pixels: [B, 3, S, S] images on the model's device for the equivalence check and latency.
         latency_repeats: timed forward passes per model.
@@ -131,8 +132,8 @@ def export_pruned(model: PreTrainedModel, head_mask: torch.Tensor, neuron_mask: 
             f"the pruned model's image embeddings differ from the masked model's by {difference:.3g} "
             f"(tolerance {tolerance:.3g} in {reference.dtype}); this is a bug in clip-prune, please report it"
         )
-    save_pruned(pruned, directory, plan_from_masks(head_mask, neuron_mask), processor=read_processor(pretrained),
-                overwrite=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_pruned(pruned, directory, plan_from_masks(head_mask, neuron_mask), processor=read_processor(pretrained))
     return pruned, {
         "equivalence": {"max_abs_diff": difference, "tolerance": tolerance, "dtype": str(reference.dtype),
                         "samples": len(pixels)},

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import uuid
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,9 +13,15 @@ from typing import Any
 
 import torch
 
+from clip_prune.files import atomic_directory, check_free, new_staging, stale_stagings
+
 
 class RunDirectory:
-    """An output directory written in a hidden staging sibling and renamed into place when complete.
+    """An output directory written in a hidden staging sibling and renamed into place when complete
+    (`clip_prune.files.atomic_directory`).
+
+    Files go to the staging folder (`file`, `write_json`, `save_tensor`); the rank that writes the run wraps
+    its work in `writing()`, at whose end the run takes its place.
 
     Args:
         path: the final output directory.
@@ -26,18 +31,13 @@ class RunDirectory:
     def __init__(self, path: str | Path, overwrite: bool = False) -> None:
         self.path = Path(path)
         self.overwrite = overwrite
-        if self.path.exists() and not overwrite and (not self.path.is_dir() or any(self.path.iterdir())):
-            raise FileExistsError(
-                f"output directory {self.path} already exists and is not empty; choose another --output_dir "
-                "or pass --overwrite true to replace it"
-            )
-        self.staging = self.path.parent / f".{self.path.name}.partial-{uuid.uuid4().hex[:8]}"
+        check_free(self.path, overwrite)
+        self.staging = new_staging(self.path)
 
     def interrupted_runs(self) -> list[Path]:
-        """Staging directories that earlier runs into the same `path` left behind, newest first."""
-        found = [candidate for candidate in self.path.parent.glob(f".{self.path.name}.partial-*")
-                 if candidate.is_dir() and candidate != self.staging]
-        return sorted(found, key=lambda candidate: candidate.stat().st_mtime, reverse=True)
+        """Staging directories that interrupted runs into the same `path` left behind, newest first (never the
+        staging directory of a run still at work)."""
+        return [candidate for candidate in stale_stagings(self.path) if candidate != self.staging]
 
     def file(self, name: str) -> Path:
         """Path of `name` inside the staging directory (created on first use)."""
@@ -54,33 +54,13 @@ class RunDirectory:
         torch.save(tensor.detach().cpu().contiguous(), path)
         return path
 
-    def commit(self) -> Path:
-        """Move the staged files into place (replacing an old run only when `overwrite`)."""
-        self.staging.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            if not self.overwrite and any(self.path.iterdir()):
-                raise FileExistsError(f"{self.path} appeared while this run was working; results are in {self.staging}")
-            trash = self.path.parent / f".{self.path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(self.path, trash)
-            os.replace(self.staging, self.path)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(self.staging, self.path)
-        return self.path
-
     @contextmanager
-    def abandoned_on_error(self, keep: str | None = None) -> Iterator[None]:
-        """On an error inside the block, remove the staging directory, or keep it and say where if it holds `keep`
-        (e.g. the Fisher statistics of a long pass, which `--fisher` can reuse)."""
-        try:
-            yield
-        except BaseException:
-            if keep is not None and (self.staging / keep).exists():
-                warnings.warn(f"the run failed; {keep} was kept in {self.staging}: the same command run again "
-                              "reuses it", stacklevel=3)
-            else:
-                shutil.rmtree(self.staging, ignore_errors=True)
-            raise
+    def writing(self, keep: str | None = None) -> Iterator[RunDirectory]:
+        """Write the run in the block: at its end the staged files take `path`'s place. On an error the staging
+        directory is removed, or kept (a warning says where) if it holds `keep` (e.g. the Fisher statistics of a
+        long pass, which a rerun reuses)."""
+        with atomic_directory(self.path, self.overwrite, keep=keep, staging=self.staging):
+            yield self
 
 
 def link_or_copy(source: Path, target: Path) -> None:

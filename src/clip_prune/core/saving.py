@@ -9,9 +9,6 @@ record them, and travel with the directory as remote code (`core/sharing.py`).
 
 import copy
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +33,7 @@ from clip_prune.core.slicing import (
     slice_vision_tower,
     write_plan,
 )
+from clip_prune.files import atomic_directory
 from clip_prune.towers import FAMILIES, tower_of
 
 PLAN_FILE = "plan.json"
@@ -110,8 +108,28 @@ def save_pruned(model: PreTrainedModel, output_dir: str | Path, plan: list[Layer
     Returns:
         The output directory.
     """
+    _check_plan(model, plan)
+    output = Path(output_dir).resolve()
+    with atomic_directory(output, overwrite) as staging:
+        write_pruned(model, staging, plan, processor)
+    return output
+
+
+def write_pruned(model: PreTrainedModel, folder: Path, plan: list[LayerPlan], processor: Any = None) -> None:
+    """Write `model`, its remote code, `plan.json` and the processor files into the existing `folder` (not
+    atomically: `save_pruned` stages it, a run directory stages the whole run)."""
+    _check_plan(model, plan)
+    model.save_pretrained(folder)
+    write_remote_code(folder, model)
+    write_plan(plan, folder / PLAN_FILE)
+    if processor is not None:
+        processor.save_pretrained(folder)
+
+
+def _check_plan(model: PreTrainedModel, plan: list[LayerPlan]) -> None:
+    """Refuse a dense model, or a plan other than the one `model` was cut with."""
     if not is_pruned(model):
-        raise TypeError(f"save_pruned needs a pruned model from prune_model, got {type(model).__name__}")
+        raise TypeError(f"saving needs a pruned model from prune_model, got {type(model).__name__}")
     config = tower_of(model).vision.config
     if ([len(layer.heads) for layer in plan] != list(config.heads_per_layer)
             or [len(layer.neurons) for layer in plan] != list(config.neurons_per_layer)):
@@ -120,40 +138,6 @@ def save_pruned(model: PreTrainedModel, output_dir: str | Path, plan: list[Layer
             f"{[len(layer.neurons) for layer in plan]} neurons per layer, the model has "
             f"{config.heads_per_layer} and {config.neurons_per_layer}"
         )
-    output = Path(output_dir).resolve()
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
-        raise FileExistsError(f"{output} already exists and is not empty; pass --overwrite to replace it")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
-    staging.mkdir()
-    try:
-        model.save_pretrained(staging)
-        write_remote_code(staging, model)
-        write_plan(plan, staging / PLAN_FILE)
-        if processor is not None:
-            processor.save_pretrained(staging)
-        _replace(staging, output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return output
-
-
-def _replace(source: Path, target: Path) -> None:
-    """Rename `source` to `target`, removing what was at `target` only once `source` is in place."""
-    if not target.exists():
-        os.rename(source, target)
-        return
-    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-    os.rename(target, old)
-    try:
-        os.rename(source, target)
-    except OSError:
-        os.rename(old, target)
-        raise
-    if old.is_dir():
-        shutil.rmtree(old)
-    else:
-        old.unlink()
 
 
 def load_pruned(path: str | Path, **kwargs: Any) -> PreTrainedModel:

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+
+from clip_prune.files import atomic_directory
 
 _SHAPES = ("circle", "square", "triangle", "star", "cross")
 _COLOURS = {
@@ -259,8 +258,8 @@ def write_synthetic_coco(
     sizes and five positions, on a dark or light, plain, grainy or striped background, with five
     captions from different templates. The layout is ``root/{train2017,val2017}/<12-digit id>.jpg``
     and ``root/annotations/captions_{train2017,val2017}.json``; image ids are unique across splits.
-    Same arguments give byte-identical files. The set is written to a temporary folder beside
-    ``root`` and renamed into place.
+    Same arguments give byte-identical files. The set is written to a hidden staging folder beside
+    ``root`` and renamed into place when complete (`clip_prune.files.atomic_directory`).
 
     Args:
         root: Folder to create; must not exist or be empty unless ``overwrite``.
@@ -286,15 +285,7 @@ def write_synthetic_coco(
         problems.append(f"image_size={image_size} must be >= 16 for the shapes to be legible")
     if problems:
         raise ValueError("write_synthetic_coco: " + "; ".join(problems))
-    occupied = root.exists() and not (root.is_dir() and not any(root.iterdir()))
-    if occupied and not overwrite:
-        raise FileExistsError(
-            f"{root} exists and is not an empty folder; pass overwrite=True (`--overwrite true` on the command "
-            "line) to replace it"
-        )
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
+    with atomic_directory(root, overwrite) as staging:
         (staging / "annotations").mkdir()
         first_ids = (1, num_train + 1)
         for index, (split, count) in enumerate(zip(_SPLITS, (num_train, num_val), strict=True)):
@@ -303,13 +294,4 @@ def write_synthetic_coco(
                 json.dump(coco, file)
         if zero_shot_per_class > 0:
             _write_zero_shot(staging / "zeroshot", zero_shot_per_class, image_size, seed)
-        staging.chmod(0o755)  # mkdtemp creates the folder as 0o700
-        if root.is_dir() and not root.is_symlink():
-            shutil.rmtree(root)
-        elif root.exists() or root.is_symlink():
-            root.unlink()
-        os.replace(staging, root)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return root

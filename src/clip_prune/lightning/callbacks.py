@@ -180,7 +180,7 @@ class PruningCallback(L.Callback):
             log_reconstruction(trainer, index + 1, result.reconstruction.errors)
 
     def _finish(self, trainer: L.Trainer, pl_module: MaskedCLIPModule, report: dict[str, Any]) -> None:
-        """Rank zero: write masks and plan, export and evaluate the pruned model, write the report, commit."""
+        """Rank zero: write masks and plan, export and evaluate the pruned model, write the report."""
         if self.steps:
             report |= self._write_masks(count_encoder_macs(pl_module.vision_config))
             if self.options.export:
@@ -191,8 +191,7 @@ class PruningCallback(L.Callback):
                                               lambda: self._evaluate(trainer, pl_module, pruned))
         report["timings_s"] = {**self.timings, "total": sum(self.timings.values())}
         self.run.write_json("report.json", report)
-        path = self.run.commit()
-        self.summary = f"{format_summary(report)}\nclip-prune: wrote {path}"
+        self.summary = f"{format_summary(report)}\nclip-prune: wrote {self.run.path}"
 
     def _write_masks(self, macs: EncoderMacs) -> dict[str, Any]:
         """Write the final masks, refit columns and plan; return the report's pruning part."""

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
@@ -154,8 +155,8 @@ class ClipPruneTrainer(L.Trainer):
             # The loop still runs (for the callback's hooks and the calibration data); one batch suffices.
             self.limit_val_batches = 1
         self.callbacks.append(callback)
-        save_resolved_config(self, run)
-        with run.abandoned_on_error(keep="fisher.safetensors"):
+        with run.writing(keep="fisher.safetensors") if self.is_global_zero else nullcontext():
+            save_resolved_config(self, run)
             while not callback.finished:  # one validation pass (Fisher statistics) per pruning step
                 name_validation_bar(self, "Fisher pass" if model.collect_fisher else "Calibration batch")
                 self.validate(model, datamodule=datamodule, verbose=False)
@@ -200,7 +201,7 @@ class ClipPruneTrainer(L.Trainer):
         device = self.strategy.root_device
         dense = model.model.to(device)
         model.masks.remove()
-        with run.abandoned_on_error():
+        with run.writing():
             pixels, verified_on = verification_pixels(datamodule, model.vision_config.image_size)
             pruned, report = export_pruned(dense, head_mask, neuron_mask, run.staging, model.hparams.pretrained,
                                            pixels.to(device), latency_repeats, refit)
@@ -211,7 +212,7 @@ class ClipPruneTrainer(L.Trainer):
                 report["metrics"] = evaluator.compare(dense, pruned, cascade_top_m)
             run.write_json("report.json", report)
         print(format_summary(report))
-        print(f"clip-prune: wrote {run.commit()}")
+        print(f"clip-prune: wrote {run.path}")
 
     def evaluate(
         self,
@@ -281,19 +282,20 @@ class ClipPruneTrainer(L.Trainer):
         model.check_loss(tokenizer_available=datamodule.tokenizer() is not None)
         self.callbacks.append(callback)
         name_validation_bar(self, "Head scores")
-        save_resolved_config(self, run)
-        with run.abandoned_on_error():
+        with run.writing() if self.is_global_zero else nullcontext():
+            save_resolved_config(self, run)
             while not callback.finished:
                 self.validate(model, datamodule=datamodule, verbose=False)
-        report = callback.report()
+            report = callback.report()
+            if self.is_global_zero:
+                run.write_json("report.json", {"model": model.hparams.pretrained, **report})
         if self.is_global_zero:
-            run.write_json("report.json", {"model": model.hparams.pretrained, **report})
             for entry in report["rounds"]:
                 print(f"  round {entry['round']:2d}: layer {entry['layer']:2d} keeps head {entry['head']:2d}, "
                       f"MACs {entry['macs_ratio']:.3f}" + (f", metric {entry['metric']:.2f}" if "metric" in entry
                                                               else ""))
             print(f"clip-prune sensitivity: {stop_reason(report)}")
-            print(f"clip-prune: wrote {run.commit()}")
+            print(f"clip-prune: wrote {run.path}")
         self.strategy.barrier()
 
 

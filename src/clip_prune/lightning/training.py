@@ -15,10 +15,10 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
 
 from clip_prune.core.metrics import retrieval_recall
-from clip_prune.core.outputs import RunDirectory
 from clip_prune.data.coco import CaptionedImage, ImageItems, check_images, load_pixels, read_coco_captions
 from clip_prune.data.synthetic import caption_vocabulary
 from clip_prune.data.tokenizer import build_word_tokenizer
+from clip_prune.files import atomic_directory, check_free
 from clip_prune.lightning.data import CocoDataModule
 from clip_prune.towers.clip import info_nce_loss
 
@@ -178,7 +178,7 @@ class ContrastiveTrainingModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.export_run = RunDirectory(export_dir, overwrite=overwrite_export)
+        check_free(export_dir, overwrite_export)  # before training, not after it
         self.model = build_clip(pretrained)
         self._val_embeds: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -234,11 +234,10 @@ class ContrastiveTrainingModule(L.LightningModule):
     @rank_zero_only
     def on_fit_end(self) -> None:
         """Save the model (safetensors), tokenizer and image processor as a Hugging Face folder, atomically."""
-        staging = self.export_run.file("")
-        self.model.save_pretrained(staging)
-        AutoTokenizer.from_pretrained(self.hparams.pretrained).save_pretrained(staging)
-        AutoImageProcessor.from_pretrained(self.hparams.pretrained).save_pretrained(staging)
-        self.export_run.commit()
+        with atomic_directory(self.hparams.export_dir, self.hparams.overwrite_export) as staging:
+            self.model.save_pretrained(staging)
+            AutoTokenizer.from_pretrained(self.hparams.pretrained).save_pretrained(staging)
+            AutoImageProcessor.from_pretrained(self.hparams.pretrained).save_pretrained(staging)
 
 
 class TrainingCLI(LightningCLI):
