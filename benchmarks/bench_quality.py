@@ -7,7 +7,7 @@ steps (Fisher collected again on the refit model after each step); two variants 
 counts as the search: magnitude (L2 norm of a unit's weights) and random units; and the peer a user would
 try, Torch-Pruning's Taylor importance on whole heads and neurons at the same MACs (no fine-tuning), when
 `torch-pruning` is installed (`pip install -e ".[bench]"`). Every model is the dense one under hook masks
-plus refit columns, which the tests show equal the exported models.
+plus refit columns, which the tests show equal the saved models.
 
 Run (after `clip-prune make-demo-data --root demo_data`):
     python benchmarks/bench_quality.py [--constraints 0.6 0.4 0.3 0.2 0.1] [--samples 256]

@@ -15,7 +15,7 @@ the same data, workers and batch size:
   that `load_pixels` made before `clip_prune.data.pixels`;
 - Fisher pass against a plain forward+backward (the same loss, one gradient to a shared mask);
 - reconstruction against one dense vision forward over the images it uses;
-- export + verification + evaluation against the rest of the run.
+- save + verification + evaluation against the rest of the run.
 """
 
 from __future__ import annotations
@@ -251,7 +251,7 @@ def print_table(args: argparse.Namespace, report: dict, memory: dict, wall: floa
         print(f"  {stage:<12} {seconds:8.1f} s")
     print(f"  whole command {wall:.1f} s; peak RSS {memory['peak_rss_mib']:.0f} MiB"
           + (f"; peak device memory {memory['peak_device_mib']:.0f} MiB" if memory["peak_device_mib"] else ""))
-    finish = times.get("export", 0.0) + times.get("evaluate", 0.0)
+    finish = times.get("save", 0.0) + times.get("evaluate", 0.0)
     print("ratios")
     print(format_rates(rates))
     print(f"  Fisher pass {times['fisher']:.1f} s vs plain forward+backward {backward:.1f} s: "
@@ -259,7 +259,7 @@ def print_table(args: argparse.Namespace, report: dict, memory: dict, wall: floa
     if "reconstruct" in times:
         print(f"  reconstruction {times['reconstruct']:.1f} s vs one dense forward over its "
               f"{min(args.samples, RECONSTRUCT_SAMPLES)} images {forward:.1f} s: {times['reconstruct'] / forward:.2f}")
-    print(f"  export+verification+evaluation {finish:.1f} s vs the rest {times['total'] - finish:.1f} s: "
+    print(f"  save+verification+evaluation {finish:.1f} s vs the rest {times['total'] - finish:.1f} s: "
           f"{finish / (times['total'] - finish):.2f}")
 
 

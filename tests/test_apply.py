@@ -1,4 +1,4 @@
-"""`export_pruned`: the sliced model with refit columns is checked against the masked model, and the check can fail."""
+"""`save_pruned_model`: the sliced model with refit columns is checked against the masked model; the check can fail."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from transformers import CLIPVisionModel
 
 import clip_prune.core.finish
-from clip_prune.core.finish import export_pruned
+from clip_prune.core.finish import save_pruned_model
 from clip_prune.core.refit import head_columns, load_refit, save_refit
 from clip_prune.core.saving import load_pruned, prune_model
 from clip_prune.towers import image_embeds
@@ -33,13 +33,13 @@ def _masks_and_refit(model: CLIPVisionModel) -> tuple[torch.Tensor, torch.Tensor
     return head_mask, neuron_mask, refit
 
 
-def test_export_with_refit_equals_the_masked_model_and_reloads(tiny_vision_dir: Path, tmp_path: Path) -> None:
+def test_save_with_refit_equals_the_masked_model_and_reloads(tiny_vision_dir: Path, tmp_path: Path) -> None:
     model = CLIPVisionModel.from_pretrained(tiny_vision_dir).eval()
     head_mask, neuron_mask, refit = _masks_and_refit(model)
     pixels = torch.randn(4, 3, 30, 30, generator=torch.Generator().manual_seed(1))
     before = {name: value.clone() for name, value in model.state_dict().items()}
-    pruned, report = export_pruned(model, head_mask, neuron_mask, tmp_path / "out", str(tiny_vision_dir), pixels,
-                                   latency_repeats=1, refit=refit)
+    pruned, report = save_pruned_model(model, head_mask, neuron_mask, tmp_path / "out", str(tiny_vision_dir),
+                                       pixels, latency_repeats=1, refit=refit)
     assert report["equivalence"]["max_abs_diff"] <= report["equivalence"]["tolerance"]
     assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())  # dense untouched
     layer = pruned.encoder.layers[1].mlp.fc2
@@ -63,6 +63,6 @@ def test_the_equivalence_check_fails_when_the_slicing_drops_the_refit(tiny_visio
     monkeypatch.setattr(clip_prune.core.finish, "prune_model",
                         lambda dense, heads, neurons, _: prune_model(dense, heads, neurons))
     with pytest.raises(RuntimeError, match="differ from the masked model"):
-        export_pruned(model, head_mask, neuron_mask, tmp_path / "out", str(tiny_vision_dir), pixels,
-                      latency_repeats=1, refit=refit)
+        save_pruned_model(model, head_mask, neuron_mask, tmp_path / "out", str(tiny_vision_dir), pixels,
+                          latency_repeats=1, refit=refit)
     assert not (tmp_path / "out").exists()

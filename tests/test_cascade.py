@@ -180,10 +180,10 @@ def test_cascade_settings_are_refused_before_work(tiny_clip_dir, tiny_coco_root,
     with pytest.raises(ValueError, match=r"--cascade_top_m values must be positive integers .* got \[0\]"):
         main(["prune", "--config", str(CONFIG), "--model.pretrained", str(tiny_clip_dir), "--data.root",
               str(tiny_coco_root), "--output_dir", str(tmp_path / "run"), "--cascade_top_m", "[0, 5]"])
-    with pytest.raises(ValueError, match="--cascade_top_m needs the exported pruned model"):
+    with pytest.raises(ValueError, match="--cascade_top_m needs the saved pruned model"):
         main(["prune", "--config", str(CONFIG), "--model.pretrained", str(tiny_clip_dir), "--data.root",
               str(tiny_coco_root), "--output_dir", str(tmp_path / "run"), "--cascade_top_m", "[5]",
-              "--options.export", "false"])
+              "--options.save", "false"])
     with pytest.raises(ValueError, match="pass --pruned DIR"):
         main(["evaluate", "--model.pretrained", str(tiny_clip_dir), "--data.root", str(tiny_coco_root),
               "--cascade_top_m", "[5]"])

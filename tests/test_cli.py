@@ -225,14 +225,14 @@ def run_apply(model_dir: Path, data_root: Path, masks: Path, output_dir: Path, *
           "--masks", str(masks), "--output_dir", str(output_dir), "--latency_repeats", "1", *extra])
 
 
-def test_apply_reproduces_the_model_exported_by_prune(tiny_clip_dir, tiny_coco_root, tmp_path) -> None:
+def test_apply_reproduces_the_model_saved_by_prune(tiny_clip_dir, tiny_coco_root, tmp_path) -> None:
     run_prune(tiny_clip_dir, tiny_coco_root, tmp_path / "run", "--constraint", "0.5")
     run_apply(tiny_clip_dir, tiny_coco_root, tmp_path / "run", tmp_path / "applied")
-    exported = load_file(tmp_path / "run" / "pruned" / "model.safetensors")
+    saved = load_file(tmp_path / "run" / "pruned" / "model.safetensors")
     applied = load_file(tmp_path / "applied" / "model.safetensors")
-    assert exported.keys() == applied.keys()
-    for key in exported:
-        torch.testing.assert_close(applied[key], exported[key], rtol=0, atol=0)
+    assert saved.keys() == applied.keys()
+    for key in saved:
+        torch.testing.assert_close(applied[key], saved[key], rtol=0, atol=0)
     report = json.loads((tmp_path / "applied" / "report.json").read_text())
     assert report["equivalence"]["max_abs_diff"] <= 1e-5
     assert report["macs_counted"]["ratio"] == pytest.approx(report["macs"]["ratio"], abs=1e-9)
@@ -247,7 +247,7 @@ def test_apply_reproduces_the_model_exported_by_prune(tiny_clip_dir, tiny_coco_r
     run_apply(tiny_clip_dir, tiny_coco_root, masks_only, tmp_path / "binary")
     binary = load_file(tmp_path / "binary" / "model.safetensors")
     assert not torch.equal(binary["vision_model.encoder.layers.0.mlp.fc2.weight"],
-                           exported["vision_model.encoder.layers.0.mlp.fc2.weight"])
+                           saved["vision_model.encoder.layers.0.mlp.fc2.weight"])
     # Beside the run's report.json, which says the masks came with refit columns, the missing file is refused.
     shutil.copy(tmp_path / "run" / "report.json", masks_only / "report.json")
     with pytest.raises(FileNotFoundError, match="refit.safetensors is missing"):

@@ -49,7 +49,7 @@ def test_every_layer_is_reconstructed_down_to_a_tenth_of_the_macs(synthetic_root
     main(["prune", "--config", str(REPO / "configs" / "demo.yaml"),
           "--model.pretrained", str(REPO / "demo" / "clip-tiny-synthetic"), "--data.root", str(synthetic_root),
           "--data.zero_shot_root", "null", "--data.num_samples", "128", "--data.num_workers", "0",
-          "--options.reconstruct", method, "--options.steps", "1", "--options.export", "false",
+          "--options.reconstruct", method, "--options.steps", "1", "--options.save", "false",
           "--constraint", "0.1", "--output_dir", str(tmp_path / method), "--trainer.enable_progress_bar", "false"])
     report = json.loads((tmp_path / method / "report.json").read_text())
     assert report["macs"]["ratio"] <= 0.1

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import CLIPModel, CLIPVisionModel
 
-from clip_prune.core.finish import export_pruned
+from clip_prune.core.finish import save_pruned_model
 from clip_prune.core.saving import load_pruned
 from clip_prune.lightning.cli import main
 
@@ -32,7 +32,7 @@ def pruned_dir(request, tiny_clip_dir, tiny_vision_dir, tmp_path_factory) -> Pat
     neuron_mask[2] = 0
     directory = tmp_path_factory.mktemp("pruned") / request.param
     pixels = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
-    export_pruned(dense, head_mask, neuron_mask, directory, str(pretrained), pixels, latency_repeats=1)
+    save_pruned_model(dense, head_mask, neuron_mask, directory, str(pretrained), pixels, latency_repeats=1)
     return directory
 
 

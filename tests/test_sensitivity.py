@@ -1,4 +1,4 @@
-"""`clip-prune sensitivity` on a tiny CLIP: one more single-head layer per round, early stop, export."""
+"""`clip-prune sensitivity` on a tiny CLIP: one more single-head layer per round, early stop, apply."""
 
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def test_early_stop_fires_only_when_the_metric_drops_below_the_ratio(tiny_clip_d
             in capsys.readouterr().out)
 
 
-def test_sensitivity_mask_exports_to_an_equivalent_model(tiny_clip_dir, tiny_coco_root, tmp_path) -> None:
+def test_sensitivity_mask_applies_to_an_equivalent_model(tiny_clip_dir, tiny_coco_root, tmp_path) -> None:
     out = tmp_path / "sens"
     run_sensitivity(tiny_clip_dir, tiny_coco_root, out, "--stop_ratio", "0")
     main(["apply", "--model.pretrained", str(tiny_clip_dir), "--data.root", str(tiny_coco_root),

@@ -20,7 +20,7 @@ from transformers import (
     pipeline,
 )
 
-from clip_prune.core.finish import export_pruned
+from clip_prune.core.finish import save_pruned_model
 from clip_prune.hub import PrunedCLIPModel, PrunedCLIPVisionModel
 from clip_prune.towers import tower_of
 
@@ -71,23 +71,23 @@ def head_and_neuron_masks() -> tuple[torch.Tensor, torch.Tensor]:
     return head_mask, neuron_mask
 
 
-def export(pretrained: Path, directory: Path, vision_only: bool) -> torch.nn.Module:
+def save(pretrained: Path, directory: Path, vision_only: bool) -> torch.nn.Module:
     dense = (CLIPVisionModel if vision_only else CLIPModel).from_pretrained(pretrained).eval()
     pixels = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
-    pruned, _ = export_pruned(dense, *head_and_neuron_masks(), directory, str(pretrained), pixels,
-                              latency_repeats=1)
+    pruned, _ = save_pruned_model(dense, *head_and_neuron_masks(), directory, str(pretrained), pixels,
+                                  latency_repeats=1)
     return pruned
 
 
 @pytest.fixture(scope="module", params=["clip", "vision"])
-def exported(request, tiny_clip_dir, tiny_vision_dir, tmp_path_factory) -> tuple[Path, torch.nn.Module]:
+def saved(request, tiny_clip_dir, tiny_vision_dir, tmp_path_factory) -> tuple[Path, torch.nn.Module]:
     vision_only = request.param == "vision"
     directory = tmp_path_factory.mktemp("pruned") / request.param
-    return directory, export(tiny_vision_dir if vision_only else tiny_clip_dir, directory, vision_only)
+    return directory, save(tiny_vision_dir if vision_only else tiny_clip_dir, directory, vision_only)
 
 
-def test_directory_loads_with_remote_code_where_clip_prune_cannot_be_imported(exported, tmp_path) -> None:
-    directory, pruned = exported
+def test_directory_loads_with_remote_code_where_clip_prune_cannot_be_imported(saved, tmp_path) -> None:
+    directory, pruned = saved
     pixels = torch.randn(3, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
     torch.save(pixels, tmp_path / "pixels.pt")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
@@ -104,8 +104,8 @@ def test_directory_loads_with_remote_code_where_clip_prune_cannot_be_imported(ex
         assert out["processed"][name].shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE), name
 
 
-def test_directory_names_its_code_in_auto_map(exported) -> None:
-    directory, pruned = exported
+def test_directory_names_its_code_in_auto_map(saved) -> None:
+    directory, pruned = saved
     auto_map = json.loads((directory / "config.json").read_text())["auto_map"]
     module, _, name = auto_map["AutoModel"].partition(".")
     assert name == type(pruned).__name__
@@ -116,8 +116,8 @@ def test_directory_names_its_code_in_auto_map(exported) -> None:
     assert ("AutoModelForZeroShotImageClassification" in auto_map) == isinstance(pruned, PrunedCLIPModel)
 
 
-def test_with_clip_prune_imported_the_directory_loads_without_remote_code(exported) -> None:
-    directory, pruned = exported
+def test_with_clip_prune_imported_the_directory_loads_without_remote_code(saved) -> None:
+    directory, pruned = saved
     loaded = AutoModel.from_pretrained(directory)
     assert type(loaded) is type(pruned) and type(loaded) in (PrunedCLIPModel, PrunedCLIPVisionModel)
     processor = AutoProcessor.from_pretrained(directory)
@@ -130,7 +130,7 @@ def test_with_clip_prune_imported_the_directory_loads_without_remote_code(export
 
 def test_zero_shot_pipeline_gives_the_scores_of_the_pruned_model_by_hand(tiny_clip_dir, tmp_path) -> None:
     directory = tmp_path / "pruned"
-    pruned = export(tiny_clip_dir, directory, vision_only=False)
+    pruned = save(tiny_clip_dir, directory, vision_only=False)
     assert type(AutoModelForZeroShotImageClassification.from_pretrained(directory)) is PrunedCLIPModel
     labels, template = ["red square", "blue circle", "large green square"], "a {}"
     image = Image.new("RGB", (40, 40), (220, 30, 30))

@@ -65,7 +65,7 @@ def test_write_demo_init_has_no_weights_and_builds_from_scratch(tiny_init: Path)
 
 def test_loss_decreases_on_a_fixed_batch(tiny_init: Path, shapes_root: Path) -> None:
     torch.manual_seed(0)
-    module = ContrastiveTrainingModule(str(tiny_init), export_dir="unused", learning_rate=3e-3, warmup_steps=1)
+    module = ContrastiveTrainingModule(str(tiny_init), save_dir="unused", learning_rate=3e-3, warmup_steps=1)
     data = CocoTrainingDataModule(str(shapes_root), str(tiny_init), batch_size=8)
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
@@ -81,11 +81,11 @@ def test_loss_decreases_on_a_fixed_batch(tiny_init: Path, shapes_root: Path) -> 
     assert losses[-1] < losses[0] - 0.1, losses
 
 
-def test_fit_exports_a_trained_model(tiny_init: Path, shapes_root: Path, tmp_path: Path) -> None:
-    export = tmp_path / "trained"
+def test_fit_saves_a_trained_model(tiny_init: Path, shapes_root: Path, tmp_path: Path) -> None:
+    saved = tmp_path / "trained"
     TrainingCLI(  # the default classes: ContrastiveTrainingModule and CocoTrainingDataModule
         args=["fit", "--config", str(TRAIN_CONFIG), "--model.pretrained", str(tiny_init),
-              "--model.export_dir", str(export), "--model.warmup_steps", "1", "--data.root", str(shapes_root),
+              "--model.save_dir", str(saved), "--model.warmup_steps", "1", "--data.root", str(shapes_root),
               "--data.batch_size", "8", "--trainer.max_steps", "2", "--trainer.check_val_every_n_epoch", "1",
               "--trainer.log_every_n_steps", "1",
               "--trainer.default_root_dir", str(tmp_path)],
@@ -93,15 +93,15 @@ def test_fit_exports_a_trained_model(tiny_init: Path, shapes_root: Path, tmp_pat
     # seed_everything(0) before the model is built: the same seed rebuilds the untrained weights.
     torch.manual_seed(0)
     untrained = build_clip(str(tiny_init)).state_dict()
-    trained = load_file(export / "model.safetensors")
+    trained = load_file(saved / "model.safetensors")
     assert set(trained) <= set(untrained) and all(v.isfinite().all() for v in trained.values())
     changed = [name for name, value in trained.items() if not torch.equal(value, untrained[name])]
     assert "vision_model.encoder.layers.0.mlp.fc1.weight" in changed and "text_projection.weight" in changed
-    assert _config_fields(CLIPModel.from_pretrained(export).config) == _config_fields(
+    assert _config_fields(CLIPModel.from_pretrained(saved).config) == _config_fields(
         CLIPConfig.from_pretrained(tiny_init)
     )
-    assert AutoTokenizer.from_pretrained(export).get_vocab() == AutoTokenizer.from_pretrained(tiny_init).get_vocab()
-    assert AutoImageProcessor.from_pretrained(export).crop_size == {"height": 32, "width": 32}
+    assert AutoTokenizer.from_pretrained(saved).get_vocab() == AutoTokenizer.from_pretrained(tiny_init).get_vocab()
+    assert AutoImageProcessor.from_pretrained(saved).crop_size == {"height": 32, "width": 32}
 
 
 def test_demo_train_config_parses_and_links_the_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -109,7 +109,7 @@ def test_demo_train_config_parses_and_links_the_checkpoint(tmp_path: Path, monke
     cli = TrainingCLI(ContrastiveTrainingModule, CocoTrainingDataModule, run=False,
                       args=["--config", str(TRAIN_CONFIG), "--trainer.default_root_dir", str(tmp_path)])
     assert cli.datamodule.hparams.pretrained == cli.model.hparams.pretrained == "demo/clip-tiny-init"
-    assert cli.model.hparams.export_dir == "demo/clip-tiny-synthetic"
+    assert cli.model.hparams.save_dir == "demo/clip-tiny-synthetic"
 
 
 def test_demo_init_is_what_write_demo_init_writes(tmp_path: Path) -> None:

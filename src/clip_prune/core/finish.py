@@ -1,6 +1,6 @@
 """Masks → a physically smaller model on disk, verified against the masked model and measured.
 
-Shared by `clip-prune prune` (which ends by exporting into `DIR/pruned/`) and `clip-prune apply`.
+Shared by `clip-prune prune` (which ends by saving into `DIR/pruned/`) and `clip-prune apply`.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def masked_embeddings(model: PreTrainedModel, head_mask: torch.Tensor, neuron_ma
         masks.remove()
 
 
-def export_pruned(model: PreTrainedModel, head_mask: torch.Tensor, neuron_mask: torch.Tensor,
+def save_pruned_model(model: PreTrainedModel, head_mask: torch.Tensor, neuron_mask: torch.Tensor,
                   directory: Path, pretrained: str, pixels: torch.Tensor, latency_repeats: int = 15,
                   refit: RefitWeights | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Slice `model` by the masks, check it against the masked model, save it to `directory`; return it and a report.

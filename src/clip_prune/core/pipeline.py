@@ -57,7 +57,7 @@ class PruningOptions:
     last_layer_pooled_only: bool = True
     """At the last layer, reconstruct only the tokens the tower's pooling reads (CLIP: the CLS token; SigLIP's
     attention-pooling head reads all tokens, so there it changes nothing)."""
-    export: bool = True
+    save: bool = True
     """Slice the weights and save the smaller model into OUTPUT_DIR/pruned."""
     multiple_of: int = 1
     """Keep each layer's widths (heads x head size, neurons) at multiples of this (e.g. 8 or 64 for GPU

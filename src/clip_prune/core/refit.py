@@ -4,7 +4,7 @@ Weight reconstruction keeps binary masks and replaces the out_proj columns of th
 fc2 columns of the kept neurons (and, optionally, their biases). These tensors are stored beside
 `head_mask.pt` / `neuron_mask.pt` in `refit.safetensors`, keyed like the vision encoder's state dict
 (`layers.3.mlp.fc2.weight` holds the [D, K] columns of layer 3's K kept neurons, in ascending neuron
-order), so that the masks plus this file rebuild exactly the exported model.
+order), so that the masks plus this file rebuild exactly the saved model.
 """
 
 from __future__ import annotations

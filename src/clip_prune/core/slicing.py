@@ -203,7 +203,7 @@ def slice_vision_tower(model: nn.Module, head_mask: torch.Tensor, neuron_mask: t
 
     Works on any supported family, full (the text tower is left alone) or vision-only
     (`clip_prune.towers`). The config is not changed, so the sliced model cannot be
-    saved and reloaded as it is: `export.prune_model` wraps this in a model class whose
+    saved and reloaded as it is: `saving.prune_model` wraps this in a model class whose
     config records the per-layer widths.
 
     Args:

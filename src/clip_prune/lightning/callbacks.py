@@ -1,5 +1,5 @@
 """Callbacks that turn Fisher passes into masks: `PruningCallback` (search → rearrange → reconstruct, in one or
-more steps, then export) and `SensitivityCallback` (one layer reduced to its best head per pass)."""
+more steps, then save the pruned model) and `SensitivityCallback` (one layer reduced to its best head per pass)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 
 from clip_prune.core.cascade import check_top_m
 from clip_prune.core.evaluation import Evaluator
-from clip_prune.core.finish import export_pruned
+from clip_prune.core.finish import save_pruned_model
 from clip_prune.core.fisher import FisherStatistics, save_fisher
 from clip_prune.core.latency import LatencyTable, cached_latency_table, write_table
 from clip_prune.core.macs import EncoderMacs, count_encoder_macs
@@ -71,7 +71,7 @@ class PruningCallback(L.Callback):
     statistics on the dense model (or reuses `statistics`), each later one on the model pruned so far (its
     masks hooked in, its refit columns written into the weights for the pass). After each pass
     `prune_step` searches the step's budget among the units still kept, rearranges and reconstructs
-    (teacher: always the dense model); after the last, the masks are written, exported and evaluated.
+    (teacher: always the dense model); after the last, the masks are written and the pruned model saved and evaluated.
 
     Args:
         run: where the outputs go (staged, renamed into place at the end).
@@ -89,9 +89,9 @@ class PruningCallback(L.Callback):
         if constraint is not None:
             check_constraint(constraint)
         self.cascade_top_m = check_top_m(cascade_top_m)
-        if self.cascade_top_m and (constraint is None or not options.export):
-            raise ValueError("--cascade_top_m needs the exported pruned model: give --constraint and keep "
-                             "--options.export true")
+        if self.cascade_top_m and (constraint is None or not options.save):
+            raise ValueError("--cascade_top_m needs the saved pruned model: give --constraint and keep "
+                             "--options.save true")
         self.run = run
         self.constraint = constraint
         self.constraint_type = constraint_type
@@ -180,12 +180,12 @@ class PruningCallback(L.Callback):
             log_reconstruction(trainer, index + 1, result.reconstruction.errors)
 
     def _finish(self, trainer: L.Trainer, pl_module: MaskedCLIPModule, report: dict[str, Any]) -> None:
-        """Rank zero: write masks and plan, export and evaluate the pruned model, write the report."""
+        """Rank zero: write masks and plan, save and evaluate the pruned model, write the report."""
         if self.steps:
             report |= self._write_masks(count_encoder_macs(pl_module.vision_config))
-            if self.options.export:
-                pruned, export_report = timed(self.timings, "export", lambda: self._export(trainer, pl_module))
-                report |= export_report
+            if self.options.save:
+                pruned, saved = timed(self.timings, "save", lambda: self._save(trainer, pl_module))
+                report |= saved
                 if trainer.datamodule is not None and trainer.datamodule.has_evaluation_data():
                     report["metrics"] = timed(self.timings, "evaluate",
                                               lambda: self._evaluate(trainer, pl_module, pruned))
@@ -240,13 +240,13 @@ class PruningCallback(L.Callback):
             write_table(table, self.run.file("latency_table.json"))
         return trainer.strategy.broadcast(table)
 
-    def _export(self, trainer: L.Trainer, pl_module: MaskedCLIPModule) -> tuple[Any, dict[str, Any]]:
+    def _save(self, trainer: L.Trainer, pl_module: MaskedCLIPModule) -> tuple[Any, dict[str, Any]]:
         """Slice, verify and save the pruned model into OUTPUT_DIR/pruned."""
         pixels = next(iter(trainer.val_dataloaders))["pixel_values"][:8].to(pl_module.device)
         pl_module.masks.remove()  # the dense model again: the reference for verification and evaluation
         last = self.steps[-1]
-        return export_pruned(pl_module.model, last.head_mask, last.neuron_mask, self.run.file("pruned"),
-                             pl_module.hparams.pretrained, pixels, refit=last.refit)
+        return save_pruned_model(pl_module.model, last.head_mask, last.neuron_mask, self.run.file("pruned"),
+                                 pl_module.hparams.pretrained, pixels, refit=last.refit)
 
     def _evaluate(self, trainer: L.Trainer, pl_module: MaskedCLIPModule, pruned: Any) -> dict[str, Any]:
         """Retrieval / zero-shot metrics of the dense and the pruned model (caption embeddings computed once)."""

@@ -17,7 +17,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from clip_prune.core.cascade import check_top_m
-from clip_prune.core.finish import export_pruned
+from clip_prune.core.finish import save_pruned_model
 from clip_prune.core.fisher import load_fisher
 from clip_prune.core.masks import mask_shapes
 from clip_prune.core.outputs import RunDirectory, write_json_atomically
@@ -74,7 +74,7 @@ def verification_pixels(datamodule: CocoDataModule, image_size: int, count: int 
 
 
 def check_refit_present(refit_file: Path) -> None:
-    """Refuse masks of a `weights` run without their refit columns: they alone would export a worse model."""
+    """Refuse masks of a `weights` run without their refit columns: they alone would save a worse model."""
     report = refit_file.parent / "report.json"
     if refit_file.is_file() or not report.is_file():
         return
@@ -85,7 +85,7 @@ def check_refit_present(refit_file: Path) -> None:
     if method == "weights":
         raise FileNotFoundError(
             f"{report} says these masks come with refit columns (--options.reconstruct weights), but "
-            f"{refit_file} is missing; copy it beside the masks (without it the export loses the reconstruction)"
+            f"{refit_file} is missing; copy it beside the masks (without it the saved model loses the reconstruction)"
         )
 
 
@@ -177,7 +177,7 @@ class ClipPruneTrainer(L.Trainer):
         latency_repeats: int = 15,
         cascade_top_m: list[int] | None = None,
     ) -> None:
-        """Apply saved masks (head_mask.pt, neuron_mask.pt) and export the physically pruned model.
+        """Apply saved masks (head_mask.pt, neuron_mask.pt) and save the physically pruned model.
 
         Args:
             masks: folder with head_mask.pt [L, H] and neuron_mask.pt [L, F] (and refit.safetensors, the refit
@@ -203,8 +203,8 @@ class ClipPruneTrainer(L.Trainer):
         model.masks.remove()
         with run.writing():
             pixels, verified_on = verification_pixels(datamodule, model.vision_config.image_size)
-            pruned, report = export_pruned(dense, head_mask, neuron_mask, run.staging, model.hparams.pretrained,
-                                           pixels.to(device), latency_repeats, refit)
+            pruned, report = save_pruned_model(dense, head_mask, neuron_mask, run.staging, model.hparams.pretrained,
+                                               pixels.to(device), latency_repeats, refit)
             save_resolved_config(self, run)
             report = {"model": model.hparams.pretrained, "masks": str(masks), "verified_on": verified_on, **report}
             if datamodule.has_evaluation_data():

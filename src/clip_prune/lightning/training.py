@@ -162,23 +162,23 @@ class ContrastiveTrainingModule(L.LightningModule):
         learning_rate: peak AdamW learning rate, reached after the warm-up, then cosine decay to 0.
         weight_decay: AdamW weight decay of the matrices (biases, norms and the logit scale have none).
         warmup_steps: optimizer steps of linear warm-up.
-        export_dir: folder where the trained model, tokenizer and processor are saved at the end of `fit`
-            (refused before training if it holds files, unless `overwrite_export`).
-        overwrite_export: replace an existing `export_dir`.
+        save_dir: folder where the trained model, tokenizer and processor are saved at the end of `fit`
+            (refused before training if it holds files, unless `overwrite`).
+        overwrite: replace an existing `save_dir`.
     """
 
     def __init__(
         self,
         pretrained: str,
-        export_dir: str,
+        save_dir: str,
         learning_rate: float = 1e-3,
         weight_decay: float = 0.1,
         warmup_steps: int = 100,
-        overwrite_export: bool = False,
+        overwrite: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        check_free(export_dir, overwrite_export)  # before training, not after it
+        check_free(save_dir, overwrite)  # before training, not after it
         self.model = build_clip(pretrained)
         self._val_embeds: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -234,7 +234,7 @@ class ContrastiveTrainingModule(L.LightningModule):
     @rank_zero_only
     def on_fit_end(self) -> None:
         """Save the model (safetensors), tokenizer and image processor as a Hugging Face folder, atomically."""
-        with atomic_directory(self.hparams.export_dir, self.hparams.overwrite_export) as staging:
+        with atomic_directory(self.hparams.save_dir, self.hparams.overwrite) as staging:
             self.model.save_pretrained(staging)
             AutoTokenizer.from_pretrained(self.hparams.pretrained).save_pretrained(staging)
             AutoImageProcessor.from_pretrained(self.hparams.pretrained).save_pretrained(staging)
