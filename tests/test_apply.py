@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,8 @@ import torch
 from transformers import CLIPVisionModel
 
 import clip_prune.core.finish
-from clip_prune.core.finish import save_pruned_model
+from clip_prune.core.finish import PrunedModelSpec, finish_run, save_pruned_model
+from clip_prune.core.outputs import RunDirectory
 from clip_prune.core.refit import head_columns, load_refit, save_refit
 from clip_prune.core.saving import load_pruned, prune_model
 from clip_prune.towers import image_embeds
@@ -66,3 +68,26 @@ def test_the_equivalence_check_fails_when_the_slicing_drops_the_refit(tiny_visio
         save_pruned_model(model, head_mask, neuron_mask, tmp_path / "out", str(tiny_vision_dir), pixels,
                           latency_repeats=1, refit=refit)
     assert not (tmp_path / "out").exists()
+
+
+def test_finish_run_saves_evaluates_and_reports_in_one_place(tiny_vision_dir: Path, tmp_path: Path) -> None:
+    model = CLIPVisionModel.from_pretrained(tiny_vision_dir).eval()
+    head_mask, neuron_mask, refit = _masks_and_refit(model)
+    pixels = torch.randn(2, 3, 30, 30, generator=torch.Generator().manual_seed(1))
+    run, timings, seen = RunDirectory(tmp_path / "run"), {"fisher": 1.0}, []
+    with run.writing():
+        summary = finish_run(run, {"model": "tiny"}, PrunedModelSpec(model, head_mask, neuron_mask,
+                                                                     str(tiny_vision_dir), pixels, refit, 1),
+                             evaluate=lambda pruned: seen.append(pruned) or {"dense": {}}, timings=timings)
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["model"] == "tiny" and report["metrics"] == {"dense": {}} and len(seen) == 1
+    assert report["equivalence"]["max_abs_diff"] <= report["equivalence"]["tolerance"]
+    assert list(report["timings_s"]) == ["fisher", "save", "evaluate", "total"]
+    assert (tmp_path / "run" / "pruned" / "model.safetensors").is_file()
+    assert summary.startswith("\nclip-prune summary") and summary.endswith(f"clip-prune: wrote {tmp_path / 'run'}")
+    # Nothing to save (a sensitivity run, statistics only): only the report.
+    bare = RunDirectory(tmp_path / "bare")
+    with bare.writing():
+        assert finish_run(bare, {"fisher_samples": 3}) == (f"  Fisher statistics of 3 samples\n"
+                                                           f"clip-prune: wrote {tmp_path / 'bare'}")
+    assert [path.name for path in (tmp_path / "bare").iterdir()] == ["report.json"]

@@ -1,12 +1,16 @@
-"""Masks → a physically smaller model on disk, verified against the masked model and measured.
+"""The end of a pruned run: masks → a physically smaller model on disk, verified against the masked model,
+measured and evaluated, and the run's report (`finish_run`).
 
-Shared by `clip-prune prune` (which ends by saving into `DIR/pruned/`) and `clip-prune apply`.
+Shared by `clip-prune prune` (which saves into `DIR/pruned/`), `clip-prune apply` (into its output directory)
+and `clip-prune sensitivity` (which saves no model, only its report).
 """
 
 from __future__ import annotations
 
 import os
 import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -18,10 +22,13 @@ from transformers import PreTrainedModel
 from clip_prune.core.latency import timed_call
 from clip_prune.core.macs import count_encoder_macs
 from clip_prune.core.masks import VisionMasks
+from clip_prune.core.outputs import RunDirectory
+from clip_prune.core.pipeline import timed
 from clip_prune.core.refit import RefitWeights, refit_applied
 from clip_prune.core.saving import prune_model, write_pruned
 from clip_prune.core.sharing import read_processor
 from clip_prune.core.slicing import count_vision_macs, plan_from_masks
+from clip_prune.core.summary import format_summary
 from clip_prune.data.coco import available_cores
 from clip_prune.towers import image_embeds, tower_of
 
@@ -101,9 +108,62 @@ def masked_embeddings(model: PreTrainedModel, head_mask: torch.Tensor, neuron_ma
         masks.remove()
 
 
+@dataclass(frozen=True)
+class PrunedModelSpec:
+    """What `finish_run` saves: the dense model, the masks (and refit columns) to cut it with, where, and how to
+    check and time it."""
+
+    model: PreTrainedModel
+    """The dense model (left unchanged)."""
+    head_mask: torch.Tensor
+    """[L, H] head scales, 0 = pruned."""
+    neuron_mask: torch.Tensor
+    """[L, F] neuron scales, 0 = pruned."""
+    pretrained: str
+    """Checkpoint whose image processor and tokenizer are saved alongside."""
+    pixels: torch.Tensor
+    """[B, 3, S, S] images on the model's device for the equivalence check and the latency."""
+    refit: RefitWeights | None = None
+    """Refit columns of the kept units (`weights` reconstruction)."""
+    latency_repeats: int = 15
+    """Timed forward passes per model."""
+    folder: str = "pruned"
+    """Where in the run directory the model goes ("" for the run directory itself)."""
+
+
+def finish_run(run: RunDirectory, report: dict[str, Any], model: PrunedModelSpec | None = None,
+               evaluate: Callable[[nn.Module], dict[str, Any]] | None = None,
+               timings: dict[str, float] | None = None) -> str:
+    """Finish a pruned run (on the rank that writes it): save the pruned model (sliced, verified, measured), evaluate
+    it, write `report.json`; return the summary to print once the run is in place.
+
+    Args:
+        run: the run directory being written (its `writing()` block moves it into place afterwards).
+        report: what the run has to report so far; the saved model's checks and costs and its metrics are added.
+        model: the model to save, or None (a statistics-only `prune`, `sensitivity`).
+        evaluate: the dense vs pruned metrics of a pruned model (needs `model`); None without evaluation data.
+        timings: seconds per stage so far, to which "save" and "evaluate" are added and which the report
+            gives with their total; None reports no timings.
+    """
+    def stage(name: str, work: Callable[[], Any]) -> Any:
+        return work() if timings is None else timed(timings, name, work)
+
+    if model is not None:
+        pruned, measured = stage("save", lambda: save_pruned_model(
+            model.model, model.head_mask, model.neuron_mask, run.file(model.folder), model.pretrained, model.pixels,
+            model.latency_repeats, model.refit))
+        report |= measured
+        if evaluate is not None:
+            report["metrics"] = stage("evaluate", lambda: evaluate(pruned))
+    if timings is not None:
+        report["timings_s"] = {**timings, "total": sum(timings.values())}
+    run.write_json("report.json", report)
+    return "\n".join(filter(None, [format_summary(report), f"clip-prune: wrote {run.path}"]))
+
+
 def save_pruned_model(model: PreTrainedModel, head_mask: torch.Tensor, neuron_mask: torch.Tensor,
-                  directory: Path, pretrained: str, pixels: torch.Tensor, latency_repeats: int = 15,
-                  refit: RefitWeights | None = None) -> tuple[nn.Module, dict[str, Any]]:
+                      directory: Path, pretrained: str, pixels: torch.Tensor, latency_repeats: int = 15,
+                      refit: RefitWeights | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Slice `model` by the masks, check it against the masked model, save it to `directory`; return it and a report.
 
     The reference of the check is the dense model under hook masks with the refit columns written into

@@ -57,7 +57,28 @@ def format_summary(report: dict[str, Any]) -> str:
         lines.append(f"  warning: {report['latency_s']['warning']}")
     for warning in report.get("warnings", []):
         lines.append(f"  warning: {warning}")
+    if "rounds" in report:
+        lines += _sensitivity_rows(report)
     return "\n".join(lines)
+
+
+def _sensitivity_rows(report: dict[str, Any]) -> list[str]:
+    """A sensitivity run's rounds (the layer reduced, its head kept, MACs left, the watched metric) and why it ended."""
+    lines = [f"  round {entry['round']:2d}: layer {entry['layer']:2d} keeps head {entry['head']:2d}, "
+             f"MACs {entry['macs_ratio']:.3f}" + (f", metric {entry['metric']:.2f}" if "metric" in entry else "")
+             for entry in report["rounds"]]
+    return [*lines, f"clip-prune sensitivity: {stop_reason(report)}"]
+
+
+def stop_reason(report: dict[str, Any]) -> str:
+    """Why a sensitivity run ended, from its report: the early stop, or every layer reduced."""
+    last = report["rounds"][-1]
+    if "stopped" in last:
+        return f"stopped after round {last['round']}: {last['stopped']}"
+    if report["dense_metric"] is None:
+        return f"all {len(report['rounds'])} layers reduced to one head (no evaluation data, so no early stop)"
+    return (f"all {len(report['rounds'])} layers reduced to one head; {report['stop_metric']} stayed above "
+            f"{report['stop_ratio']} x dense {report['dense_metric']:.2f}")
 
 
 def _cascade_rows(metrics: dict[str, Any]) -> list[str]:

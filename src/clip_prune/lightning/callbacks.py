@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,18 +17,17 @@ import torch
 
 from clip_prune.core.cascade import check_top_m
 from clip_prune.core.evaluation import Evaluator
-from clip_prune.core.finish import save_pruned_model
+from clip_prune.core.finish import PrunedModelSpec, finish_run
 from clip_prune.core.fisher import FisherStatistics, save_fisher
 from clip_prune.core.latency import LatencyTable, cached_latency_table, write_table
 from clip_prune.core.macs import EncoderMacs, count_encoder_macs
 from clip_prune.core.metrics import METRIC_NAMES
 from clip_prune.core.outputs import RunDirectory, link_or_copy
-from clip_prune.core.pipeline import PruningOptions, StepResult, prune_step, timed
+from clip_prune.core.pipeline import PruningOptions, StepResult, prune_step
 from clip_prune.core.refit import REFIT_FILE, refit_applied, save_refit
 from clip_prune.core.search import SearchResult, WidthBudget
 from clip_prune.core.sensitivity import choose_head, keep_single_head
 from clip_prune.core.slicing import plan_from_masks, write_plan
-from clip_prune.core.summary import format_summary
 from clip_prune.data.sampling import PADDING
 from clip_prune.lightning.module import MaskedCLIPModule
 from clip_prune.lightning.resume import statistics_provenance
@@ -180,18 +180,15 @@ class PruningCallback(L.Callback):
             log_reconstruction(trainer, index + 1, result.reconstruction.errors)
 
     def _finish(self, trainer: L.Trainer, pl_module: MaskedCLIPModule, report: dict[str, Any]) -> None:
-        """Rank zero: write masks and plan, save and evaluate the pruned model, write the report."""
+        """Rank zero: write masks and plan, then finish the run (save and evaluate the pruned model, report)."""
+        model = evaluate = None
         if self.steps:
             report |= self._write_masks(count_encoder_macs(pl_module.vision_config))
             if self.options.save:
-                pruned, saved = timed(self.timings, "save", lambda: self._save(trainer, pl_module))
-                report |= saved
+                model = self._model_to_save(trainer, pl_module)
                 if trainer.datamodule is not None and trainer.datamodule.has_evaluation_data():
-                    report["metrics"] = timed(self.timings, "evaluate",
-                                              lambda: self._evaluate(trainer, pl_module, pruned))
-        report["timings_s"] = {**self.timings, "total": sum(self.timings.values())}
-        self.run.write_json("report.json", report)
-        self.summary = f"{format_summary(report)}\nclip-prune: wrote {self.run.path}"
+                    evaluate = partial(self._evaluate, trainer, pl_module)
+        self.summary = finish_run(self.run, report, model, evaluate, self.timings)
 
     def _write_masks(self, macs: EncoderMacs) -> dict[str, Any]:
         """Write the final masks, refit columns and plan; return the report's pruning part."""
@@ -240,13 +237,14 @@ class PruningCallback(L.Callback):
             write_table(table, self.run.file("latency_table.json"))
         return trainer.strategy.broadcast(table)
 
-    def _save(self, trainer: L.Trainer, pl_module: MaskedCLIPModule) -> tuple[Any, dict[str, Any]]:
-        """Slice, verify and save the pruned model into OUTPUT_DIR/pruned."""
+    def _model_to_save(self, trainer: L.Trainer, pl_module: MaskedCLIPModule) -> PrunedModelSpec:
+        """The dense model (its masks removed: the reference of verification and evaluation) and the final masks,
+        to be saved into OUTPUT_DIR/pruned and checked on calibration images."""
         pixels = next(iter(trainer.val_dataloaders))["pixel_values"][:8].to(pl_module.device)
-        pl_module.masks.remove()  # the dense model again: the reference for verification and evaluation
+        pl_module.masks.remove()
         last = self.steps[-1]
-        return save_pruned_model(pl_module.model, last.head_mask, last.neuron_mask, self.run.file("pruned"),
-                                 pl_module.hparams.pretrained, pixels, refit=last.refit)
+        return PrunedModelSpec(pl_module.model, last.head_mask, last.neuron_mask, pl_module.hparams.pretrained,
+                               pixels, refit=last.refit)
 
     def _evaluate(self, trainer: L.Trainer, pl_module: MaskedCLIPModule, pruned: Any) -> dict[str, Any]:
         """Retrieval / zero-shot metrics of the dense and the pruned model (caption embeddings computed once)."""

@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,7 +18,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from clip_prune.core.cascade import check_top_m
-from clip_prune.core.finish import save_pruned_model
+from clip_prune.core.finish import PrunedModelSpec, finish_run
 from clip_prune.core.fisher import load_fisher
 from clip_prune.core.masks import mask_shapes
 from clip_prune.core.outputs import RunDirectory, write_json_atomically
@@ -203,16 +204,17 @@ class ClipPruneTrainer(L.Trainer):
         model.masks.remove()
         with run.writing():
             pixels, verified_on = verification_pixels(datamodule, model.vision_config.image_size)
-            pruned, report = save_pruned_model(dense, head_mask, neuron_mask, run.staging, model.hparams.pretrained,
-                                               pixels.to(device), latency_repeats, refit)
             save_resolved_config(self, run)
-            report = {"model": model.hparams.pretrained, "masks": str(masks), "verified_on": verified_on, **report}
+            evaluate = None
             if datamodule.has_evaluation_data():
                 evaluator = datamodule.evaluator(device)
-                report["metrics"] = evaluator.compare(dense, pruned, cascade_top_m)
-            run.write_json("report.json", report)
-        print(format_summary(report))
-        print(f"clip-prune: wrote {run.path}")
+                evaluate = partial(evaluator.compare, dense, cascade_top_m=cascade_top_m)
+            summary = finish_run(
+                run, {"model": model.hparams.pretrained, "masks": str(masks), "verified_on": verified_on},
+                PrunedModelSpec(dense, head_mask, neuron_mask, model.hparams.pretrained, pixels.to(device), refit,
+                                latency_repeats, folder=""),
+                evaluate)
+        print(summary)
 
     def evaluate(
         self,
@@ -286,28 +288,11 @@ class ClipPruneTrainer(L.Trainer):
             save_resolved_config(self, run)
             while not callback.finished:
                 self.validate(model, datamodule=datamodule, verbose=False)
-            report = callback.report()
             if self.is_global_zero:
-                run.write_json("report.json", {"model": model.hparams.pretrained, **report})
+                summary = finish_run(run, {"model": model.hparams.pretrained, **callback.report()})
         if self.is_global_zero:
-            for entry in report["rounds"]:
-                print(f"  round {entry['round']:2d}: layer {entry['layer']:2d} keeps head {entry['head']:2d}, "
-                      f"MACs {entry['macs_ratio']:.3f}" + (f", metric {entry['metric']:.2f}" if "metric" in entry
-                                                              else ""))
-            print(f"clip-prune sensitivity: {stop_reason(report)}")
-            print(f"clip-prune: wrote {run.path}")
+            print(summary)
         self.strategy.barrier()
-
-
-def stop_reason(report: dict[str, Any]) -> str:
-    """Why a sensitivity run ended, from its report: the early stop, or every layer reduced."""
-    last = report["rounds"][-1]
-    if "stopped" in last:
-        return f"stopped after round {last['round']}: {last['stopped']}"
-    if report["dense_metric"] is None:
-        return f"all {len(report['rounds'])} layers reduced to one head (no evaluation data, so no early stop)"
-    return (f"all {len(report['rounds'])} layers reduced to one head; {report['stop_metric']} stayed above "
-            f"{report['stop_ratio']} x dense {report['dense_metric']:.2f}")
 
 
 class ClipPruneCLI(LightningCLI):
