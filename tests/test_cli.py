@@ -380,10 +380,10 @@ def test_a_terminated_run_exits_with_the_sigterm_status(monkeypatch) -> None:
 
     import clip_prune.lightning.cli
 
-    def terminated(*_: object) -> None:
+    def terminated(*_: object, **__: object) -> None:
         raise SIGTERMException  # what Lightning raises when the process receives SIGTERM
 
-    monkeypatch.setattr(clip_prune.lightning.cli, "_dispatch", terminated)
+    monkeypatch.setattr(clip_prune.lightning.cli, "run_cli", terminated)
     with pytest.raises(SystemExit) as exit_info:
         main(["prune"])
     assert exit_info.value.code == 143

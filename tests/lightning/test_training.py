@@ -14,10 +14,10 @@ from transformers import AutoImageProcessor, AutoTokenizer, CLIPConfig, CLIPMode
 from clip_prune.core.metrics import retrieval_recall
 from clip_prune.data.coco import read_coco_captions
 from clip_prune.data.synthetic import write_synthetic_coco
+from clip_prune.lightning.cli import ClipPruneCLI, main, run_cli
 from clip_prune.lightning.training import (
     CocoTrainingDataModule,
     ContrastiveTrainingModule,
-    TrainingCLI,
     build_clip,
     write_demo_init,
 )
@@ -83,13 +83,10 @@ def test_loss_decreases_on_a_fixed_batch(tiny_init: Path, shapes_root: Path) -> 
 
 def test_fit_saves_a_trained_model(tiny_init: Path, shapes_root: Path, tmp_path: Path) -> None:
     saved = tmp_path / "trained"
-    TrainingCLI(  # the default classes: ContrastiveTrainingModule and CocoTrainingDataModule
-        args=["fit", "--config", str(TRAIN_CONFIG), "--model.pretrained", str(tiny_init),
-              "--model.save_dir", str(saved), "--model.warmup_steps", "1", "--data.root", str(shapes_root),
-              "--data.batch_size", "8", "--trainer.max_steps", "2", "--trainer.check_val_every_n_epoch", "1",
-              "--trainer.log_every_n_steps", "1",
-              "--trainer.default_root_dir", str(tmp_path)],
-    )
+    main(["fit", "--config", str(TRAIN_CONFIG), "--model.pretrained", str(tiny_init),  # the demo training classes
+          "--model.save_dir", str(saved), "--model.warmup_steps", "1", "--data.root", str(shapes_root),
+          "--data.batch_size", "8", "--trainer.max_steps", "2", "--trainer.check_val_every_n_epoch", "1",
+          "--trainer.log_every_n_steps", "1", "--trainer.default_root_dir", str(tmp_path)])
     # seed_everything(0) before the model is built: the same seed rebuilds the untrained weights.
     torch.manual_seed(0)
     untrained = build_clip(str(tiny_init)).state_dict()
@@ -104,10 +101,25 @@ def test_fit_saves_a_trained_model(tiny_init: Path, shapes_root: Path, tmp_path:
     assert AutoImageProcessor.from_pretrained(saved).crop_size == {"height": 32, "width": 32}
 
 
+class _Parsed(Exception):
+    def __init__(self, cli: ClipPruneCLI) -> None:
+        self.cli = cli
+
+
+class _ParseOnly(ClipPruneCLI):
+    """Stops before training, with the instantiated classes (LightningCLI's `before_fit` hook)."""
+
+    def before_fit(self) -> None:
+        raise _Parsed(self)
+
+
 def test_demo_train_config_parses_and_links_the_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(REPO)  # the YAML's paths are relative to the repository root
-    cli = TrainingCLI(ContrastiveTrainingModule, CocoTrainingDataModule, run=False,
-                      args=["--config", str(TRAIN_CONFIG), "--trainer.default_root_dir", str(tmp_path)])
+    with pytest.raises(_Parsed) as parsed:
+        run_cli(["fit", "--config", str(TRAIN_CONFIG), "--trainer.default_root_dir", str(tmp_path)],
+                cli_class=_ParseOnly)
+    cli = parsed.value.cli
+    assert isinstance(cli.model, ContrastiveTrainingModule) and isinstance(cli.datamodule, CocoTrainingDataModule)
     assert cli.datamodule.hparams.pretrained == cli.model.hparams.pretrained == "demo/clip-tiny-init"
     assert cli.model.hparams.save_dir == "demo/clip-tiny-synthetic"
 

@@ -13,7 +13,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
@@ -78,7 +78,15 @@ def _format_warning(message: Warning | str, category: type[Warning], filename: s
 
 
 class ClipPruneArgumentParser(LightningArgumentParser):
-    """LightningCLI's parser, whose errors are one `clip-prune: error:` block instead of the full usage first."""
+    """LightningCLI's parser, whose errors are one `clip-prune: error:` block instead of the full usage first.
+
+    Args:
+        verb: the subcommand this parser is for (None: the main parser); `ClipPruneCLI` gives each verb its classes.
+    """
+
+    def __init__(self, *args: Any, verb: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.verb = verb
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if not self.exit_on_error or debug_requested():

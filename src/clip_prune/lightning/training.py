@@ -9,7 +9,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
@@ -238,22 +237,3 @@ class ContrastiveTrainingModule(L.LightningModule):
             self.model.save_pretrained(staging)
             AutoTokenizer.from_pretrained(self.hparams.pretrained).save_pretrained(staging)
             AutoImageProcessor.from_pretrained(self.hparams.pretrained).save_pretrained(staging)
-
-
-class TrainingCLI(LightningCLI):
-    """LightningCLI for `fit` on `ContrastiveTrainingModule` and `CocoTrainingDataModule` by default.
-
-    The checkpoint folder is named once (`--model.pretrained`) and linked to the data module's.
-    Other arguments go to `LightningCLI` (`args`, `run`, `trainer_defaults`, ...).
-    """
-
-    def __init__(
-        self,
-        model_class: type[L.LightningModule] = ContrastiveTrainingModule,
-        datamodule_class: type[L.LightningDataModule] = CocoTrainingDataModule,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(model_class, datamodule_class, **kwargs)
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("model.pretrained", "data.pretrained")

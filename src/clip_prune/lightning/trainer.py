@@ -1,0 +1,333 @@
+"""`ClipPruneTrainer`: a Lightning Trainer whose methods are clip-prune's subcommands (`clip-prune VERB`).
+
+Each method is a verb: its typed arguments are the verb's options, the first line of its docstring its help
+(LightningCLI reads both, `lightning/cli.py` lists the verbs). A method only checks, loads, calls the core and
+prints; the work is in `core/` and in the callbacks.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import SaveConfigCallback
+
+from clip_prune.core.cascade import check_top_m
+from clip_prune.core.finish import PrunedModelSpec, finish_run
+from clip_prune.core.fisher import load_fisher
+from clip_prune.core.masks import mask_shapes
+from clip_prune.core.outputs import RunDirectory, write_json_atomically
+from clip_prune.core.pipeline import PruningOptions
+from clip_prune.core.refit import REFIT_FILE, load_refit
+from clip_prune.core.saving import load_pruned, read_masks
+from clip_prune.core.summary import format_summary
+from clip_prune.data.synthetic import synthetic_pixels, write_synthetic_coco
+from clip_prune.lightning.callbacks import PruningCallback, SensitivityCallback
+from clip_prune.lightning.console import name_validation_bar
+from clip_prune.lightning.data import CocoDataModule
+from clip_prune.lightning.module import MaskedCLIPModule
+from clip_prune.lightning.resume import find_reusable_statistics, statistics_provenance
+from clip_prune.towers import tower_of
+
+
+def check_same_origin(pruned: Any, dense: Any, path: str) -> Any:
+    """`pruned`, after checking that it was cut from `dense`: pruning leaves everything but the encoder layers alone."""
+    pruned_tower, dense_tower = tower_of(pruned), tower_of(dense)
+    if pruned_tower.family != dense_tower.family or pruned_tower.has_text != dense_tower.has_text:
+        raise ValueError(f"--pruned {path} and --model.pretrained differ in kind: another family, or one of them is "
+                         "vision-only")
+    untouched = dict(tower_of(pruned).vision.embeddings.named_parameters())
+    reference = dict(tower_of(dense).vision.embeddings.named_parameters())
+    same = untouched.keys() == reference.keys() and all(
+        untouched[name].shape == reference[name].shape and torch.equal(untouched[name].cpu(), reference[name].cpu())
+        for name in reference)
+    if not same:
+        raise ValueError(
+            f"--pruned {path} was not cut from --model.pretrained (their patch embeddings differ); pass the "
+            "checkpoint it was pruned from"
+        )
+    return pruned
+
+
+def resolve_pruned(path: str) -> str:
+    """The pruned model directory for `--pruned`: PATH itself, or PATH/pruned when PATH is a `prune` run directory."""
+    inner = Path(path) / "pruned"
+    return str(inner) if not (Path(path) / "config.json").exists() and (inner / "config.json").is_file() else path
+
+
+def verification_pixels(datamodule: CocoDataModule, image_size: int, count: int = 8) -> tuple[torch.Tensor, str]:
+    """Images to check the pruned model on: calibration images, or synthetic ones without --data.root."""
+    if datamodule.hparams.root is not None:
+        return datamodule.sample_pixels(count), "calibration images"
+    return synthetic_pixels(count, image_size, datamodule.image_processor()), "synthetic images (no --data.root)"
+
+
+def check_refit_present(refit_file: Path) -> None:
+    """Refuse masks of a `weights` run without their refit columns: they alone would save a worse model."""
+    report = refit_file.parent / "report.json"
+    if refit_file.is_file() or not report.is_file():
+        return
+    try:
+        method = json.loads(report.read_text()).get("options", {}).get("reconstruct")
+    except (json.JSONDecodeError, AttributeError):
+        return
+    if method == "weights":
+        raise FileNotFoundError(
+            f"{report} says these masks come with refit columns (--options.reconstruct weights), but "
+            f"{refit_file} is missing; copy it beside the masks (without it the saved model loses the reconstruction)"
+        )
+
+
+def save_resolved_config(trainer: L.Trainer, run: RunDirectory) -> None:
+    """Write the run's resolved configuration (all defaults filled in) as `config.yaml` beside its outputs."""
+    saver = next((callback for callback in trainer.callbacks if isinstance(callback, SaveConfigCallback)), None)
+    if saver is not None and trainer.is_global_zero:
+        run.file("config.yaml").write_text(saver.parser.dump(saver.config, skip_none=False))
+
+
+class ClipPruneTrainer(L.Trainer):
+    """A Lightning Trainer with clip-prune's subcommands."""
+
+    def prune(
+        self,
+        model: MaskedCLIPModule,
+        datamodule: CocoDataModule,
+        constraint: float | None = None,
+        output_dir: str = "outputs/prune",
+        fisher: str | None = None,
+        overwrite: bool = False,
+        options: PruningOptions | None = None,
+        cascade_top_m: list[int] | None = None,
+        constraint_type: Literal["macs", "latency"] = "macs",
+    ) -> None:
+        """Gather Fisher information on calibration data, then search, rearrange and reconstruct, in steps.
+
+        Args:
+            constraint: fraction of the vision encoder's MACs (or latency, see --constraint_type) to
+                keep, in (0, 1]; leave it out to only gather the statistics (fisher.safetensors) for
+                later `--fisher` runs.
+            output_dir: run directory to write (refused if it exists, unless --overwrite).
+            fisher: fisher.safetensors of an earlier run: skip the first gradient pass and reuse it (linked
+                into the run, keeping its own metadata; later steps of iterative pruning gather their own).
+                Without it, statistics left by an interrupted run into the same output_dir are reused
+                when model, data and sampling match.
+            overwrite: replace an existing output directory.
+            options: pruning stages, steps and reconstruction settings (see `--options.help PruningOptions`).
+            cascade_top_m: also evaluate text-to-image search where the pruned model ranks the gallery
+                and the dense model re-ranks each caption's top M, for each M given (e.g. '[10, 50]').
+            constraint_type: `macs` (analytic MACs) or `latency`: a fraction of the dense tower's latency,
+                measured on the run's device at the data batch size (latency_table.json, cached).
+        """
+        run = RunDirectory(output_dir, overwrite=overwrite)
+        callback = PruningCallback(run, constraint, options or PruningOptions(),  # checks the constraint
+                                   cascade_top_m=cascade_top_m, constraint_type=constraint_type)
+        model.check_loss(tokenizer_available=datamodule.tokenizer() is not None)
+        all_batches = self.limit_val_batches
+        resumed = None
+        if fisher is None and run.interrupted_runs():
+            datamodule.setup("validate")  # the hash of the calibration sample decides whether the statistics fit
+            provenance = statistics_provenance(model, datamodule, self.world_size)
+            resumed = fisher = find_reusable_statistics(run, provenance, self.is_global_zero)
+        if fisher is not None:
+            callback.statistics = load_fisher(fisher, *mask_shapes(model.vision_config), model.hparams.pretrained)
+            callback.statistics_source = Path(fisher)
+            model.collect_fisher = False
+            # The loop still runs (for the callback's hooks and the calibration data); one batch suffices.
+            self.limit_val_batches = 1
+        self.callbacks.append(callback)
+        with run.writing(keep="fisher.safetensors") if self.is_global_zero else nullcontext():
+            save_resolved_config(self, run)
+            while not callback.finished:  # one validation pass (Fisher statistics) per pruning step
+                name_validation_bar(self, "Fisher pass" if model.collect_fisher else "Calibration batch")
+                self.validate(model, datamodule=datamodule, verbose=False)
+                model.collect_fisher, self.limit_val_batches = True, all_batches
+        if callback.summary is not None:  # rank zero, once the progress bar is done
+            print(callback.summary)
+        if resumed is not None and self.is_global_zero:  # its statistics now live in the finished run
+            shutil.rmtree(resumed.parent, ignore_errors=True)
+
+
+    def apply(
+        self,
+        model: MaskedCLIPModule,
+        datamodule: CocoDataModule,
+        masks: str,
+        output_dir: str = "outputs/apply",
+        overwrite: bool = False,
+        latency_repeats: int = 15,
+        cascade_top_m: list[int] | None = None,
+    ) -> None:
+        """Apply saved masks (head_mask.pt, neuron_mask.pt) and save the physically pruned model.
+
+        Args:
+            masks: folder with head_mask.pt [L, H] and neuron_mask.pt [L, F] (and refit.safetensors, the refit
+                columns of a `weights` reconstruction), from `clip-prune prune` or the original tool (a
+                missing neuron_mask.pt keeps every neuron); or one head mask
+                file such as a `clip-prune sensitivity` run's DIR/head_mask_3.pt (neurons from the
+                neuron_mask.pt beside it).
+            output_dir: Hugging Face directory to write (refused if it exists, unless --overwrite).
+            overwrite: replace an existing output directory.
+            latency_repeats: timed forward passes per model for the latency figures (their median and
+                spread are reported).
+            cascade_top_m: also evaluate the pruned-then-dense search cascade re-ranking each
+                caption's top M, for each M given (e.g. '[10, 50]').
+        """
+        cascade_top_m = check_top_m(cascade_top_m)
+        run = RunDirectory(output_dir, overwrite=overwrite)
+        head_mask, neuron_mask = read_masks(masks, model.vision_config)
+        refit_file = (Path(masks) if Path(masks).is_dir() else Path(masks).parent) / REFIT_FILE
+        refit = load_refit(refit_file, model.model, head_mask, neuron_mask) if refit_file.is_file() else None
+        check_refit_present(refit_file)
+        device = self.strategy.root_device
+        dense = model.model.to(device)
+        model.masks.remove()
+        with run.writing():
+            pixels, verified_on = verification_pixels(datamodule, model.vision_config.image_size)
+            save_resolved_config(self, run)
+            evaluate = None
+            if datamodule.has_evaluation_data():
+                evaluator = datamodule.evaluator(device)
+                evaluate = partial(evaluator.compare, dense, cascade_top_m=cascade_top_m)
+            summary = finish_run(
+                run, {"model": model.hparams.pretrained, "masks": str(masks), "verified_on": verified_on},
+                PrunedModelSpec(dense, head_mask, neuron_mask, model.hparams.pretrained, pixels.to(device), refit,
+                                latency_repeats, folder=""),
+                evaluate)
+        print(summary)
+
+    def evaluate(
+        self,
+        model: MaskedCLIPModule,
+        datamodule: CocoDataModule,
+        pruned: str | None = None,
+        output_json: str | None = None,
+        overwrite: bool = False,
+        cascade_top_m: list[int] | None = None,
+    ) -> dict[str, Any]:
+        """Retrieval recall@k (and zero-shot accuracy) of the dense model and, if given, a pruned one.
+
+        Args:
+            pruned: a directory written by `clip-prune apply`, or a `clip-prune prune` run directory
+                (its DIR/pruned is used).
+            output_json: also write the metrics to this JSON file.
+            overwrite: replace an existing `output_json`.
+            cascade_top_m: also evaluate text-to-image search where the pruned model ranks the gallery
+                and the dense model re-ranks each caption's top M, for each M given (e.g. '[10, 50]').
+        """
+        if check_top_m(cascade_top_m) and pruned is None:
+            raise ValueError("--cascade_top_m needs a pruned model for the first stage: pass --pruned DIR")
+        if output_json is not None and Path(output_json).exists() and not overwrite:
+            raise FileExistsError(f"{output_json} exists; choose another --output_json or pass --overwrite true")
+        if not datamodule.has_evaluation_data():
+            root = datamodule.hparams.root
+            raise FileNotFoundError(
+                "no evaluation data: " + ("--data.root is not set" if root is None else
+                                          f"{Path(root) / datamodule.hparams.val_captions} does not exist")
+                + " and --data.zero_shot_root is not set"
+            )
+        device = self.strategy.root_device
+        if pruned is not None:
+            pruned = resolve_pruned(pruned)
+        pruned_model = check_same_origin(load_pruned(pruned), model.model, pruned) if pruned is not None else None
+        model.masks.remove()
+        evaluator = datamodule.evaluator(device)
+        if pruned_model is not None:
+            pruned_model.to(device)
+        metrics = evaluator.compare(model.model.to(device), pruned_model, cascade_top_m)
+        print(format_summary({"metrics": metrics}))
+        if output_json is not None:
+            write_json_atomically(Path(output_json), metrics, overwrite)
+        return metrics
+
+
+    def sensitivity(
+        self,
+        model: MaskedCLIPModule,
+        datamodule: CocoDataModule,
+        output_dir: str = "outputs/sensitivity",
+        stop_ratio: float = 0.8,
+        stop_metric: str = "retrieval/i2t_R@1",
+        overwrite: bool = False,
+    ) -> None:
+        """Iterative sensitivity pruning: each round reduces one more layer to its best head (head_mask_{i}.pt).
+
+        Args:
+            output_dir: run directory to write (refused if it exists, unless --overwrite).
+            stop_ratio: stop when the round's metric falls below this fraction of the dense model's.
+            stop_metric: `task/name` of the metric watched for the early stop (needs evaluation data),
+                e.g. retrieval/i2t_R@1, retrieval/t2i_R@5 or zero_shot/top1.
+            overwrite: replace an existing output directory.
+        """
+        run = RunDirectory(output_dir, overwrite=overwrite)
+        callback = SensitivityCallback(run, stop_ratio, stop_metric)  # checks the stop settings
+        model.check_loss(tokenizer_available=datamodule.tokenizer() is not None)
+        self.callbacks.append(callback)
+        name_validation_bar(self, "Head scores")
+        with run.writing() if self.is_global_zero else nullcontext():
+            save_resolved_config(self, run)
+            while not callback.finished:
+                self.validate(model, datamodule=datamodule, verbose=False)
+            if self.is_global_zero:
+                summary = finish_run(run, {"model": model.hparams.pretrained, **callback.report()})
+        if self.is_global_zero:
+            print(summary)
+        self.strategy.barrier()
+
+    def make_demo_data(self, root: str = "demo_data", num_train: int = 2000, num_val: int = 500, image_size: int = 64,
+                       seed: int = 0, overwrite: bool = False, zero_shot_per_class: int = 40,
+                       model: None = None) -> None:
+        """Write the synthetic COCO-format demo data set (shapes with colours, sizes and positions).
+
+        Args:
+            root: folder to create (train2017/, val2017/, annotations/).
+            num_train: calibration / training images.
+            num_val: evaluation images (5 captions each).
+            image_size: image side in pixels.
+            seed: the data set is byte-identical for a seed.
+            overwrite: replace an existing folder.
+            zero_shot_per_class: single-shape images per shape kind in ROOT/zeroshot/ (an ImageFolder
+                tree for zero-shot accuracy; 0 writes none).
+            model: none (LightningCLI hands every verb a model; this one needs none).
+        """
+        path = write_synthetic_coco(root, num_train=num_train, num_val=num_val, image_size=image_size, seed=seed,
+                                    overwrite=overwrite, zero_shot_per_class=zero_shot_per_class)
+        print(f"clip-prune: wrote the demo data set to {path}")
+
+    def export_onnx(self, pruned: str, output: str | None = None, batch_size: int = 8, latency_repeats: int = 10,
+                    overwrite: bool = False, model: None = None) -> dict[str, Any]:
+        """Export a pruned model's vision tower to ONNX (dynamic batch), check it under onnxruntime, time it.
+
+        Args:
+            pruned: directory written by `clip-prune prune` (DIR/pruned, or DIR itself) or `clip-prune apply`.
+            output: ONNX file to write; PRUNED/onnx/model.onnx if not given. The report (parity,
+                onnxruntime latency of the dense shapes vs the pruned model) goes beside it as
+                OUTPUT_report.json.
+            batch_size: images per batch for the parity check (also run at batch 1) and the latency.
+            latency_repeats: timed onnxruntime runs per model.
+            overwrite: replace an existing output file.
+            model: none (LightningCLI hands every verb a model; this one needs none).
+        """
+        from clip_prune.core.onnx_export import export_pruned_onnx  # needs the optional onnx extra
+
+        pruned = resolve_pruned(pruned)  # a `prune` run directory means its pruned/ model
+        path = Path(output) if output is not None else Path(pruned) / "onnx" / "model.onnx"
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; choose another --output or pass --overwrite true")
+        report = export_pruned_onnx(pruned, path, batch_size, latency_repeats)
+        write_json_atomically(path.with_name(f"{path.stem}_report.json"), report, overwrite=True)
+        print(format_summary(report))
+        print(f"  onnxruntime vs PyTorch: max abs diff {report['parity']['max_abs_diff']:.2g} "
+              f"(tolerance {report['parity']['tolerance']:.2g})")
+        print(f"clip-prune: wrote {path}")
+        return report
+
+
+# Verbs are named like their method, in the command line's spelling (a Python name cannot hold a hyphen).
+for _verb in ("make_demo_data", "export_onnx"):
+    setattr(ClipPruneTrainer, _verb.replace("_", "-"), getattr(ClipPruneTrainer, _verb))
