@@ -152,7 +152,6 @@ class ClipPruneTrainer(L.Trainer):
         if resumed is not None and self.is_global_zero:  # its statistics now live in the finished run
             shutil.rmtree(resumed.parent, ignore_errors=True)
 
-
     def apply(
         self,
         model: MaskedCLIPModule,
