@@ -97,6 +97,7 @@ def test_verb_defaults_apply_to_their_verb_only(defaults: Path, capsys: pytest.C
     for name in (verb, "prune"):
         required = {"export-onnx": ["--pruned", "p"], "make-demo-data": []}.get(
             name, ["--model.pretrained", "m", "--data.root", "d"])
+        required += ["--model.save_dir", "s"] if name == "fit" else []
         with pytest.raises(SystemExit):
             main([name, *required, "--print_config"])
         resolved[name] = yaml.safe_load(capsys.readouterr().out)
