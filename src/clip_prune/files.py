@@ -48,9 +48,14 @@ def stale_stagings(path: str | Path) -> list[Path]:
     process, so a folder of a concurrent run into the same `path` is never listed, and never removed.
     """
     path = Path(path)
-    found = [candidate for candidate in path.parent.glob(f".{path.name}{STAGING_MARK}*")
-             if candidate.is_dir() and not _is_locked(candidate)]
-    return sorted(found, key=lambda candidate: candidate.stat().st_mtime, reverse=True)
+    found = []
+    for candidate in path.parent.glob(f".{path.name}{STAGING_MARK}*"):
+        try:
+            if candidate.is_dir() and not _is_locked(candidate):
+                found.append((candidate.stat().st_mtime, candidate))
+        except FileNotFoundError:  # a concurrent writer finished and renamed it meanwhile
+            continue
+    return [candidate for _, candidate in sorted(found, reverse=True)]
 
 
 @contextmanager
@@ -132,10 +137,7 @@ def _is_locked(folder: Path) -> bool:
     """Whether a live writer holds `folder` (see `_lock`)."""
     if fcntl is None:
         return False
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return False
+    descriptor = os.open(folder, os.O_RDONLY)  # FileNotFoundError if it was renamed meanwhile
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
