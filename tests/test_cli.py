@@ -12,12 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli_subprocess, save_tiny_clip
+from PIL import Image
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from transformers import BertConfig
+from transformers import AutoModel, AutoProcessor, BertConfig
 
+from clip_prune.core.finish import masked_embeddings
 from clip_prune.core.fisher import fisher_metadata
+from clip_prune.core.refit import REFIT_FILE, load_refit, refit_applied
+from clip_prune.core.saving import read_masks
 from clip_prune.lightning.cli import main
+from clip_prune.towers import load_model, tower_of
 
 CONFIG = Path(__file__).parents[1] / "configs" / "tiny.yaml"
 
@@ -387,3 +392,33 @@ def test_a_terminated_run_exits_with_the_sigterm_status(monkeypatch) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["prune"])
     assert exit_info.value.code == 143
+
+
+def _vision_only(model_dir: Path) -> bool:
+    return json.loads((model_dir / "config.json").read_text())["model_type"].endswith("_vision_model")
+
+
+def test_prune_exports_an_equivalent_model_for_every_family(tiny_model_dir, tiny_coco_root, tmp_path) -> None:
+    """CLIP, SigLIP and SigLIP2 (full and vision-only) end to end: Fisher, search, reconstruction, export, check
+    against the masked dense model, counted MACs, evaluation; the directory reloads with AutoModel/AutoProcessor."""
+    loss = "distill" if _vision_only(tiny_model_dir) else "contrastive"
+    out = tmp_path / "run"
+    run_prune(tiny_model_dir, tiny_coco_root, out, "--constraint", "0.6", "--model.loss", loss)
+    report = json.loads((out / "report.json").read_text())
+    assert report["macs"]["ratio"] <= 0.6 and report["equivalence"]["max_abs_diff"] <= 1e-5
+    assert report["macs_counted"]["pruned"] == report["macs"]["pruned"]
+    assert report["macs_counted"]["dense"] == report["macs"]["dense"]
+    if loss == "contrastive":  # a vision tower alone scores no captions
+        assert 0 <= report["metrics"]["pruned"]["retrieval"]["t2i_R@5"] <= 100
+
+    pruned = AutoModel.from_pretrained(out / "pruned").eval()
+    dense = load_model(str(tiny_model_dir)).eval()
+    head_mask, neuron_mask = read_masks(out, tower_of(dense).config)
+    refit = load_refit(out / REFIT_FILE, dense, head_mask, neuron_mask)
+    image = Image.open(next((tiny_coco_root / "val2017").iterdir())).convert("RGB")
+    processor = AutoProcessor.from_pretrained(out / "pruned")
+    inputs = tower_of(pruned).vision_inputs(processor(images=[image, image.crop((0, 0, 40, 20))], return_tensors="pt"))
+    with refit_applied(dense, head_mask, neuron_mask, refit):
+        expected = masked_embeddings(dense, head_mask, neuron_mask, inputs)
+    with torch.no_grad():
+        torch.testing.assert_close(tower_of(pruned).image_embeds(inputs), expected, rtol=0, atol=1e-5)
