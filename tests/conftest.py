@@ -85,12 +85,12 @@ def build_tiny_model(family: str, seed: int = 0, attn: str = "sdpa", **vision: o
                                 vision_config=tiny_vision_config(**vision).to_dict(), projection_dim=24)
         case "clip_vision":
             config = tiny_vision_config(**vision)
-        case "siglip":
-            config = SiglipConfig(text_config=text, vision_config=siglip)
+        case "siglip":  # 64 text positions, as transformers' zero-shot pipeline pads SigLIP captions to 64
+            config = SiglipConfig(text_config={**text, "max_position_embeddings": 64}, vision_config=siglip)
         case "siglip_vision":
             config = SiglipVisionConfig(**siglip)
         case "siglip2":
-            config = Siglip2Config(text_config=text, vision_config=siglip2)
+            config = Siglip2Config(text_config={**text, "max_position_embeddings": 64}, vision_config=siglip2)
         case "siglip2_vision":
             config = Siglip2VisionConfig(**siglip2)
         case _:

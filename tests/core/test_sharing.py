@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_vision_inputs
+from conftest import save_tiny_model, tiny_vision_inputs
 from PIL import Image
 from transformers import (
     AutoImageProcessor,
@@ -20,7 +20,6 @@ from transformers import (
 )
 
 from clip_prune.core.finish import export_pruned
-from clip_prune.hub import PrunedCLIPModel
 from clip_prune.towers import load_model, tower_of
 
 IMAGE_SIZE = 30  # tests/conftest.py's tiny checkpoints
@@ -129,6 +128,7 @@ def test_with_clip_prune_imported_the_directory_loads_without_remote_code(export
     processed = processor(images=[image], return_tensors="pt")
     assert tuple(processed["pixel_values"].shape) == processed_shape(directory)
     if tower_of(pruned).has_text:  # the processor is the family's, with its tokenizer
+        assert type(AutoModelForZeroShotImageClassification.from_pretrained(directory)) is type(pruned)
         assert type(processor) is tower_of(pruned).processor_class
         assert processor(text=["a red square"], return_tensors="pt")["input_ids"].shape[0] == 1
     with torch.no_grad():
@@ -136,18 +136,22 @@ def test_with_clip_prune_imported_the_directory_loads_without_remote_code(export
                                    tower_of(pruned).image_embeds(processed), rtol=0, atol=1e-6)
 
 
-def test_zero_shot_pipeline_gives_the_scores_of_the_pruned_model_by_hand(tiny_clip_dir, tmp_path) -> None:
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_zero_shot_pipeline_gives_the_scores_of_the_pruned_model_by_hand(family, tmp_path) -> None:
+    """CLIP's softmax over the labels; SigLIP's sigmoid of each pair (captions padded to 64, as the pipeline does)."""
     directory = tmp_path / "pruned"
-    pruned = export(tiny_clip_dir, directory)
-    assert type(AutoModelForZeroShotImageClassification.from_pretrained(directory)) is PrunedCLIPModel
+    pruned = export(save_tiny_model(tmp_path / "dense", family), directory)
+    assert type(AutoModelForZeroShotImageClassification.from_pretrained(directory)) is type(pruned)
     labels, template = ["red square", "blue circle", "large green square"], "a {}"
     image = Image.new("RGB", (40, 40), (220, 30, 30))
     classifier = pipeline("zero-shot-image-classification", model=str(directory))
     scores = {entry["label"]: entry["score"]
               for entry in classifier(image, candidate_labels=labels, hypothesis_template=template)}
     processor = AutoProcessor.from_pretrained(directory)
-    inputs = processor(text=[template.format(label) for label in labels], images=[image], padding=True,
-                       return_tensors="pt")
+    padding = {"padding": True} if family == "clip" else {"padding": "max_length", "max_length": 64}
+    inputs = processor(text=[template.format(label) for label in labels], images=[image], return_tensors="pt",
+                       **padding)
     with torch.no_grad():
-        by_hand = pruned(**inputs).logits_per_image.softmax(dim=-1)[0]
+        logits = pruned(**inputs).logits_per_image[0]
+    by_hand = logits.softmax(dim=-1) if family == "clip" else logits.sigmoid()
     assert [scores[label] for label in labels] == pytest.approx(by_hand.tolist(), abs=1e-6)
