@@ -6,7 +6,7 @@ Part of the remote code of a pruned directory (see `clip_prune/hub/__init__.py`)
 from huggingface_hub.dataclasses import strict
 from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
-from .pruned_layers import PrunedVisionConfigOf, PrunedWidths
+from .pruned_layers import PrunedFullConfig, PrunedWidths
 
 
 @strict
@@ -32,7 +32,7 @@ class PrunedCLIPVisionConfig(PrunedWidths, CLIPVisionConfig):
 
 
 @strict
-class PrunedCLIPConfig(PrunedVisionConfigOf, CLIPConfig):
+class PrunedCLIPConfig(PrunedFullConfig, CLIPConfig):
     r"""
     Configuration of a CLIP model whose vision tower is pruned: a [`CLIPConfig`] with a pruned vision config.
 

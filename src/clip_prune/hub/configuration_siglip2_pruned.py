@@ -6,7 +6,7 @@ Part of the remote code of a pruned directory (see `clip_prune/hub/__init__.py`)
 from huggingface_hub.dataclasses import strict
 from transformers import Siglip2Config, Siglip2TextConfig, Siglip2VisionConfig
 
-from .pruned_layers import PrunedVisionConfigOf, PrunedWidths
+from .pruned_layers import PrunedFullConfig, PrunedWidths
 
 
 @strict
@@ -32,7 +32,7 @@ class PrunedSiglip2VisionConfig(PrunedWidths, Siglip2VisionConfig):
 
 
 @strict
-class PrunedSiglip2Config(PrunedVisionConfigOf, Siglip2Config):
+class PrunedSiglip2Config(PrunedFullConfig, Siglip2Config):
     r"""
     Configuration of a SigLIP2 model whose vision tower is pruned: a [`Siglip2Config`] with a pruned vision config.
 

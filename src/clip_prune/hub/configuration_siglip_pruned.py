@@ -6,7 +6,7 @@ Part of the remote code of a pruned directory (see `clip_prune/hub/__init__.py`)
 from huggingface_hub.dataclasses import strict
 from transformers import SiglipConfig, SiglipTextConfig, SiglipVisionConfig
 
-from .pruned_layers import PrunedVisionConfigOf, PrunedWidths
+from .pruned_layers import PrunedFullConfig, PrunedWidths
 
 
 @strict
@@ -32,7 +32,7 @@ class PrunedSiglipVisionConfig(PrunedWidths, SiglipVisionConfig):
 
 
 @strict
-class PrunedSiglipConfig(PrunedVisionConfigOf, SiglipConfig):
+class PrunedSiglipConfig(PrunedFullConfig, SiglipConfig):
     r"""
     Configuration of a SigLIP model whose vision tower is pruned: a [`SiglipConfig`] with a pruned vision config.
 

@@ -43,7 +43,7 @@ class PrunedWidths:
                 raise ValueError(f"{name} must lie in [0, {dense}], got {widths}")
 
 
-class PrunedVisionConfigOf:
+class PrunedFullConfig:
     """Mixin of a family's full pruned config: its vision config must record the per-layer widths."""
 
     def validate_pruned_vision(self) -> None:
