@@ -1,10 +1,19 @@
-"""Configurations of SigLIP models whose vision encoder layers keep their own numbers of heads and neurons.
+"""Configurations of SigLIP and SigLIP2 models whose vision encoder layers keep their own numbers of heads and neurons.
 
-Part of the remote code of a pruned directory (see `clip_prune/hub/__init__.py`): imports no clip_prune.
+SigLIP2 differs from SigLIP by its inputs only (patchified images of their own aspect ratio), so both families'
+classes share this file. Part of the remote code of a pruned directory (see `clip_prune/hub/__init__.py`): imports
+no clip_prune.
 """
 
 from huggingface_hub.dataclasses import strict
-from transformers import SiglipConfig, SiglipTextConfig, SiglipVisionConfig
+from transformers import (
+    Siglip2Config,
+    Siglip2TextConfig,
+    Siglip2VisionConfig,
+    SiglipConfig,
+    SiglipTextConfig,
+    SiglipVisionConfig,
+)
 
 from .pruned_layers import PrunedFullConfig, PrunedWidths
 
@@ -32,6 +41,19 @@ class PrunedSiglipVisionConfig(PrunedWidths, SiglipVisionConfig):
 
 
 @strict
+class PrunedSiglip2VisionConfig(PrunedWidths, Siglip2VisionConfig):
+    r"""
+    [`PrunedSiglipVisionConfig`] for a SigLIP2 vision tower: every argument of [`Siglip2VisionConfig`], plus
+    `heads_per_layer` and `neurons_per_layer`.
+    """
+
+    model_type = "siglip2_pruned_vision_model"
+
+    heads_per_layer: list[int] | None = None
+    neurons_per_layer: list[int] | None = None
+
+
+@strict
 class PrunedSiglipConfig(PrunedFullConfig, SiglipConfig):
     r"""
     Configuration of a SigLIP model whose vision tower is pruned: a [`SiglipConfig`] with a pruned vision config.
@@ -47,3 +69,13 @@ class PrunedSiglipConfig(PrunedFullConfig, SiglipConfig):
 
     model_type = "siglip_pruned"
     sub_configs_defaults = {"vision_config": PrunedSiglipVisionConfig, "text_config": SiglipTextConfig}
+
+
+@strict
+class PrunedSiglip2Config(PrunedFullConfig, Siglip2Config):
+    r"""
+    [`PrunedSiglipConfig`] for SigLIP2: a [`Siglip2Config`] with a [`PrunedSiglip2VisionConfig`].
+    """
+
+    model_type = "siglip2_pruned"
+    sub_configs_defaults = {"vision_config": PrunedSiglip2VisionConfig, "text_config": Siglip2TextConfig}
