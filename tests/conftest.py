@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny CLIP checkpoints saved with save_pretrained and tiny COCO-format data sets."""
+"""Shared fixtures: tiny checkpoints of every family saved with save_pretrained and tiny COCO-format data sets."""
 
 from __future__ import annotations
 
@@ -12,9 +12,27 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image, ImageDraw
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig, CLIPVisionModel
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    PreTrainedModel,
+    Siglip2Config,
+    Siglip2ImageProcessor,
+    Siglip2Model,
+    Siglip2VisionConfig,
+    Siglip2VisionModel,
+    SiglipConfig,
+    SiglipImageProcessor,
+    SiglipModel,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
 
 from clip_prune.data.tokenizer import build_word_tokenizer
+from clip_prune.towers import tower_of
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
 SHAPES = ("square", "circle")
@@ -30,24 +48,96 @@ def tiny_vision_config(**overrides: object) -> CLIPVisionConfig:
     return CLIPVisionConfig(**values)
 
 
+FAMILIES = ("clip", "clip_vision", "siglip", "siglip_vision", "siglip2")
+"""The tiny checkpoints `save_tiny_model` writes: each family, full or vision-only."""
+
+_VISION = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37)
+SIGLIP2_PATCHES = 256
+"""SigLIP2's patch budget: a 16 × 16 grid of 16-px patches. `Siglip2Processor` passes its class defaults (256
+patches of 16 px) over the image processor's own settings, so a saved directory's `AutoProcessor` makes inputs
+of another size unless the checkpoint uses these."""
+
+
+MODEL_CLASSES = {CLIPConfig: CLIPModel, CLIPVisionConfig: CLIPVisionModel, SiglipConfig: SiglipModel,
+                 SiglipVisionConfig: SiglipVisionModel, Siglip2Config: Siglip2Model,
+                 Siglip2VisionConfig: Siglip2VisionModel}
+
+
 def save_tiny_clip(path: Path, vision_only: bool = False, seed: int = 0) -> Path:
     """A random tiny CLIP with its word tokenizer and image processor, saved like a Hub checkpoint."""
+    return save_tiny_model(path, "clip_vision" if vision_only else "clip", seed)
+
+
+def build_tiny_model(family: str, seed: int = 0, attn: str = "sdpa", **vision: object) -> PreTrainedModel:
+    """A random tiny model of `family` (one of `FAMILIES`) in eval mode; `vision` overrides the vision config.
+
+    CLIP and SigLIP: 30 px images, patch 6 (CLIP T = 26, SigLIP T = 25); SigLIP2: at most 256 patches of 16 px.
+    Width 32, 3 layers, 4 heads, 37 neurons; the text tower (2 layers, 16 positions) fits the word tokenizer.
+    """
     torch.manual_seed(seed)
+    text = dict(vocab_size=len(WORDS) + 4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=37, max_position_embeddings=16, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    siglip = dict(image_size=IMAGE_SIZE, patch_size=6, **_VISION) | vision
+    siglip2 = dict(num_patches=SIGLIP2_PATCHES, patch_size=16, **_VISION) | vision
+    match family:
+        case "clip":
+            config = CLIPConfig(text_config={**text, "projection_dim": 24},
+                                vision_config=tiny_vision_config(**vision).to_dict(), projection_dim=24)
+        case "clip_vision":
+            config = tiny_vision_config(**vision)
+        case "siglip":  # 64 text positions, as transformers' zero-shot pipeline pads SigLIP captions to 64
+            config = SiglipConfig(text_config={**text, "max_position_embeddings": 64}, vision_config=siglip)
+        case "siglip_vision":
+            config = SiglipVisionConfig(**siglip)
+        case "siglip2":
+            config = Siglip2Config(text_config={**text, "max_position_embeddings": 64}, vision_config=siglip2)
+        case "siglip2_vision":
+            config = Siglip2VisionConfig(**siglip2)
+        case _:
+            raise ValueError(f"unknown tiny family {family!r}; choose one of {FAMILIES}")
+    return MODEL_CLASSES[type(config)]._from_config(config, attn_implementation=attn).eval()
+
+
+def tiny_vision_inputs(model: PreTrainedModel, batch: int = 2, seed: int = 1, image_size: int = IMAGE_SIZE
+                       ) -> dict[str, torch.Tensor]:
+    """Random inputs of `model`'s vision tower: pixels [B, 3, S, S], or for SigLIP2 patches whose last image
+    fills only part of the grid (3 × 5 patches of the 256, the rest padding)."""
+    generator = torch.Generator().manual_seed(seed)
+    tower = tower_of(model)
+    if "spatial_shapes" not in tower.input_names:
+        return {"pixel_values": torch.randn(batch, 3, image_size, image_size, generator=generator)}
+    config = tower.config
+    side = int(config.num_patches ** 0.5)
+    pixels = torch.randn(batch, side * side, config.num_channels * config.patch_size ** 2, generator=generator)
+    mask = torch.ones(batch, side * side, dtype=torch.int32)
+    shapes = torch.tensor([[side, side]] * batch)
+    shapes[-1] = torch.tensor([3, 5])
+    mask[-1, 15:] = 0
+    pixels[-1, 15:] = 0  # as the processor pads
+    return {"pixel_values": pixels, "pixel_attention_mask": mask, "spatial_shapes": shapes}
+
+
+def save_tiny_model(path: Path, family: str, seed: int = 0) -> Path:
+    """A random tiny model of `family` (`build_tiny_model`) with its tokenizer and image processor, saved like a
+    Hub checkpoint.
+
+    SigLIP's SentencePiece tokenizers cannot be downloaded: every family gets the word tokenizer, saved so that
+    `AutoTokenizer.from_pretrained(path)` loads it (SigLIP's text tower pools the last position of captions
+    padded to its 16 tokens).
+    """
     tokenizer = build_word_tokenizer(WORDS, max_length=16)
-    vision = tiny_vision_config()
-    if vision_only:
-        model = CLIPVisionModel(vision)
-    else:
-        text = dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                    intermediate_size=37, max_position_embeddings=16, projection_dim=24,
-                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                    bos_token_id=tokenizer.bos_token_id)
-        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision.to_dict(), projection_dim=24))
-    model.save_pretrained(path)
-    if not vision_only:  # a vision tower ships without a tokenizer
+    assert (len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id) == (len(WORDS) + 4, 0, 3)
+    build_tiny_model(family, seed).save_pretrained(path)
+    if not family.endswith("_vision"):  # a vision tower ships without a tokenizer
         tokenizer.save_pretrained(path)
-    CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
-                       crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(path)
+    if family.startswith("clip"):
+        processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
+                                       crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    elif family.startswith("siglip2"):
+        processor = Siglip2ImageProcessor(patch_size=16, max_num_patches=SIGLIP2_PATCHES)
+    else:
+        processor = SiglipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    processor.save_pretrained(path)
     return path
 
 
@@ -104,6 +194,12 @@ def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_vision_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_clip(tmp_path_factory.mktemp("tiny-clip-vision"), vision_only=True)
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def tiny_model_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny checkpoint of each family in turn (`FAMILIES`); the test's id names it."""
+    return save_tiny_model(tmp_path_factory.mktemp(f"tiny-{request.param}"), request.param)
 
 
 @pytest.fixture(scope="session")

@@ -12,12 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli_subprocess, save_tiny_clip
+from PIL import Image
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from transformers import BertConfig
+from transformers import AutoModel, AutoProcessor, BertConfig
 
+from clip_prune.core.finish import masked_embeddings
 from clip_prune.core.fisher import fisher_metadata
+from clip_prune.core.refit import REFIT_FILE, load_refit, refit_applied
+from clip_prune.core.saving import read_masks
 from clip_prune.lightning.cli import main
+from clip_prune.towers import load_model, tower_of
 
 CONFIG = Path(__file__).parents[1] / "configs" / "tiny.yaml"
 
@@ -76,6 +81,45 @@ def test_prune_writes_masks_statistics_report_and_tensorboard(tiny_clip_dir, tin
     again_refit = load_file(again / "refit.safetensors")
     for key, value in refit.items():
         torch.testing.assert_close(again_refit[key], value, rtol=1e-4, atol=1e-5)
+
+
+def _vision_only(model_dir: Path) -> bool:
+    return json.loads((model_dir / "config.json").read_text())["model_type"].endswith("_vision_model")
+
+
+def test_prune_exports_an_equivalent_model_for_every_family(tiny_model_dir, tiny_coco_root, tmp_path) -> None:
+    """CLIP, SigLIP and SigLIP2 (full and vision-only) end to end: Fisher, search, reconstruction, export, check
+    against the masked dense model, counted MACs, evaluation; the directory reloads with AutoModel/AutoProcessor."""
+    loss = "distill" if _vision_only(tiny_model_dir) else "contrastive"
+    out = tmp_path / "run"
+    run_prune(tiny_model_dir, tiny_coco_root, out, "--constraint", "0.6", "--model.loss", loss)
+    report = json.loads((out / "report.json").read_text())
+    assert report["macs"]["ratio"] <= 0.6 and report["equivalence"]["max_abs_diff"] <= 1e-5
+    assert report["macs_counted"]["pruned"] == report["macs"]["pruned"]
+    assert report["macs_counted"]["dense"] == report["macs"]["dense"]
+    if loss == "contrastive":  # a vision tower alone scores no captions
+        assert 0 <= report["metrics"]["pruned"]["retrieval"]["t2i_R@5"] <= 100
+
+    pruned = AutoModel.from_pretrained(out / "pruned").eval()
+    dense = load_model(str(tiny_model_dir)).eval()
+    head_mask, neuron_mask = read_masks(out, tower_of(dense).config)
+    refit = load_refit(out / REFIT_FILE, dense, head_mask, neuron_mask)
+    image = Image.open(next((tiny_coco_root / "val2017").iterdir())).convert("RGB")
+    processor = AutoProcessor.from_pretrained(out / "pruned")
+    inputs = tower_of(pruned).vision_inputs(processor(images=[image, image.crop((0, 0, 40, 20))], return_tensors="pt"))
+    with refit_applied(dense, head_mask, neuron_mask, refit):
+        expected = masked_embeddings(dense, head_mask, neuron_mask, inputs)
+    with torch.no_grad():
+        torch.testing.assert_close(tower_of(pruned).image_embeds(inputs), expected, rtol=0, atol=1e-5)
+
+    # `apply` of the run's masks and refit columns, verified on synthetic images: the same model.
+    main(["apply", "--model.pretrained", str(tiny_model_dir), "--masks", str(out), "--output_dir",
+          str(tmp_path / "applied"), "--latency_repeats", "1"])
+    applied, exported = (load_file(path / "model.safetensors") for path in (tmp_path / "applied", out / "pruned"))
+    assert applied.keys() == exported.keys() and all(torch.equal(applied[k], exported[k]) for k in exported)
+    report = json.loads((tmp_path / "applied" / "report.json").read_text())
+    assert report["verified_on"] == "synthetic images (no --data.root)"
+    assert report["equivalence"]["max_abs_diff"] <= 1e-5
 
 
 def test_help_and_print_config(capsys) -> None:
@@ -160,22 +204,19 @@ def _prune_subprocess(model_dir: Path, data_root: Path, output_dir: Path, *extra
                         "--trainer.logger", "false", *extra], cwd=output_dir.parent)
 
 
-@pytest.mark.parametrize("num_samples", [9])
-def test_contrastive_fisher_from_two_ddp_processes_equals_one_at_the_same_global_batch(
-        num_samples, tiny_clip_dir, tiny_coco_root, tmp_path) -> None:
-    """Each rank's loss sees the other rank's images and captions as negatives. With 9 samples the last
-    global batch holds one sample, so rank 1 runs a padding item there."""
-    common = ("--data.num_samples", str(num_samples), "--constraint", "null")
-    _prune_subprocess(tiny_clip_dir, tiny_coco_root, tmp_path / "one", *common, "--data.batch_size", "8",
-                      loss="contrastive")
-    _prune_subprocess(tiny_clip_dir, tiny_coco_root, tmp_path / "two", *common, "--data.batch_size", "4",
-                      "--trainer.strategy", "ddp", "--trainer.devices", "2", loss="contrastive")
+def test_fisher_from_two_ddp_processes_equals_one_for_every_family(tiny_model_dir, tiny_coco_root, tmp_path) -> None:
+    """The family's own loss (SigLIP's sigmoid loss over the global batch; distill for a vision tower alone) and
+    its inputs (SigLIP2's patch masks) under 2-process gloo DDP; 9 samples, so rank 1 pads the last batch."""
+    loss = "distill" if _vision_only(tiny_model_dir) else "contrastive"
+    common = ("--data.num_samples", "9", "--constraint", "null")
+    _prune_subprocess(tiny_model_dir, tiny_coco_root, tmp_path / "one", *common, "--data.batch_size", "8", loss=loss)
+    _prune_subprocess(tiny_model_dir, tiny_coco_root, tmp_path / "two", *common, "--data.batch_size", "4",
+                      "--trainer.strategy", "ddp", "--trainer.devices", "2", loss=loss)
     one, two = load_file(tmp_path / "one" / "fisher.safetensors"), load_file(tmp_path / "two" / "fisher.safetensors")
     assert one["head_fisher"].sum() > 0
-    for key in one:  # float32 forward passes at batch 4 vs 8: equal to 1e-6 of each statistic's largest entry
+    for key in one:  # float32 passes at batch 4 vs 8: equal to 1e-6 of each statistic's largest entry
         torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6 * one[key].abs().max().item())
-    assert fisher_metadata(tmp_path / "two" / "fisher.safetensors")["num_samples"] == str(num_samples)
-
+    assert fisher_metadata(tmp_path / "two" / "fisher.safetensors")["num_samples"] == "9"
 
 @pytest.mark.parametrize("num_samples", [8, 11])
 def test_fisher_from_two_ddp_processes_equals_one(num_samples, tiny_clip_dir, tiny_coco_root, tmp_path) -> None:

@@ -1,4 +1,4 @@
-"""`clip-prune sensitivity` on a tiny CLIP: one more single-head layer per round, early stop, apply."""
+"""`clip-prune sensitivity` on tiny models: one more single-head layer per round, early stop, apply."""
 
 from __future__ import annotations
 
@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli_subprocess, save_tiny_clip
+from conftest import run_cli_subprocess, save_tiny_clip, tiny_vision_inputs
 from transformers import CLIPModel
 
 from clip_prune.core.masks import VisionMasks
 from clip_prune.core.saving import load_pruned
 from clip_prune.core.sensitivity import choose_head, keep_single_head
 from clip_prune.lightning.cli import main
+from clip_prune.towers import load_model, tower_of
 
 CONFIG = Path(__file__).parents[1] / "configs" / "tiny_sensitivity.yaml"
 
@@ -84,22 +85,23 @@ def test_early_stop_fires_only_when_the_metric_drops_below_the_ratio(tiny_clip_d
             in capsys.readouterr().out)
 
 
-def test_sensitivity_mask_applies_to_an_equivalent_model(tiny_clip_dir, tiny_coco_root, tmp_path) -> None:
+def test_sensitivity_mask_applies_to_an_equivalent_model(tiny_model_dir, tiny_coco_root, tmp_path) -> None:
+    """For every family: the rounds' head masks apply to a model equal to the hook-masked dense one."""
+    vision_only = json.loads((tiny_model_dir / "config.json").read_text())["model_type"].endswith("_vision_model")
     out = tmp_path / "sens"
-    run_sensitivity(tiny_clip_dir, tiny_coco_root, out, "--stop_ratio", "0")
-    main(["apply", "--model.pretrained", str(tiny_clip_dir), "--data.root", str(tiny_coco_root),
+    run_sensitivity(tiny_model_dir, tiny_coco_root, out, "--stop_ratio", "0",
+                    *(("--model.loss", "distill") if vision_only else ()))
+    main(["apply", "--model.pretrained", str(tiny_model_dir), "--data.root", str(tiny_coco_root),
           "--data.num_workers", "0", "--masks", str(out / "head_mask_1.pt"), "--output_dir", str(tmp_path / "pruned"),
           "--latency_repeats", "1"])
-    pruned = load_pruned(tmp_path / "pruned")
-    assert [len(layer_heads) for layer_heads in [pruned.vision_model.config.heads_per_layer]] == [3]
-    assert sorted(pruned.vision_model.config.heads_per_layer) == [1, 1, 4]
-    dense = CLIPModel.from_pretrained(tiny_clip_dir).eval()
+    pruned = load_pruned(tmp_path / "pruned").eval()
+    assert sorted(tower_of(pruned).config.heads_per_layer) == [1, 1, 4]
+    dense = load_model(str(tiny_model_dir)).eval()
     VisionMasks(dense, head_mask=torch.load(out / "head_mask_1.pt", weights_only=True))
-    pixels = torch.randn(3, 3, 30, 30)
+    inputs = tiny_vision_inputs(dense, batch=3)
     with torch.no_grad():
-        expected = dense.get_image_features(pixel_values=pixels).pooler_output
-        actual = pruned.get_image_features(pixel_values=pixels).pooler_output
-    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(tower_of(pruned).image_embeds(inputs), tower_of(dense).image_embeds(inputs),
+                                   atol=1e-5, rtol=0)
 
 
 def test_vision_only_model_runs_all_rounds_without_early_stop(tiny_vision_dir, tiny_coco_root, tmp_path,

@@ -8,6 +8,7 @@ from functools import partial
 
 import pytest
 import torch
+from conftest import build_tiny_model, tiny_vision_inputs
 from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
 
 from clip_prune.core.least_squares import (
@@ -21,6 +22,7 @@ from clip_prune.core.least_squares import (
 from clip_prune.core.masks import VisionMasks
 from clip_prune.core.reconstruct import reconstruct
 from clip_prune.core.refit import refit_applied
+from clip_prune.towers import tower_of
 
 LAYERS, HEADS, NEURONS, HIDDEN = 3, 4, 37, 32
 HEAD_DIM = HIDDEN // HEADS
@@ -60,30 +62,39 @@ def _ones() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.ones(LAYERS, HEADS), torch.ones(LAYERS, NEURONS)
 
 
+def _inputs(batch: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {"pixel_values": batch} if isinstance(batch, torch.Tensor) else batch
+
+
 @torch.no_grad()
-def _hidden_states(model: CLIPVisionModel, pixel_batches: list[torch.Tensor], head_mask: torch.Tensor | None,
-                   neuron_mask: torch.Tensor | None) -> list[tuple[torch.Tensor, ...]]:
-    """The L + 1 hidden states of each batch through CLIP's own forward, masked by VisionMasks hooks."""
+def _hidden_states(model: torch.nn.Module, pixel_batches: list[torch.Tensor | dict[str, torch.Tensor]],
+                   head_mask: torch.Tensor | None, neuron_mask: torch.Tensor | None) -> list[tuple[torch.Tensor, ...]]:
+    """The L + 1 hidden states of each batch through the model's own forward, masked by VisionMasks hooks."""
     masks = VisionMasks(model, head_mask, neuron_mask)
     try:
-        return [model(pixels, output_hidden_states=True).hidden_states for pixels in pixel_batches]
+        return [model(**_inputs(batch), output_hidden_states=True).hidden_states for batch in pixel_batches]
     finally:
         masks.remove()
 
 
-def _layer_errors(model: CLIPVisionModel, pixel_batches: list[torch.Tensor], head_mask: torch.Tensor,
-                  neuron_mask: torch.Tensor, teacher: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+def _layer_errors(model: torch.nn.Module, pixel_batches: list[torch.Tensor | dict[str, torch.Tensor]],
+                  head_mask: torch.Tensor, neuron_mask: torch.Tensor,
+                  teacher: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
                   cls_only_last: bool = False, refit: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """[L] Σ‖y_teacher − y_student‖² of each layer's output, from CLIP's own forward under hook masks (and the
-    refit columns written into the weights): the reference the reconstruction's internal student must match."""
+    """[L] Σ‖y_teacher − y_student‖² of each layer's output over the real tokens (SigLIP2's padding left out), from
+    the model's own forward under hook masks (and the refit columns written into the weights): the reference the
+    reconstruction's internal student must match."""
     teacher_states = _hidden_states(model, pixel_batches, *teacher)
     with refit_applied(model, head_mask, neuron_mask, refit or {}):
         student_states = _hidden_states(model, pixel_batches, head_mask, neuron_mask)
     errors = torch.zeros(LAYERS, dtype=torch.float64)
-    for teacher_batch, student_batch in zip(teacher_states, student_states, strict=True):
+    for batch, teacher_batch, student_batch in zip(pixel_batches, teacher_states, student_states, strict=True):
+        real = tower_of(model).token_mask(_inputs(batch))
         for layer in range(LAYERS):
             tokens = slice(0, 1) if cls_only_last and layer == LAYERS - 1 else slice(None)
             difference = (teacher_batch[layer + 1] - student_batch[layer + 1])[:, tokens]
+            if real is not None:
+                difference = difference[real[:, tokens]]
             errors[layer] += (difference.double() ** 2).sum()
     return errors
 
@@ -290,6 +301,22 @@ def test_errors_agree_with_the_masked_model(model: CLIPVisionModel, pixel_batche
     expected = _layer_errors(model, pixel_batches, result.head_mask, result.neuron_mask, teacher_masks,
                              refit=result.refit)
     torch.testing.assert_close(result.errors["neurons_after"], expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["weights", "scales"])
+@pytest.mark.parametrize("family", ["siglip_vision", "siglip2_vision"])
+def test_errors_agree_with_the_masked_model_for_siglip(family: str, method: str) -> None:
+    """SigLIP (no CLS token, no pre-layernorm) and SigLIP2 (its encoder's attention mask; padding tokens never
+    enter the moments): the internal student is again what the model under VisionMasks computes."""
+    model = build_tiny_model(family)
+    batches = [tiny_vision_inputs(model, batch=3, seed=seed) for seed in range(3)]
+    head_mask, neuron_mask = _random_masks()
+    result = reconstruct(model, head_mask, neuron_mask, batches, method=method)
+    expected = _layer_errors(model, batches, result.head_mask, result.neuron_mask, refit=result.refit)
+    torch.testing.assert_close(result.errors["neurons_after"], expected, rtol=1e-4, atol=1e-6)
+    assert (result.errors["neurons_after"] <= result.errors["neurons_before"] * (1 + 1e-6)).all()
+    pooled_only = reconstruct(model, head_mask, neuron_mask, batches, method=method, last_layer_pooled_only=True)
+    torch.testing.assert_close(pooled_only.errors["neurons_after"], result.errors["neurons_after"])  # pools all
 
 
 def test_weights_from_scaled_incoming_masks_fold_the_scales_into_the_columns(

@@ -9,20 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_tiny_model, tiny_vision_inputs
 from PIL import Image
 from transformers import (
     AutoImageProcessor,
     AutoModel,
     AutoModelForZeroShotImageClassification,
     AutoProcessor,
-    CLIPModel,
-    CLIPVisionModel,
     pipeline,
 )
 
 from clip_prune.core.finish import save_pruned_model
-from clip_prune.hub import PrunedCLIPModel, PrunedCLIPVisionModel
-from clip_prune.towers import tower_of
+from clip_prune.towers import load_model, tower_of
 
 IMAGE_SIZE = 30  # tests/conftest.py's tiny checkpoints
 
@@ -38,12 +36,12 @@ sys.meta_path.insert(0, _Refuse())
 import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModel, AutoProcessor
-directory, pixels_file, output_file = sys.argv[1:]
+directory, inputs_file, output_file = sys.argv[1:]
 model = AutoModel.from_pretrained(directory, trust_remote_code=True).eval()
-pixel_values = torch.load(pixels_file)
+inputs = torch.load(inputs_file)
 with torch.no_grad():
     tower = model.vision_model if hasattr(model, "vision_model") else model
-    outputs = {"pooler_output": tower(pixel_values=pixel_values).pooler_output}
+    outputs = {"pooler_output": tower(**inputs).pooler_output}
 processed = {name: loader.from_pretrained(directory)(images=[Image.new("RGB", (40, 50), (200, 30, 30))],
                                                      return_tensors="pt")["pixel_values"]
              for name, loader in (("processor", AutoProcessor), ("image_processor", AutoImageProcessor))}
@@ -71,25 +69,30 @@ def head_and_neuron_masks() -> tuple[torch.Tensor, torch.Tensor]:
     return head_mask, neuron_mask
 
 
-def save(pretrained: Path, directory: Path, vision_only: bool) -> torch.nn.Module:
-    dense = (CLIPVisionModel if vision_only else CLIPModel).from_pretrained(pretrained).eval()
-    pixels = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
-    pruned, _ = save_pruned_model(dense, *head_and_neuron_masks(), directory, str(pretrained), pixels,
-                                  latency_repeats=1)
+def save(pretrained: Path, directory: Path) -> torch.nn.Module:
+    dense = load_model(str(pretrained)).eval()
+    pruned, _ = save_pruned_model(dense, *head_and_neuron_masks(), directory, str(pretrained),
+                                  tiny_vision_inputs(dense, seed=0), latency_repeats=1)
     return pruned
 
 
-@pytest.fixture(scope="module", params=["clip", "vision"])
-def saved(request, tiny_clip_dir, tiny_vision_dir, tmp_path_factory) -> tuple[Path, torch.nn.Module]:
-    vision_only = request.param == "vision"
-    directory = tmp_path_factory.mktemp("pruned") / request.param
-    return directory, save(tiny_vision_dir if vision_only else tiny_clip_dir, directory, vision_only)
+@pytest.fixture(scope="module")
+def saved(tiny_model_dir, tmp_path_factory) -> tuple[Path, torch.nn.Module]:
+    directory = tmp_path_factory.mktemp("pruned") / "pruned"
+    return directory, save(tiny_model_dir, directory)
+
+
+def processed_shape(directory: Path) -> tuple[int, ...]:
+    """The shape of the pixel values the directory's own image processor makes of one image."""
+    image = Image.new("RGB", (40, 50), (200, 30, 30))
+    processor = AutoImageProcessor.from_pretrained(directory)
+    return tuple(processor(images=[image], return_tensors="pt")["pixel_values"].shape)
 
 
 def test_directory_loads_with_remote_code_where_clip_prune_cannot_be_imported(saved, tmp_path) -> None:
     directory, pruned = saved
-    pixels = torch.randn(3, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
-    torch.save(pixels, tmp_path / "pixels.pt")
+    inputs = tiny_vision_inputs(pruned, batch=3)
+    torch.save(inputs, tmp_path / "pixels.pt")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
     result = subprocess.run([sys.executable, "-I", "-c", NO_CLIP_PRUNE, str(directory), str(tmp_path / "pixels.pt"),
                              str(tmp_path / "out.pt")], capture_output=True, text=True, timeout=300, env=env)
@@ -98,10 +101,10 @@ def test_directory_loads_with_remote_code_where_clip_prune_cannot_be_imported(sa
     assert not out["clip_prune_imported"]
     assert out["class_module"].startswith("transformers_modules.")
     with torch.no_grad():
-        expected = tower_of(pruned).vision(pixel_values=pixels).pooler_output
+        expected = tower_of(pruned).vision(**inputs).pooler_output
     torch.testing.assert_close(out["outputs"]["pooler_output"], expected, rtol=0, atol=1e-6)
     for name in ("processor", "image_processor"):
-        assert out["processed"][name].shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE), name
+        assert tuple(out["processed"][name].shape) == processed_shape(directory), name
 
 
 def test_directory_names_its_code_in_auto_map(saved) -> None:
@@ -110,36 +113,45 @@ def test_directory_names_its_code_in_auto_map(saved) -> None:
     module, _, name = auto_map["AutoModel"].partition(".")
     assert name == type(pruned).__name__
     files = {path.name for path in directory.glob("*.py")}
-    assert files == {f"{module}.py", f"{auto_map['AutoConfig'].partition('.')[0]}.py"}
+    assert files == {f"{module}.py", f"{auto_map['AutoConfig'].partition('.')[0]}.py", "pruned_layers.py"}
     for file in files:
         assert imported_packages(directory / file) <= {"torch", "transformers", "huggingface_hub", "typing", ""}
-    assert ("AutoModelForZeroShotImageClassification" in auto_map) == isinstance(pruned, PrunedCLIPModel)
+    assert ("AutoModelForZeroShotImageClassification" in auto_map) == tower_of(pruned).has_text
 
 
 def test_with_clip_prune_imported_the_directory_loads_without_remote_code(saved) -> None:
     directory, pruned = saved
     loaded = AutoModel.from_pretrained(directory)
-    assert type(loaded) is type(pruned) and type(loaded) in (PrunedCLIPModel, PrunedCLIPVisionModel)
+    assert type(loaded) is type(pruned) and type(loaded) in tower_of(pruned).pruned_classes.values()
     processor = AutoProcessor.from_pretrained(directory)
-    image = Image.new("RGB", (50, 40), (30, 30, 200))
-    assert processor(images=[image], return_tensors="pt")["pixel_values"].shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
-    image_processor = AutoImageProcessor.from_pretrained(directory)
-    assert image_processor(images=[image], return_tensors="pt")["pixel_values"].shape == (1, 3, IMAGE_SIZE,
-                                                                                          IMAGE_SIZE)
+    image = Image.new("RGB", (40, 50), (200, 30, 30))
+    processed = processor(images=[image], return_tensors="pt")
+    assert tuple(processed["pixel_values"].shape) == processed_shape(directory)
+    if tower_of(pruned).has_text:  # the processor is the family's, with its tokenizer
+        assert type(AutoModelForZeroShotImageClassification.from_pretrained(directory)) is type(pruned)
+        assert type(processor) is tower_of(pruned).processor_class
+        assert processor(text=["a red square"], return_tensors="pt")["input_ids"].shape[0] == 1
+    with torch.no_grad():
+        torch.testing.assert_close(tower_of(loaded.eval()).image_embeds(processed),
+                                   tower_of(pruned).image_embeds(processed), rtol=0, atol=1e-6)
 
 
-def test_zero_shot_pipeline_gives_the_scores_of_the_pruned_model_by_hand(tiny_clip_dir, tmp_path) -> None:
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_zero_shot_pipeline_gives_the_scores_of_the_pruned_model_by_hand(family, tmp_path) -> None:
+    """CLIP's softmax over the labels; SigLIP's sigmoid of each pair (captions padded to 64, as the pipeline does)."""
     directory = tmp_path / "pruned"
-    pruned = save(tiny_clip_dir, directory, vision_only=False)
-    assert type(AutoModelForZeroShotImageClassification.from_pretrained(directory)) is PrunedCLIPModel
+    pruned = save(save_tiny_model(tmp_path / "dense", family), directory)
+    assert type(AutoModelForZeroShotImageClassification.from_pretrained(directory)) is type(pruned)
     labels, template = ["red square", "blue circle", "large green square"], "a {}"
     image = Image.new("RGB", (40, 40), (220, 30, 30))
     classifier = pipeline("zero-shot-image-classification", model=str(directory))
     scores = {entry["label"]: entry["score"]
               for entry in classifier(image, candidate_labels=labels, hypothesis_template=template)}
     processor = AutoProcessor.from_pretrained(directory)
-    inputs = processor(text=[template.format(label) for label in labels], images=[image], padding=True,
-                       return_tensors="pt")
+    padding = {"padding": True} if family == "clip" else {"padding": "max_length", "max_length": 64}
+    inputs = processor(text=[template.format(label) for label in labels], images=[image], return_tensors="pt",
+                       **padding)
     with torch.no_grad():
-        by_hand = pruned(**inputs).logits_per_image.softmax(dim=-1)[0]
+        logits = pruned(**inputs).logits_per_image[0]
+    by_hand = logits.softmax(dim=-1) if family == "clip" else logits.sigmoid()
     assert [scores[label] for label in labels] == pytest.approx(by_hand.tolist(), abs=1e-6)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FAMILIES, build_tiny_model, tiny_vision_inputs
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import (
@@ -13,9 +14,9 @@ from transformers import (
     CLIPConfig,
     CLIPImageProcessor,
     CLIPModel,
-    CLIPTextModel,
     CLIPVisionConfig,
     CLIPVisionModel,
+    PreTrainedModel,
 )
 
 import clip_prune
@@ -41,7 +42,6 @@ from clip_prune.hub import (
     ConstantAttention,
     ConstantMLP,
     PrunedCLIPConfig,
-    PrunedCLIPModel,
     PrunedCLIPVisionConfig,
     PrunedCLIPVisionModel,
 )
@@ -77,11 +77,19 @@ def clip_config() -> CLIPConfig:
     return CLIPConfig(text_config=text, vision_config=vision_config().to_dict(), projection_dim=24)
 
 
-def build(kind: str, attn: str = "sdpa", seed: int = 0) -> CLIPModel | CLIPVisionModel:
+def build(kind: str, attn: str = "sdpa", seed: int = 0) -> PreTrainedModel:
+    """`clip` and `vision` at transformers' tester sizes; the other families (`FAMILIES`) at conftest's."""
     torch.manual_seed(seed)
     if kind == "clip":
         return CLIPModel._from_config(clip_config(), attn_implementation=attn).eval()
-    return CLIPVisionModel._from_config(vision_config(), attn_implementation=attn).eval()
+    if kind == "vision":
+        return CLIPVisionModel._from_config(vision_config(), attn_implementation=attn).eval()
+    return build_tiny_model(kind, seed, attn)
+
+
+def inputs_of(model: torch.nn.Module, batch: int = 2, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Random inputs of the model's vision tower (SigLIP2's with a padded image)."""
+    return tiny_vision_inputs(model, batch, seed)
 
 
 def masks(kind: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,17 +113,19 @@ def pixels(batch: int = 2, size: int = IMAGE_SIZE, seed: int = 1) -> torch.Tenso
 
 
 @torch.no_grad()
-def image_outputs(model: torch.nn.Module, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Last hidden state and pooled output of the vision tower, plus image embeddings for a CLIPModel."""
-    tower = tower_of(model).vision(pixel_values=pixel_values)
+def image_outputs(model: torch.nn.Module, pixel_values: torch.Tensor | dict[str, torch.Tensor]
+                  ) -> dict[str, torch.Tensor]:
+    """Last hidden state and pooled output of the vision tower, plus image embeddings for a full model."""
+    inputs = {"pixel_values": pixel_values} if isinstance(pixel_values, torch.Tensor) else pixel_values
+    tower = tower_of(model).vision(**inputs)
     outputs = {"last_hidden_state": tower.last_hidden_state, "pooler_output": tower.pooler_output}
-    if isinstance(model, CLIPModel):
-        outputs["image_embeds"] = model.get_image_features(pixel_values=pixel_values).pooler_output
+    if tower_of(model).has_text:
+        outputs["image_embeds"] = model.get_image_features(**inputs).pooler_output
     return outputs
 
 
 def masked_outputs(model: torch.nn.Module, head_mask: torch.Tensor, neuron_mask: torch.Tensor,
-                   pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+                   pixel_values: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The reference: the dense model with the masks applied by forward pre-hooks."""
     hooks = VisionMasks(model, head_mask, neuron_mask)
     try:
@@ -134,16 +144,16 @@ def assert_outputs_close(actual: dict[str, torch.Tensor], expected: dict[str, to
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("mask_kind", ["binary", "rescaled", "no_heads", "no_neurons", "both_empty"])
-@pytest.mark.parametrize("model_kind", ["vision", "clip"])
+@pytest.mark.parametrize("model_kind", ["vision", "clip", *FAMILIES[2:], "siglip2_vision"])
 def test_pruned_model_matches_masked_model(model_kind: str, mask_kind: str, attn: str) -> None:
     model = build(model_kind, attn)
     head_mask, neuron_mask = masks(mask_kind)
-    x = pixels()
+    x = inputs_of(model)
     expected = masked_outputs(model, head_mask, neuron_mask, x)
     dense = image_outputs(model, x)
     pruned = prune_model(model, head_mask, neuron_mask)
 
-    assert type(pruned) is (PrunedCLIPModel if model_kind == "clip" else PrunedCLIPVisionModel)
+    assert type(pruned) is tower_of(model).pruned_classes[model.config.model_type]
     assert pruned.config._attn_implementation == attn
     assert not pruned.training
     assert_outputs_close(image_outputs(pruned, x), expected, atol=1e-5)
@@ -196,7 +206,7 @@ def test_plan_from_masks_and_json_round_trip(tmp_path: Path) -> None:
     assert torch.equal(rebuilt_heads, head_mask) and torch.equal(rebuilt_neurons, neuron_mask)
 
 
-@pytest.mark.parametrize("model_kind", ["vision", "clip"])
+@pytest.mark.parametrize("model_kind", ["vision", "clip", *FAMILIES[2:]])
 def test_save_and_reload(model_kind: str, tmp_path: Path) -> None:
     model = build(model_kind)
     head_mask, neuron_mask = masks("both_empty")
@@ -207,13 +217,14 @@ def test_save_and_reload(model_kind: str, tmp_path: Path) -> None:
     output = save_pruned(pruned, tmp_path / "out" / "pruned", plan, processor=processor)
 
     files = {path.name for path in output.iterdir()}
+    family = "clip" if tower_of(model).family == "clip" else "siglip"  # SigLIP2's classes live in SigLIP's files
     assert files == {"config.json", "model.safetensors", PLAN_FILE, "preprocessor_config.json",
-                     "configuration_clip_pruned.py", "modeling_clip_pruned.py"}
+                     f"configuration_{family}_pruned.py", f"modeling_{family}_pruned.py", "pruned_layers.py"}
     assert [path.name for path in tmp_path.joinpath("out").iterdir()] == ["pruned"], "staging dir left behind"
     assert read_plan(output / PLAN_FILE) == plan
     assert CLIPImageProcessor.from_pretrained(output).crop_size == processor.crop_size
 
-    x = pixels()
+    x = inputs_of(model)
     expected = image_outputs(pruned, x)
     loaded, info = AutoModel.from_pretrained(output, output_loading_info=True)
     assert type(loaded) is type(pruned)
@@ -224,14 +235,13 @@ def test_save_and_reload(model_kind: str, tmp_path: Path) -> None:
     assert_outputs_close(image_outputs(eager, x), expected, atol=1e-5)
     assert tower_of(loaded).vision.config.heads_per_layer == [len(layer.heads) for layer in plan]
 
-    if model_kind == "clip":
-        dense_text = model.text_model.state_dict()
-        loaded_text = loaded.text_model.state_dict()
-        assert type(loaded.text_model) is CLIPTextModel
-        assert dense_text.keys() == loaded_text.keys()
-        assert all(torch.equal(dense_text[key], loaded_text[key]) for key in dense_text)
-        assert torch.equal(loaded.text_projection.weight, model.text_projection.weight)
-        assert torch.equal(loaded.logit_scale, model.logit_scale)
+    if tower_of(model).has_text:
+        # The text tower, projections, logit scale (and SigLIP's bias) come back untouched.
+        dense_rest = {key: value for key, value in model.state_dict().items() if not key.startswith("vision_model.")}
+        loaded_rest = {key: value for key, value in loaded.state_dict().items() if not key.startswith("vision_model.")}
+        assert type(loaded.text_model) is type(model.text_model)
+        assert dense_rest.keys() == loaded_rest.keys() and "logit_scale" in dense_rest
+        assert all(torch.equal(dense_rest[key], loaded_rest[key]) for key in dense_rest)
 
 
 def test_save_refuses_a_non_empty_directory_unless_overwrite(tmp_path: Path) -> None:
@@ -293,25 +303,33 @@ def test_pruned_configs() -> None:
         PrunedCLIPVisionConfig(num_hidden_layers=1, neurons_per_layer=[4000])
 
 
-def test_pruned_model_from_config_is_initialised() -> None:
+@pytest.mark.parametrize("model_kind", ["vision", "siglip_vision", "siglip2_vision"])
+def test_pruned_model_from_config_is_initialised(model_kind: str) -> None:
+    dense = build(model_kind)
     plan = plan_from_masks(*masks("both_empty"))
-    config = ClipTower.pruned_config(vision_config(), [len(layer.heads) for layer in plan],
-                                     [len(layer.neurons) for layer in plan])
-    model = PrunedCLIPVisionModel(config)
+    tower = tower_of(dense)
+    config = tower.pruned_config(dense.config, [len(layer.heads) for layer in plan],
+                                 [len(layer.neurons) for layer in plan])
+    model = tower.pruned_classes[dense.config.model_type](config)
+    assert model_kind != "vision" or type(model) is PrunedCLIPVisionModel
     assert isinstance(model.encoder.layers[1].self_attn, ConstantAttention)
     assert torch.equal(model.encoder.layers[1].self_attn.out_proj.bias, torch.zeros(32))
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert torch.isfinite(model(pixel_values=pixels()).pooler_output).all()
+    assert torch.isfinite(model(**inputs_of(dense)).pooler_output).all()
 
 
 @pytest.mark.parametrize("mask_kind", ["binary", "both_empty", "no_heads"])
-def test_counted_macs_match_the_analytic_model(mask_kind: str) -> None:
-    model = build("clip")
+@pytest.mark.parametrize("model_kind", ["clip", *FAMILIES[2:]])
+def test_counted_macs_match_the_analytic_model(model_kind: str, mask_kind: str) -> None:
+    model = build(model_kind)
     head_mask, neuron_mask = masks(mask_kind)
     macs = count_encoder_macs(tower_of(model).vision.config)
+    assert macs.tokens == {"clip": 226, "siglip": 25, "siglip_vision": 25, "siglip2": 256}[model_kind]
     assert count_vision_macs(model) == macs.dense
     pruned = prune_model(model, head_mask, neuron_mask)
     assert count_vision_macs(pruned) == macs.of_masks(head_mask, neuron_mask)
+    if model_kind != "clip":  # below, the whole tower: SigLIP's pooling head adds its own attention and MLP
+        return
 
     # The whole tower adds only the patch embedding (the model's other MACs are layer norms, biases,
     # softmax, which the counter ignores): (T - 1) patches x D outputs x (C · p²) inputs.

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw, JpegImagePlugin
-from transformers import AutoImageProcessor
+from transformers import AutoImageProcessor, Siglip2ImageProcessor, SiglipImageProcessor
 
-from clip_prune.data.coco import ImageItems
+from clip_prune.data.coco import CaptionCollator, ImageItems
 from clip_prune.data.pixels import PixelLoader
+from clip_prune.data.tokenizer import build_word_tokenizer
 
 
 def _processors(model_dir):
@@ -85,3 +86,34 @@ def test_draft_can_be_turned_off(tiny_clip_dir, tmp_path) -> None:
     _photo((240, 180)).save(tmp_path / "photo.jpg", quality=90)
     exact = PixelLoader(fast, jpeg_draft=False)(tmp_path / "photo.jpg")
     torch.testing.assert_close(exact, _reference(fast, tmp_path / "photo.jpg"), rtol=0, atol=1e-6)
+
+
+def test_siglip_pixels_are_resized_to_the_square_without_a_crop(tmp_path) -> None:
+    """SigLIP's processor squashes the whole image to its size (no crop): the fast path does the same."""
+    processor = SiglipImageProcessor(size={"height": 30, "width": 30})
+    _photo((48, 30)).save(tmp_path / "wide.png")
+    loader = PixelLoader(processor)
+    assert loader.direct and loader.resize_target((48, 30)) == (30, 30)
+    torch.testing.assert_close(loader(tmp_path / "wide.png"), _reference(processor, tmp_path / "wide.png"),
+                               rtol=0, atol=1e-6)
+
+
+def test_siglip2_items_carry_the_processors_patches_mask_and_grid_and_stack(tmp_path) -> None:
+    processor = Siglip2ImageProcessor(patch_size=8, max_num_patches=16)
+    _photo((48, 24)).save(tmp_path / "wide.jpg", quality=90)
+    _photo((32, 32)).save(tmp_path / "square.png")
+    items = ImageItems([(tmp_path / "wide.jpg", "a wide one"), (tmp_path / "square.png", "a square one")], "caption",
+                       processor)
+    assert not items.load.direct
+    for index, name in enumerate(("wide.jpg", "square.png")):
+        with Image.open(tmp_path / name) as image:
+            expected = processor(images=image.convert("RGB"), return_tensors="pt")
+        item = items[index]
+        assert set(item) == {"pixel_values", "pixel_attention_mask", "spatial_shapes", "index", "caption"}
+        for key in ("pixel_values", "pixel_attention_mask", "spatial_shapes"):
+            torch.testing.assert_close(item[key], expected[key][0], rtol=0, atol=0)
+    assert items[0]["pixel_attention_mask"].sum() < 16 == items[1]["pixel_attention_mask"].sum()
+    batch = CaptionCollator(build_word_tokenizer(["a", "wide", "square", "one"], 8), 8, padding="max_length")(
+        [items[0], items[1]])
+    assert batch["pixel_values"].shape == (2, 16, 3 * 8 * 8) and batch["spatial_shapes"].shape == (2, 2)
+    assert batch["pixel_attention_mask"].shape == (2, 16) and batch["input_ids"].shape == (2, 8)

@@ -28,7 +28,7 @@ from clip_prune.core.latency import timed_call
 from clip_prune.core.macs import count_encoder_macs
 from clip_prune.core.metrics import retrieval_recall, zero_shot_accuracy
 from clip_prune.data.coco import ImageItems, RetrievalSplit, ZeroShotSplit, text_length_limit
-from clip_prune.towers import image_embeds, tower_of
+from clip_prune.towers import image_embeds, inputs_to, tower_of
 
 
 class Evaluator:
@@ -138,10 +138,10 @@ class Evaluator:
                        desc: str) -> tuple[torch.Tensor, torch.Tensor]:
         loader = DataLoader(images, batch_size=self.batch_size, num_workers=self.num_workers,
                             pin_memory=self.device.type == "cuda")
-        embeds, labels = [], []
+        embeds, labels, tower = [], [], tower_of(model)
         for batch in tqdm(loader, desc=desc, disable=not self.progress, leave=False):
-            pixels = batch["pixel_values"].to(self.device, dtype=model.dtype, non_blocking=True)
-            embeds.append(F.normalize(image_embeds(model, pixels).float(), dim=-1))
+            inputs = inputs_to(tower.vision_inputs(batch), self.device, model.dtype, non_blocking=True)
+            embeds.append(F.normalize(tower.image_embeds(inputs).float(), dim=-1))
             labels.append(batch["label"].to(self.device))
         return torch.cat(embeds), torch.cat(labels)
 
@@ -198,22 +198,22 @@ def time_encodings(dense: PreTrainedModel, pruned: PreTrainedModel, images: Imag
     loaders += [DataLoader(Subset(images, subset.tolist()), batch_size=batch_size, num_workers=num_workers)
                 for subset in subsets]
     jobs = [(dense, 0), (pruned, 0)] + [(dense, index + 1) for index in range(len(subsets))]
-    first = next(iter(loaders[0]))["pixel_values"].to(device)
+    first = next(iter(loaders[0]))
     for model in (dense, pruned):
         for _ in range(2):
-            image_embeds(model, first.to(model.dtype))
+            image_embeds(model, inputs_to(tower_of(model).vision_inputs(first), device, model.dtype))
     seconds = [0.0] * len(jobs)
     embeds: list[list[torch.Tensor]] = [[] for _ in subsets]
     steps = tqdm(zip_longest(*loaders), total=len(loaders[0]), desc="cascade: timing encoders",
                  disable=not progress, leave=False)
     for batches in steps:
-        work = [(job, model, batches[loader]["pixel_values"].to(device, dtype=model.dtype))
+        work = [(job, model, inputs_to(tower_of(model).vision_inputs(batches[loader]), device, model.dtype))
                 for job, (model, loader) in enumerate(jobs) if batches[loader] is not None]
         times: dict[int, list[float]] = {job: [] for job, _, _ in work}
         outputs: dict[int, torch.Tensor] = {}
         for _ in range(repeats):
-            for job, model, pixels in work:
-                elapsed, outputs[job] = timed_call(partial(image_embeds, model, pixels), pixels.device)
+            for job, model, inputs in work:
+                elapsed, outputs[job] = timed_call(partial(image_embeds, model, inputs), torch.device(device))
                 times[job].append(elapsed)
         for job in times:
             seconds[job] += statistics.median(times[job])

@@ -30,11 +30,16 @@ from clip_prune.core.sharing import read_processor
 from clip_prune.core.slicing import count_vision_macs, plan_from_masks
 from clip_prune.core.summary import format_summary
 from clip_prune.data.coco import available_cores
-from clip_prune.towers import image_embeds, tower_of
+from clip_prune.towers import VisionInputs, image_embeds, tower_of
 
 EQUIVALENCE_TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 """Largest accepted |masked − pruned| of image embeddings, relative to the largest |embedding| (at least 1),
 per dtype: slicing reorders sums, so the two agree to the dtype's rounding (float32 measured ≤ 1e-5)."""
+
+
+def as_inputs(inputs: torch.Tensor | VisionInputs) -> VisionInputs:
+    """A pixel batch as the tower's inputs (`{"pixel_values": pixels}`); the tower's inputs as they are."""
+    return {"pixel_values": inputs} if isinstance(inputs, torch.Tensor) else inputs
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -46,20 +51,22 @@ NOISY_SPREAD = 0.15
 
 
 @torch.inference_mode()
-def measure_latencies(models: list[nn.Module], pixels: torch.Tensor, repeats: int = 15) -> list[list[float]]:
-    """Seconds of each timed vision-tower forward pass over `pixels`, `repeats` per model.
+def measure_latencies(models: list[nn.Module], inputs: torch.Tensor | VisionInputs,
+                      repeats: int = 15) -> list[list[float]]:
+    """Seconds of each timed vision-tower pass over `inputs` (pixels or the tower's inputs), `repeats` per model.
 
     The models take turns within each repeat (after two warm-up passes each), so drifts of the
     machine's speed touch all of them alike.
     """
+    inputs = as_inputs(inputs)
     towers = [tower_of(model).vision for model in models]
     for tower in towers:
-        tower(pixel_values=pixels)
-        tower(pixel_values=pixels)
+        tower(**inputs)
+        tower(**inputs)
     timings: list[list[float]] = [[] for _ in towers]
     for _ in range(repeats):
         for tower, times in zip(towers, timings, strict=True):
-            times.append(timed_call(partial(tower, pixel_values=pixels), pixels.device)[0])
+            times.append(timed_call(partial(tower, **inputs), inputs["pixel_values"].device)[0])
     return timings
 
 
@@ -99,7 +106,7 @@ def summarise_latency(dense: list[float], pruned: list[float], load: float | Non
 
 @torch.no_grad()
 def masked_embeddings(model: PreTrainedModel, head_mask: torch.Tensor, neuron_mask: torch.Tensor,
-                      pixels: torch.Tensor) -> torch.Tensor:
+                      pixels: torch.Tensor | VisionInputs) -> torch.Tensor:
     """Image embeddings of the dense model under hook masks: the reference the pruned model must match."""
     masks = VisionMasks(model, head_mask, neuron_mask)
     try:
@@ -121,8 +128,9 @@ class PrunedModelSpec:
     """[L, F] neuron scales, 0 = pruned."""
     pretrained: str
     """Checkpoint whose image processor and tokenizer are saved alongside."""
-    pixels: torch.Tensor
-    """[B, 3, S, S] images on the model's device for the equivalence check and the latency."""
+    pixels: torch.Tensor | VisionInputs
+    """[B, 3, S, S] images on the model's device for the equivalence check and the latency, or the tower's inputs
+    (`VisionTower.input_names`: SigLIP2's patches, patch mask and grid)."""
     refit: RefitWeights | None = None
     """Refit columns of the kept units (`weights` reconstruction)."""
     latency_repeats: int = 15
@@ -162,7 +170,7 @@ def finish_run(run: RunDirectory, report: dict[str, Any], model: PrunedModelSpec
 
 
 def save_pruned_model(model: PreTrainedModel, head_mask: torch.Tensor, neuron_mask: torch.Tensor,
-                      directory: Path, pretrained: str, pixels: torch.Tensor, latency_repeats: int = 15,
+                      directory: Path, pretrained: str, pixels: torch.Tensor | VisionInputs, latency_repeats: int = 15,
                       refit: RefitWeights | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Slice `model` by the masks, check it against the masked model, save it to `directory`; return it and a report.
 
@@ -176,14 +184,17 @@ def save_pruned_model(model: PreTrainedModel, head_mask: torch.Tensor, neuron_ma
         directory: folder to write the Hugging Face files into (created if missing; not staged: callers write
             it inside a staged run directory).
         pretrained: checkpoint whose image processor and tokenizer are saved alongside.
-        pixels: [B, 3, S, S] images on the model's device for the equivalence check and latency.
+        pixels: [B, 3, S, S] images on the model's device for the equivalence check and latency, or the tower's
+            inputs (`VisionTower.input_names`: SigLIP2's patches, patch mask and grid).
         latency_repeats: timed forward passes per model.
         refit: refit columns of the kept units (`weights` reconstruction); None or empty for none.
     """
     head_mask, neuron_mask, refit = head_mask.float().cpu(), neuron_mask.float().cpu(), refit or {}
+    pixels = as_inputs(pixels)
+    device = pixels["pixel_values"].device
     pruned = prune_model(model, head_mask, neuron_mask, refit).eval()
     with refit_applied(model, head_mask, neuron_mask, refit):
-        reference = masked_embeddings(model, head_mask.to(pixels.device), neuron_mask.to(pixels.device), pixels)
+        reference = masked_embeddings(model, head_mask.to(device), neuron_mask.to(device), pixels)
     with torch.no_grad():
         difference = (image_embeds(pruned, pixels) - reference).abs().max().item()
     tolerance = EQUIVALENCE_TOLERANCE[reference.dtype] * max(1.0, reference.abs().max().item())
@@ -196,14 +207,15 @@ def save_pruned_model(model: PreTrainedModel, head_mask: torch.Tensor, neuron_ma
     write_pruned(pruned, directory, plan_from_masks(head_mask, neuron_mask), processor=read_processor(pretrained))
     return pruned, {
         "equivalence": {"max_abs_diff": difference, "tolerance": tolerance, "dtype": str(reference.dtype),
-                        "samples": len(pixels)},
+                        "samples": len(pixels["pixel_values"])},
         **measure_costs(model, pruned, head_mask, neuron_mask, pixels, latency_repeats),
     }
 
 
 def measure_costs(dense: nn.Module, pruned: nn.Module, head_mask: torch.Tensor, neuron_mask: torch.Tensor,
-                  pixels: torch.Tensor, latency_repeats: int) -> dict[str, Any]:
+                  pixels: torch.Tensor | VisionInputs, latency_repeats: int) -> dict[str, Any]:
     """Analytic and counted MACs, parameters and measured latency of the dense and pruned vision towers."""
+    pixels = as_inputs(pixels)
     macs = count_encoder_macs(tower_of(dense).vision.config)
     analytic = macs.of_masks(head_mask, neuron_mask)
     counted_dense, counted_pruned = count_vision_macs(dense), count_vision_macs(pruned)
@@ -218,5 +230,5 @@ def measure_costs(dense: nn.Module, pruned: nn.Module, head_mask: torch.Tensor, 
         "parameters": {"dense": parameters[0], "pruned": parameters[1], "ratio": parameters[1] / parameters[0],
                        "unit": "vision tower"},
         "latency_s": {**summarise_latency(dense_times, pruned_times, load, available_cores()),
-                      "batch": len(pixels), "device": str(pixels.device)},
+                      "batch": len(pixels["pixel_values"]), "device": str(pixels["pixel_values"].device)},
     }

@@ -135,6 +135,10 @@ def export_pruned_onnx(directory: str | Path, output: str | Path, batch_size: in
     """
     require_onnxruntime()
     model = load_pruned(directory, dtype=torch.float32).eval()
+    if tower_of(model).input_names != ("pixel_values",):
+        raise ValueError(f"{directory} holds a {tower_of(model).family} model, whose inputs "
+                         f"({', '.join(tower_of(model).input_names)}) the ONNX export does not take yet; it exports "
+                         "models that take pixel_values alone (CLIP, SigLIP)")
     image_size = tower_of(model).config.image_size
     pixels = synthetic_pixels(batch_size, image_size, AutoImageProcessor.from_pretrained(directory))
     output = Path(output)

@@ -2,7 +2,8 @@
 
 transformers loads a model whose config names code in `auto_map` from the directory itself when
 asked with `trust_remote_code=True` (the "custom models" mechanism of the Hub), so a pruned
-directory carries `clip_prune/hub`'s two files, copied verbatim, and loads without clip-prune.
+directory carries its family's two files from `clip_prune/hub` and the `pruned_layers.py` they share, copied
+verbatim, and loads without clip-prune.
 Where clip-prune is imported its registered classes win, and no remote code is needed.
 """
 
@@ -17,17 +18,19 @@ from typing import Any
 
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, PreTrainedModel
 
+from clip_prune.hub import pruned_layers
 from clip_prune.towers import tower_class, tower_of
 
 
 def remote_code_modules(model: PreTrainedModel) -> list[ModuleType]:
-    """The configuration and modeling modules of `model`'s pruned class: they import nothing from clip_prune."""
-    return [sys.modules[type(model).config_class.__module__], sys.modules[type(model).__module__]]
+    """The configuration and modeling modules of `model`'s pruned class, and the layers they share (imported
+    relatively): they import nothing from clip_prune."""
+    return [sys.modules[type(model).config_class.__module__], sys.modules[type(model).__module__], pruned_layers]
 
 
 def auto_map(model: PreTrainedModel) -> dict[str, str]:
     """config.json's `auto_map`: which class of the copied files each transformers auto class loads."""
-    configuration, modeling = (module.__name__.rpartition(".")[2] for module in remote_code_modules(model))
+    configuration, modeling = (module.__name__.rpartition(".")[2] for module in remote_code_modules(model)[:2])
     classes = {"AutoConfig": f"{configuration}.{type(model).config_class.__name__}",
                "AutoModel": f"{modeling}.{type(model).__name__}"}
     if tower_of(model).has_text:  # what pipeline("zero-shot-image-classification") loads, as for the dense model

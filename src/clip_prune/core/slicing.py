@@ -20,7 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from clip_prune.core.masks import mask_shapes
-from clip_prune.hub.modeling_clip_pruned import ConstantAttention, ConstantMLP
+from clip_prune.hub.pruned_layers import ConstantAttention, ConstantMLP
 from clip_prune.towers import tower_of
 
 
@@ -235,15 +235,15 @@ def count_vision_macs(model: nn.Module, image_size: int | None = None) -> int:
     Args:
         model: a model of a supported family, dense or pruned, with or without text tower.
         image_size: side of the square input image in pixels; the config's image_size if None
-            (another size interpolates the position embeddings).
+            (another size interpolates the position embeddings). SigLIP2 takes none: it counts the config's
+            `num_patches` patches.
     """
     tower = tower_of(model)
     vision, config = tower.vision, tower.config
-    size = config.image_size if image_size is None else image_size
-    resize = {"interpolate_pos_encoding": True} if size != config.image_size else {}
+    resize = {"interpolate_pos_encoding": True} if image_size not in (None, getattr(config, "image_size", None)) else {}
     counter = FlopCounterMode(display=False)
     with sdpa_kernel(SDPBackend.MATH), counter, torch.no_grad():
-        vision(**tower.example_inputs(1, size), **resize)
+        vision(**tower.example_inputs(1, image_size), **resize)
     # FlopCounterMode names modules after the root's class: "<Class>.encoder".
     counts = counter.get_flop_counts()
     encoder = f"{type(vision).__name__}.encoder"

@@ -103,6 +103,9 @@ def load_pixels(path: Path, image_processor: Any) -> torch.Tensor:
 class ImageItems(Dataset):
     """Image files, each with one extra field: `{"pixel_values": [3, S, S], "index": i, field: value}`.
 
+    The model inputs are what the image processor makes of the image: SigLIP2's also carry `pixel_attention_mask`
+    [N] and `spatial_shapes` [2], its `pixel_values` being [N, C·p·p] patches.
+
     Index `PADDING` (−1) is a DDP padding item (`clip_prune.data.sampling`): a copy of the last item with index −1.
 
     The calibration pairs carry their `caption`; the evaluation images their `label` (the image
@@ -120,7 +123,7 @@ class ImageItems(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         path, value = self.items[-1 if index == PADDING else index]
-        return {"pixel_values": self.load(path), "index": index, self.field: value}
+        return {**self.load.inputs(path), "index": index, self.field: value}
 
 
 @dataclass(frozen=True)
@@ -143,21 +146,27 @@ class ZeroShotSplit:
 
 
 class CaptionCollator:
-    """Stacks images and tokenizes captions, padded to the longest in the batch (images only without a tokenizer)."""
+    """Stacks the image inputs and tokenizes captions, padded as the text tower wants (images only without a tokenizer).
 
-    def __init__(self, tokenizer: Any | None, max_length: int) -> None:
+    Args:
+        tokenizer: the checkpoint's tokenizer, or None.
+        max_length: the longest caption in tokens (longer ones are truncated).
+        padding: `longest` (in the batch; CLIP) or `max_length` (SigLIP's text tower pools the last position).
+    """
+
+    def __init__(self, tokenizer: Any | None, max_length: int, padding: str = "longest") -> None:
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.padding = padding
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = {
-            # default_collate stacks straight into shared memory inside a worker: no extra copy of the batch
-            "pixel_values": default_collate([item["pixel_values"] for item in items]),
-            "index": torch.tensor([item["index"] for item in items]),
-        }
+        images = [name for name, value in items[0].items() if isinstance(value, torch.Tensor)]
+        # default_collate stacks straight into shared memory inside a worker: no extra copy of the batch
+        batch = {name: default_collate([item[name] for item in items]) for name in images}
+        batch["index"] = torch.tensor([item["index"] for item in items])
         if self.tokenizer is not None:
             text = self.tokenizer(
-                [item["caption"] for item in items], padding="longest", truncation=True,
+                [item["caption"] for item in items], padding=self.padding, truncation=True,
                 max_length=self.max_length, return_tensors="pt",
             )
             batch |= {"input_ids": text["input_ids"], "attention_mask": text["attention_mask"]}

@@ -5,7 +5,8 @@ argument handling per call on a 640×480 JPEG, against 2.4 ms to decode it). `Pi
 the processor's resize, crop and normalisation directly, and asks libjpeg to decode a JPEG at
 1/2, 1/4 or 1/8 scale (`PIL.Image.draft`) when the processor's resize target is that much smaller:
 the decoder then skips most of the inverse DCT work, and the resize that follows shrinks by less
-than 2×. Processors it does not know step by step (the PIL backend, padding) are called as usual.
+than 2×. Processors it does not know step by step (the PIL backend, padding, SigLIP2's patchifying processor,
+whose outputs include more than `pixel_values`) are called as usual.
 """
 
 from __future__ import annotations
@@ -38,19 +39,28 @@ class PixelLoader:
     def __init__(self, image_processor: Any, jpeg_draft: bool = True) -> None:
         self.processor = image_processor
         self.jpeg_draft = jpeg_draft
-        self.direct = isinstance(image_processor, TorchvisionBackend) and not getattr(image_processor, "do_pad", False)
+        self.input_names = tuple(getattr(image_processor, "model_input_names", None) or ("pixel_values",))
+        self.resizes_to_size = self.input_names == ("pixel_values",)  # SigLIP2's resize follows its patch budget
+        self.direct = (isinstance(image_processor, TorchvisionBackend) and not getattr(image_processor, "do_pad", False)
+                       and self.resizes_to_size)
 
     def __call__(self, path: str | Path) -> torch.Tensor:
+        """The image's pixel values (for SigLIP2 its patches [N, C·p·p])."""
+        return self.inputs(path)["pixel_values"]
+
+    def inputs(self, path: str | Path) -> dict[str, torch.Tensor]:
+        """Every model input the processor makes of one image (for SigLIP2 also its patch mask and grid), unbatched."""
         with Image.open(path) as image:
-            target = self.resize_target(image.size)
+            target = self.resize_target(image.size) if self.resizes_to_size else None
             if self.jpeg_draft and image.format == "JPEG" and target is not None:
                 image.draft("RGB", target)  # keeps at least `target`: the resize below only shrinks
             image.load()  # decoding first, then converting only when needed, saves a copy (1.3 ms at 320x240)
             rgb = image if image.mode == "RGB" else to_rgb(image)
             if not self.direct:
-                return self.processor(images=rgb, return_tensors="pt")["pixel_values"][0]
+                processed = self.processor(images=rgb, return_tensors="pt")
+                return {name: processed[name][0] for name in self.input_names if name in processed}
             pixels = torch.from_numpy(np.array(rgb)).permute(2, 0, 1)
-        return self.process(pixels, target)
+        return {"pixel_values": self.process(pixels, target)}
 
     def process(self, pixels: torch.Tensor, target: tuple[int, int] | None) -> torch.Tensor:
         """Resize to `target` (width, height; None: the processor's size), crop, rescale and normalise [3, h, w] uint8.

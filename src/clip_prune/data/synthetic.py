@@ -130,9 +130,16 @@ def synthetic_pixels(count: int, image_size: int, processor: Any, seed: int = 0)
     Identical for a seed, for checks that need some images but no data set (`clip-prune apply`
     without `--data.root`).
     """
+    return synthetic_inputs(count, image_size, processor, seed)["pixel_values"]
+
+
+def synthetic_inputs(count: int, image_size: int, processor: Any, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Every model input `processor` makes of `synthetic_pixels`' scenes (SigLIP2's patch mask and grid too)."""
     rng = np.random.default_rng(seed)
     images = [_draw_scene(_sample_scene(rng), image_size, rng) for _ in range(count)]
-    return processor(images=images, return_tensors="pt")["pixel_values"]
+    processed = processor(images=images, return_tensors="pt")
+    names = getattr(processor, "model_input_names", None) or ["pixel_values"]
+    return {name: processed[name] for name in names if name in processed}
 
 
 def _article(phrase: str) -> str:

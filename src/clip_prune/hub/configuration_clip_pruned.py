@@ -3,14 +3,14 @@
 Part of the remote code of a pruned directory (see `clip_prune/hub/__init__.py`): imports no clip_prune.
 """
 
-from typing import Any
-
 from huggingface_hub.dataclasses import strict
 from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
+from .pruned_layers import PrunedFullConfig, PrunedWidths
+
 
 @strict
-class PrunedCLIPVisionConfig(CLIPVisionConfig):
+class PrunedCLIPVisionConfig(PrunedWidths, CLIPVisionConfig):
     r"""
     Configuration of a CLIP vision tower whose encoder layers keep their own numbers of heads and neurons.
 
@@ -30,27 +30,9 @@ class PrunedCLIPVisionConfig(CLIPVisionConfig):
     heads_per_layer: list[int] | None = None
     neurons_per_layer: list[int] | None = None
 
-    def __post_init__(self, **kwargs: Any) -> None:
-        if self.heads_per_layer is None:
-            self.heads_per_layer = [self.num_attention_heads] * self.num_hidden_layers
-        if self.neurons_per_layer is None:
-            self.neurons_per_layer = [self.intermediate_size] * self.num_hidden_layers
-        super().__post_init__(**kwargs)
-
-    def validate_widths(self) -> None:
-        """Part of `@strict` validation: one width per layer, each within the dense size."""
-        for name, widths, dense in (("heads_per_layer", self.heads_per_layer, self.num_attention_heads),
-                                    ("neurons_per_layer", self.neurons_per_layer, self.intermediate_size)):
-            if len(widths) != self.num_hidden_layers:
-                raise ValueError(
-                    f"{name} has {len(widths)} entries but num_hidden_layers is {self.num_hidden_layers}"
-                )
-            if not all(0 <= width <= dense for width in widths):
-                raise ValueError(f"{name} must lie in [0, {dense}], got {widths}")
-
 
 @strict
-class PrunedCLIPConfig(CLIPConfig):
+class PrunedCLIPConfig(PrunedFullConfig, CLIPConfig):
     r"""
     Configuration of a CLIP model whose vision tower is pruned: a [`CLIPConfig`] with a pruned vision config.
 
@@ -69,11 +51,3 @@ class PrunedCLIPConfig(CLIPConfig):
 
     model_type = "clip_pruned"
     sub_configs_defaults = {"vision_config": PrunedCLIPVisionConfig, "text_config": CLIPTextConfig}
-
-    def validate_pruned_vision(self) -> None:
-        """Part of `@strict` validation: the vision config must record the per-layer widths."""
-        if not isinstance(self.vision_config, PrunedCLIPVisionConfig):
-            raise TypeError(
-                "vision_config must be a PrunedCLIPVisionConfig (or a dict), got "
-                f"{type(self.vision_config).__name__}; build it with clip_prune's config_from_plan"
-            )

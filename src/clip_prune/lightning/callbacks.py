@@ -39,6 +39,7 @@ from clip_prune.lightning.tensorboard import (
     log_search_curve,
     log_sensitivity_round,
 )
+from clip_prune.towers import VisionInputs, inputs_to
 
 
 def on_rank_zero(trainer: L.Trainer, work: Callable[[], None]) -> None:
@@ -239,12 +240,13 @@ class PruningCallback(L.Callback):
 
     def _model_to_save(self, trainer: L.Trainer, pl_module: MaskedCLIPModule) -> PrunedModelSpec:
         """The dense model (its masks removed: the reference of verification and evaluation) and the final masks,
-        to be saved into OUTPUT_DIR/pruned and checked on calibration images."""
-        pixels = next(iter(trainer.val_dataloaders))["pixel_values"][:8].to(pl_module.device)
+        to be saved into OUTPUT_DIR/pruned and checked on calibration images (the tower's inputs)."""
+        batch = pl_module.tower.vision_inputs(next(iter(trainer.val_dataloaders)))
+        inputs = inputs_to({name: value[:8] for name, value in batch.items()}, pl_module.device)
         pl_module.masks.remove()
         last = self.steps[-1]
         return PrunedModelSpec(pl_module.model, last.head_mask, last.neuron_mask, pl_module.hparams.pretrained,
-                               pixels, refit=last.refit)
+                               inputs, refit=last.refit)
 
     def _evaluate(self, trainer: L.Trainer, pl_module: MaskedCLIPModule, pruned: Any) -> dict[str, Any]:
         """Retrieval / zero-shot metrics of the dense and the pruned model (caption embeddings computed once)."""
@@ -253,14 +255,14 @@ class PruningCallback(L.Callback):
         log_metrics(trainer, metrics)
         return metrics
 
-    def _calibration_batches(self, trainer: L.Trainer, pl_module: MaskedCLIPModule) -> list[torch.Tensor]:
+    def _calibration_batches(self, trainer: L.Trainer, pl_module: MaskedCLIPModule) -> list[VisionInputs]:
         """This rank's share of `reconstruct_samples` calibration images, on the model's device (read once: every
         step reconstructs on the same images)."""
         if self._reconstruction_batches is None:
             self._reconstruction_batches = self._read_calibration_batches(trainer, pl_module)
         return self._reconstruction_batches
 
-    def _read_calibration_batches(self, trainer: L.Trainer, pl_module: MaskedCLIPModule) -> list[torch.Tensor]:
+    def _read_calibration_batches(self, trainer: L.Trainer, pl_module: MaskedCLIPModule) -> list[VisionInputs]:
         if self.options.reconstruct == "none":
             return []
         per_rank = math.ceil(self.options.reconstruct_samples / trainer.world_size)
@@ -268,9 +270,11 @@ class PruningCallback(L.Callback):
         for batch in trainer.val_dataloaders:
             if seen >= per_rank:
                 break
-            pixels = batch["pixel_values"][batch["index"] != PADDING][: per_rank - seen]  # DDP padding: not data
-            batches.append(pixels.to(pl_module.device))
-            seen += len(pixels)
+            real = batch["index"] != PADDING  # DDP padding: not data
+            inputs = {name: value[real][: per_rank - seen]
+                      for name, value in pl_module.tower.vision_inputs(batch).items()}
+            batches.append(inputs_to(inputs, pl_module.device))
+            seen += len(inputs["pixel_values"])
         return batches
 
     def _add_time(self, stage: str, seconds: float) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
-from transformers import AutoImageProcessor, AutoTokenizer
+from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
 from clip_prune.core.evaluation import Evaluator
 from clip_prune.data.coco import (
@@ -30,6 +30,7 @@ from clip_prune.data.coco import (
     text_length_limit,
 )
 from clip_prune.data.sampling import GlobalBatchSampler
+from clip_prune.towers import tower_class
 
 
 class CocoDataModule(L.LightningDataModule):
@@ -128,10 +129,13 @@ class CocoDataModule(L.LightningDataModule):
         self.calibration_digest = content.hexdigest()
         return ImageItems(pairs, "caption", self.image_processor())
 
-    def sample_pixels(self, count: int) -> torch.Tensor:
-        """Up to `count` processed calibration images [B, 3, S, S], without reading the whole sample."""
+    def sample_inputs(self, count: int) -> dict[str, torch.Tensor]:
+        """Up to `count` processed calibration images (`pixel_values` [B, 3, S, S], and SigLIP2's patch mask and
+        grid), without reading the whole sample."""
         pairs = self.calibration if self.calibration is not None else self._calibration_pairs(count)
-        return torch.stack([pairs[i]["pixel_values"] for i in range(min(count, len(pairs)))])
+        items = [pairs[i] for i in range(min(count, len(pairs)))]
+        return {name: torch.stack([item[name] for item in items]) for name, value in items[0].items()
+                if isinstance(value, torch.Tensor)}
 
     def val_dataloader(self) -> DataLoader:
         """Calibration batches; under DDP step k of every rank holds its share of the same W·B samples
@@ -234,6 +238,8 @@ class CocoDataModule(L.LightningDataModule):
                          self.num_workers, device, progress)
 
     def collator(self) -> CaptionCollator:
-        """Tokenizes captions with the checkpoint's tokenizer, truncated at its text length limit."""
+        """Tokenizes captions with the checkpoint's tokenizer, truncated at its text length limit and padded as the
+        family's text tower wants."""
         tokenizer = self.tokenizer()
-        return CaptionCollator(tokenizer, text_length_limit(tokenizer) if tokenizer is not None else 0)
+        padding = tower_class(AutoConfig.from_pretrained(self.hparams.pretrained)).text_padding
+        return CaptionCollator(tokenizer, text_length_limit(tokenizer) if tokenizer is not None else 0, padding)

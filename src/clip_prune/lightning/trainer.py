@@ -27,13 +27,13 @@ from clip_prune.core.pipeline import PruningOptions
 from clip_prune.core.refit import REFIT_FILE, load_refit
 from clip_prune.core.saving import load_pruned, read_masks
 from clip_prune.core.summary import format_summary
-from clip_prune.data.synthetic import synthetic_pixels, write_synthetic_coco
+from clip_prune.data.synthetic import synthetic_inputs, write_synthetic_coco
 from clip_prune.lightning.callbacks import PruningCallback, SensitivityCallback
 from clip_prune.lightning.console import name_validation_bar
 from clip_prune.lightning.data import CocoDataModule
 from clip_prune.lightning.module import MaskedCLIPModule
 from clip_prune.lightning.resume import find_reusable_statistics, statistics_provenance
-from clip_prune.towers import tower_of
+from clip_prune.towers import inputs_to, tower_of
 
 
 def check_same_origin(pruned: Any, dense: Any, path: str) -> Any:
@@ -61,11 +61,14 @@ def resolve_pruned(path: str) -> str:
     return str(inner) if not (Path(path) / "config.json").exists() and (inner / "config.json").is_file() else path
 
 
-def verification_pixels(datamodule: CocoDataModule, image_size: int, count: int = 8) -> tuple[torch.Tensor, str]:
-    """Images to check the pruned model on: calibration images, or synthetic ones without --data.root."""
+def verification_inputs(datamodule: CocoDataModule, image_size: int | None,
+                        count: int = 8) -> tuple[dict[str, torch.Tensor], str]:
+    """Images to check the pruned model on (the tower's inputs): calibration images, or synthetic ones without
+    --data.root, drawn at `image_size` px (64 where the family has no input size: SigLIP2 resizes to its patches)."""
     if datamodule.hparams.root is not None:
-        return datamodule.sample_pixels(count), "calibration images"
-    return synthetic_pixels(count, image_size, datamodule.image_processor()), "synthetic images (no --data.root)"
+        return datamodule.sample_inputs(count), "calibration images"
+    inputs = synthetic_inputs(count, image_size or 64, datamodule.image_processor())
+    return inputs, "synthetic images (no --data.root)"
 
 
 def check_refit_present(refit_file: Path) -> None:
@@ -187,7 +190,7 @@ class ClipPruneTrainer(L.Trainer):
         dense = model.model.to(device)
         model.masks.remove()
         with run.writing():
-            pixels, verified_on = verification_pixels(datamodule, model.vision_config.image_size)
+            inputs, verified_on = verification_inputs(datamodule, getattr(model.vision_config, "image_size", None))
             save_resolved_config(self, run)
             evaluate = None
             if datamodule.has_evaluation_data():
@@ -195,8 +198,9 @@ class ClipPruneTrainer(L.Trainer):
                 evaluate = partial(evaluator.compare, dense, cascade_top_m=cascade_top_m)
             summary = finish_run(
                 run, {"model": model.hparams.pretrained, "masks": str(masks), "verified_on": verified_on},
-                PrunedModelSpec(dense, head_mask, neuron_mask, model.hparams.pretrained, pixels.to(device), refit,
-                                latency_repeats, folder=""),
+                PrunedModelSpec(dense, head_mask, neuron_mask, model.hparams.pretrained,
+                                inputs_to(model.tower.vision_inputs(inputs), device), refit, latency_repeats,
+                                folder=""),
                 evaluate)
         print(summary)
 

@@ -12,10 +12,12 @@ import torch
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
-from clip_prune.towers.base import VisionInputs, VisionTower
+from clip_prune.towers.base import VisionInputs, VisionTower, inputs_to
 from clip_prune.towers.clip import ClipTower
+from clip_prune.towers.siglip import SiglipTower
+from clip_prune.towers.siglip2 import Siglip2Tower
 
-FAMILIES: tuple[type[VisionTower], ...] = (ClipTower,)
+FAMILIES: tuple[type[VisionTower], ...] = (ClipTower, SiglipTower, Siglip2Tower)
 
 
 def supported_model_types() -> list[str]:
@@ -68,5 +70,5 @@ def load_model(pretrained: str, attn_implementation: str = "sdpa") -> PreTrained
     return family.model_classes[config.model_type].from_pretrained(pretrained, attn_implementation=attn_implementation)
 
 
-__all__ = ["FAMILIES", "VisionInputs", "VisionTower", "image_embeds", "load_model", "supported_model_types",
-           "tower_class", "tower_of"]
+__all__ = ["FAMILIES", "VisionInputs", "VisionTower", "image_embeds", "inputs_to", "load_model",
+           "supported_model_types", "tower_class", "tower_of"]

@@ -21,6 +21,14 @@ VisionInputs = Mapping[str, torch.Tensor]
 """What a vision tower takes: `pixel_values`, and for SigLIP2 its attention mask and spatial shapes."""
 
 
+def inputs_to(inputs: VisionInputs, device: torch.device | str, dtype: torch.dtype | None = None,
+              non_blocking: bool = False) -> dict[str, torch.Tensor]:
+    """`inputs` on `device`, the floating-point ones (the pixels) in `dtype` if given (masks and shapes keep theirs)."""
+    return {name: value.to(device, dtype=dtype if dtype is not None and value.is_floating_point() else None,
+                           non_blocking=non_blocking)
+            for name, value in inputs.items()}
+
+
 class VisionTower:
     """One family's vision tower inside a loaded model: a full image-text model or its vision model alone.
 
@@ -38,9 +46,9 @@ class VisionTower:
     processor_class: ClassVar[type]
     """The transformers processor that joins the family's image processor and tokenizer."""
     input_names: ClassVar[tuple[str, ...]] = ("pixel_values",)
+    """Batch keys the vision tower takes (the data path produces them)."""
     text_padding: ClassVar[str] = "longest"
     """How captions are padded for the text tower (SigLIP was trained on `max_length` padding)."""
-    """Batch keys the vision tower takes (the data path produces them)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
