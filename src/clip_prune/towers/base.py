@@ -83,7 +83,7 @@ class VisionTower:
         return {name: batch[name] for name in self.input_names if name in batch}
 
     def example_inputs(self, batch_size: int, image_size: int | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
-        """Random inputs of the tower's shape on its device and in its dtype (for counting, timing, export)."""
+        """Random inputs of the tower's shape on its device and in its dtype (for counting, timing, ONNX export)."""
         config = self.config
         size = config.image_size if image_size is None else image_size
         parameter = next(self.vision.parameters())
