@@ -140,24 +140,30 @@ def flop_masks_at_latency(scores: tuple[torch.Tensor, torch.Tensor], macs, table
 
 
 def latency_budget_rows(args: argparse.Namespace, config: CLIPVisionConfig) -> tuple[dict, dict]:
-    """Masks of the latency-budget rows, and what each row reports beside its timing."""
-    table, cached = cached_latency_table(config, args.batch_size, torch.device(args.device), DTYPES[args.dtype][0],
-                                         attn_implementation=args.attn)
-    print(f"latency table {'read from the cache' if cached else 'measured'}: {table.key['device']}; dense "
-          f"{table.dense_s:.3f} s, empty tower {table.fixed_s:.3f} s, layer scale {table.scale:.2f}; "
-          f"attention fit {table.attention_fit}; MLP fit {table.mlp_fit}")
+    """Masks of the latency-budget rows, and what each row reports beside its timing.
+
+    The `--multiple-of` rows use a table timed at the widths they may choose (multiples, as the CLI does)."""
+    tables = {}
+    for multiple in [1] + ([args.multiple_of] if args.multiple_of else []):
+        table, cached = cached_latency_table(config, args.batch_size, torch.device(args.device),
+                                             DTYPES[args.dtype][0], attn_implementation=args.attn,
+                                             multiple_of=multiple)
+        print(f"latency table (widths at multiples of {multiple}) {'read from the cache' if cached else 'measured'}: "
+              f"{table.key['device']}; dense {table.dense_s:.3f} s, empty tower {table.fixed_s:.3f} s, layer scale "
+              f"{table.scale:.2f}; attention fit {table.attention_fit}; MLP fit {table.mlp_fit}")
+        tables[multiple] = table
     scores = synthetic_scores(config, args.seed)
     macs = count_encoder_macs(config)
     head_dim = config.hidden_size // config.num_attention_heads
     masks, notes = {}, {}
     for constraint in args.latency_constraints:
-        for multiple in [1] + ([args.multiple_of] if args.multiple_of else []):
+        for multiple, table in tables.items():
             result = search_layer_latency(*scores, table, constraint, head_dim, multiple)
             name = "latency" if multiple == 1 else f"lat x{multiple}"
             masks[(name, constraint)] = (result.head_mask, result.neuron_mask)
             notes[(name, constraint)] = (result.objective, (table.fixed_s + result.cost) / table.dense_latency)
             if multiple == 1:
-                head_mask, neuron_mask, objective, flops = flop_masks_at_latency(
+                head_mask, neuron_mask, objective, _ = flop_masks_at_latency(
                     scores, macs, table, table.fixed_s + result.cost)
                 masks[("macs@lat", constraint)] = (head_mask, neuron_mask)
                 widths = (head_mask.sum(1).long().tolist(), neuron_mask.sum(1).long().tolist())

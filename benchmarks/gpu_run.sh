@@ -12,6 +12,7 @@
 # Each step's output goes to $OUT/<step>.log as it is printed (tee), so a step stopped by the time limit
 # still leaves its log. Cheapest steps first: versions, latency table (about a minute), bench_scale at
 # 1024 images (writes the JPEGs and the model), then at 8192 (same cache: only the new images are written).
+# STEPS="versions latency scale8k" runs some of the steps (gputests: tests/test_gpu.py, not in the default).
 set -u -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XDG_CACHE_HOME=${XDG_CACHE_HOME:-/tmp/xdg}  # a fresh latency-table cache on a bare machine
@@ -19,11 +20,13 @@ OUT=${OUT:-gpu_logs}
 PYTHON=${PYTHON:-python3}
 CACHE=${CACHE:-/tmp/bs}
 mkdir -p "$OUT"
+STEPS=${STEPS:-"versions latency scale1k scale8k"}
 failed=0
 
-step() {  # step NAME COMMAND...: run COMMAND, its output to the screen and $OUT/NAME.log
+step() {  # step NAME COMMAND...: run COMMAND, its output to the screen and $OUT/NAME.log (if NAME is in STEPS)
     local name=$1 start=$SECONDS rc
     shift
+    case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
     echo "== $name ($(date +%T)): $*" | tee "$OUT/$name.log"
     "$@" 2>&1 | tee -a "$OUT/$name.log"
     rc=$?
@@ -42,6 +45,7 @@ huggingface_hub, lightning, jsonargparse; print(sys.version); print(\"torch\", t
 torch.cuda.get_device_name(), \"transformers\", transformers.__version__, \"tokenizers\", tokenizers.__version__, \
 \"huggingface_hub\", huggingface_hub.__version__, \"lightning\", lightning.__version__, \"jsonargparse\", \
 jsonargparse.__version__)'"
+step gputests "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_gpu.py
 step latency "$PYTHON" benchmarks/bench_latency.py --device cuda --dtype bfloat16 --batch-size 128 \
     --constraints 0.5 0.75 --latency-constraints 0.75 0.5 --multiple-of 64 --runs 10 --warmup 3
 step scale1k "$PYTHON" benchmarks/bench_scale.py --samples 1024 --batch-size 128 --workers 14 \

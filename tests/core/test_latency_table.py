@@ -11,9 +11,11 @@ from clip_prune.core.latency import (
     PiecewiseLinear,
     cached_latency_table,
     fit_piecewise_linear,
+    neuron_grid,
     read_table,
     write_table,
 )
+from clip_prune.core.pipeline import GPU_WIDTH_MULTIPLE, PruningOptions
 from clip_prune.core.search import search_layer_latency
 
 
@@ -92,3 +94,22 @@ def test_layer_costs_are_scaled_to_the_measured_tower() -> None:
     with pytest.raises(ValueError, match="too busy for a latency table"):
         LatencyTable(key={}, num_layers=3, head_counts=base.head_counts, attention_s=base.attention_s,
                      neuron_counts=base.neuron_counts, mlp_s=base.mlp_s, dense_s=1.0, empty_s=1.0)
+
+
+def test_an_aligned_grid_times_only_widths_the_search_can_choose() -> None:
+    assert neuron_grid(37, 16) == sorted({0, *torch.linspace(1, 37, 16).round().long().tolist()})
+    grid = neuron_grid(3072, 16, multiple_of=64)
+    assert grid[0] == 0 and grid[-1] == 3072 and len(grid) == 17
+    assert all(count % 64 == 0 for count in grid)
+    assert neuron_grid(100, 4, multiple_of=64) == [0, 64, 100]  # F itself is always a choice
+
+
+def test_width_multiple_defaults_to_64_on_a_gpu_only() -> None:
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert PruningOptions().widths_multiple(cuda, 3072) == GPU_WIDTH_MULTIPLE == 64
+    assert PruningOptions().widths_multiple(cuda, 512) == 1  # a small model keeps its choice of widths
+    assert PruningOptions().widths_multiple(cpu, 3072) == 1
+    assert PruningOptions(multiple_of=8).widths_multiple(cuda, 3072) == 8
+    assert PruningOptions(multiple_of=1).widths_multiple(cuda, 3072) == 1
+    with pytest.raises(ValueError, match="multiple_of must be >= 1"):
+        PruningOptions(multiple_of=0)

@@ -223,15 +223,19 @@ def _tower(config: PretrainedConfig, heads: list[int], neurons: list[int], devic
     return model.to(device).eval()
 
 
-def neuron_grid(num_neurons: int, points: int) -> list[int]:
-    """0 and `points` counts spread evenly over 1..F, F included."""
-    return sorted({0, *torch.linspace(1, num_neurons, points).round().long().tolist()})
+def neuron_grid(num_neurons: int, points: int, multiple_of: int = 1) -> list[int]:
+    """0 and about `points` counts spread evenly over 1..F, F included; with `multiple_of`, only counts the width
+    search can choose (multiples of it, and F), so that the fit sees the speed of aligned matmuls."""
+    if multiple_of == 1:
+        return sorted({0, *torch.linspace(1, num_neurons, points).round().long().tolist()})
+    steps = torch.linspace(1, num_neurons // multiple_of, points).round().long()
+    return sorted({0, num_neurons, *(steps * multiple_of).tolist()})
 
 
 @torch.inference_mode()
 def measure_latency_table(config: PretrainedConfig, batch_size: int, device: torch.device | str = "cpu",
                           dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa", warmup: int = 2,
-                          repeats: int = 5, mlp_points: int = 16) -> LatencyTable:
+                          repeats: int = 5, mlp_points: int = 16, multiple_of: int = 1) -> LatencyTable:
     """Time one encoder layer's attention at 0..H heads and MLP at `mlp_points` neuron counts, and the dense tower.
 
     Args:
@@ -243,12 +247,13 @@ def measure_latency_table(config: PretrainedConfig, batch_size: int, device: tor
         warmup: untimed calls per width first.
         repeats: timed calls per width (the median is kept).
         mlp_points: neuron counts timed between 1 and F.
+        multiple_of: time only neuron counts at multiples of it (and F), the widths the search may choose.
     """
     device = torch.device(device)
     layers, heads, neurons = config.num_hidden_layers, config.num_attention_heads, config.intermediate_size
     tokens = tower_class(config).num_tokens(config)
     hidden = torch.randn(batch_size, tokens, config.hidden_size, device=device, dtype=dtype)
-    head_counts, neuron_counts = list(range(heads + 1)), neuron_grid(neurons, mlp_points)
+    head_counts, neuron_counts = list(range(heads + 1)), neuron_grid(neurons, mlp_points, multiple_of)
     attentions = [_tower(config, [h], [neurons], device, dtype, attn_implementation).encoder.layers[0].self_attn
                   for h in head_counts]
     mlps = [_tower(config, [heads], [n], device, dtype, attn_implementation).encoder.layers[0].mlp
@@ -290,7 +295,7 @@ def cached_latency_table(config: PretrainedConfig, batch_size: int, device: torc
                          cache_dir: Path | None = None, **measure: int) -> tuple[LatencyTable, bool]:
     """The cached table for this device and model shape, or a new measurement (then cached); and whether cached.
 
-    `measure` goes to `measure_latency_table` (warmup, repeats, mlp_points).
+    `measure` goes to `measure_latency_table` (warmup, repeats, mlp_points, multiple_of).
     """
     device = torch.device(device)
     key = table_key(config, batch_size, device, dtype, attn_implementation)

@@ -158,11 +158,11 @@ class PruningCallback(L.Callback):
         """One pruning step on `stats`; logs its masks."""
         index = len(self.steps)
         previous = self.steps[-1] if self.steps else None
-        if index == 0 and (self.constraint_type == "latency" or self.options.multiple_of > 1):
+        multiple = self.options.widths_multiple(pl_module.device, pl_module.vision_config.intermediate_size)
+        if index == 0 and (self.constraint_type == "latency" or multiple > 1):
             config = pl_module.vision_config
-            table = self._latency_table(trainer, pl_module) if self.constraint_type == "latency" else None
-            self.widths = WidthBudget(config.hidden_size // config.num_attention_heads, self.options.multiple_of,
-                                      table)
+            table = self._latency_table(trainer, pl_module, multiple) if self.constraint_type == "latency" else None
+            self.widths = WidthBudget(config.hidden_size // config.num_attention_heads, multiple, table)
         result = prune_step(
             pl_module.model, stats, count_encoder_macs(pl_module.vision_config), self.constraints[index],
             self.options, self._calibration_batches(trainer, pl_module),
@@ -215,7 +215,8 @@ class PruningCallback(L.Callback):
 
     def _budget_report(self, last: StepResult) -> dict[str, Any]:
         """The report's constraint type and, under a latency budget, the table's latency of the final masks."""
-        report: dict[str, Any] = {"constraint_type": self.constraint_type, "multiple_of": self.options.multiple_of}
+        multiple = 1 if self.widths is None else self.widths.multiple_of
+        report: dict[str, Any] = {"constraint_type": self.constraint_type, "multiple_of": multiple}
         table = None if self.widths is None else self.widths.latency
         if table is not None:
             predicted = table.latency_of((last.head_mask != 0).sum(1).tolist(), (last.neuron_mask != 0).sum(1).tolist())
@@ -224,7 +225,7 @@ class PruningCallback(L.Callback):
                                  "predicted_s": predicted, "predicted_ratio": predicted / table.dense_latency}
         return report
 
-    def _latency_table(self, trainer: L.Trainer, pl_module: MaskedCLIPModule) -> LatencyTable:
+    def _latency_table(self, trainer: L.Trainer, pl_module: MaskedCLIPModule, multiple_of: int) -> LatencyTable:
         """The run's latency table: measured (or read from the cache) on rank zero, saved in the run, shared."""
         table = None
         if trainer.is_global_zero:
@@ -232,7 +233,7 @@ class PruningCallback(L.Callback):
             batch_size = datamodule.hparams.batch_size if datamodule is not None else 8
             table, cached = cached_latency_table(
                 pl_module.vision_config, batch_size, pl_module.device, next(pl_module.model.parameters()).dtype,
-                pl_module.model.config._attn_implementation)
+                pl_module.model.config._attn_implementation, multiple_of=multiple_of)
             print(f"clip-prune: latency table {'read from the cache' if cached else 'measured'} "
                   f"({table.key['device']}, batch {batch_size})")
             write_table(table, self.run.file("latency_table.json"))
