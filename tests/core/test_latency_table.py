@@ -15,7 +15,7 @@ from clip_prune.core.latency import (
     read_table,
     write_table,
 )
-from clip_prune.core.pipeline import GPU_WIDTH_MULTIPLE, PruningOptions
+from clip_prune.core.pipeline import ALIGNED_WIDTH_MULTIPLE, PruningOptions
 from clip_prune.core.search import search_layer_latency
 
 
@@ -104,12 +104,13 @@ def test_an_aligned_grid_times_only_widths_the_search_can_choose() -> None:
     assert neuron_grid(100, 4, multiple_of=64) == [0, 64, 100]  # F itself is always a choice
 
 
-def test_width_multiple_defaults_to_64_on_a_gpu_only() -> None:
+def test_width_multiple_defaults_to_64_on_a_gpu_and_under_a_latency_budget() -> None:
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert PruningOptions().widths_multiple(cuda, 3072) == GPU_WIDTH_MULTIPLE == 64
-    assert PruningOptions().widths_multiple(cuda, 512) == 1  # a small model keeps its choice of widths
-    assert PruningOptions().widths_multiple(cpu, 3072) == 1
+    assert PruningOptions().widths_multiple(cuda, 3072) == ALIGNED_WIDTH_MULTIPLE == 64
+    assert PruningOptions().widths_multiple(cpu, 3072, latency_budget=True) == 64
+    assert PruningOptions().widths_multiple(cpu, 3072) == 1  # MACs on a CPU: free widths
+    assert PruningOptions().widths_multiple(cuda, 512, latency_budget=True) == 1  # a small model keeps its choices
     assert PruningOptions(multiple_of=8).widths_multiple(cuda, 3072) == 8
-    assert PruningOptions(multiple_of=1).widths_multiple(cuda, 3072) == 1
+    assert PruningOptions(multiple_of=1).widths_multiple(cpu, 3072, latency_budget=True) == 1
     with pytest.raises(ValueError, match="multiple_of must be >= 1"):
         PruningOptions(multiple_of=0)

@@ -158,7 +158,8 @@ class PruningCallback(L.Callback):
         """One pruning step on `stats`; logs its masks."""
         index = len(self.steps)
         previous = self.steps[-1] if self.steps else None
-        multiple = self.options.widths_multiple(pl_module.device, pl_module.vision_config.intermediate_size)
+        multiple = self.options.widths_multiple(pl_module.device, pl_module.vision_config.intermediate_size,
+                                                latency_budget=self.constraint_type == "latency")
         if index == 0 and (self.constraint_type == "latency" or multiple > 1):
             config = pl_module.vision_config
             table = self._latency_table(trainer, pl_module, multiple) if self.constraint_type == "latency" else None
