@@ -21,12 +21,42 @@ VisionInputs = Mapping[str, torch.Tensor]
 """What a vision tower takes: `pixel_values`, and for SigLIP2 its attention mask and spatial shapes."""
 
 
+PIXEL_NORMALIZATION = ("pixel_mean", "pixel_std")
+"""Batch keys that come with uint8 `pixel_values` ([B, 3] float32, in grey levels: the image processor's mean and
+std over its rescale factor, `clip_prune.data.pixels.PixelLoader`); `normalize_pixels` consumes them."""
+
+
+def normalize_pixels(inputs: VisionInputs) -> dict[str, torch.Tensor]:
+    """`inputs` with uint8 `pixel_values` [B, 3, S, S] turned into the float32 pixels the model takes,
+    (pixels − pixel_mean) / pixel_std on their device, the image processor's fused rescale and normalisation;
+    inputs with float pixels as they are. The normalisation keys are dropped either way."""
+    inputs = dict(inputs)
+    mean, std = (inputs.pop(name, None) for name in PIXEL_NORMALIZATION)
+    pixels = inputs.get("pixel_values")
+    if pixels is None or pixels.is_floating_point():
+        return inputs
+    if mean is None or std is None:
+        raise ValueError(f"uint8 pixel_values [{', '.join(map(str, pixels.shape))}] need the batch's pixel_mean and "
+                         "pixel_std to be normalised (clip_prune.data.pixels.PixelLoader gives them)")
+    mean, std = mean.to(pixels.device, torch.float32), std.to(pixels.device, torch.float32)
+    shape = (*mean.shape, *([1] * (pixels.ndim - mean.ndim)))
+    inputs["pixel_values"] = pixels.to(torch.float32).sub_(mean.view(shape)).div_(std.view(shape))
+    return inputs
+
+
 def inputs_to(inputs: VisionInputs, device: torch.device | str, dtype: torch.dtype | None = None,
               non_blocking: bool = False) -> dict[str, torch.Tensor]:
-    """`inputs` on `device`, the floating-point ones (the pixels) in `dtype` if given (masks and shapes keep theirs)."""
-    return {name: value.to(device, dtype=dtype if dtype is not None and value.is_floating_point() else None,
-                           non_blocking=non_blocking)
-            for name, value in inputs.items()}
+    """`inputs` on `device`, the floating-point ones (the pixels) in `dtype` if given (masks and shapes keep theirs).
+
+    uint8 pixels travel as they are and are normalised on `device` (`normalize_pixels`) before the cast to `dtype`:
+    every consumer of batches gets its model inputs here.
+    """
+    def cast(name: str, value: torch.Tensor) -> bool:
+        return dtype is not None and value.is_floating_point() and name not in PIXEL_NORMALIZATION
+
+    moved = normalize_pixels({name: value.to(device, dtype=dtype if cast(name, value) else None,
+                                             non_blocking=non_blocking) for name, value in inputs.items()})
+    return {name: value.to(dtype) if cast(name, value) else value for name, value in moved.items()}
 
 
 class VisionTower:
@@ -79,8 +109,13 @@ class VisionTower:
         return hasattr(self.model, "text_model")
 
     def vision_inputs(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """The entries of `batch` the vision tower takes."""
-        return {name: batch[name] for name in self.input_names if name in batch}
+        """The entries of `batch` the vision tower takes, with `pixel_mean` and `pixel_std` where the pixels are
+        uint8 (`inputs_to` normalises them on the device)."""
+        return {name: batch[name] for name in (*self.input_names, *PIXEL_NORMALIZATION) if name in batch}
+
+    def model_inputs(self, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """The entries of `inputs` the vision model's forward takes (no normalisation keys)."""
+        return {name: inputs[name] for name in self.input_names if name in inputs}
 
     def example_inputs(self, batch_size: int, image_size: int | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
         """Random inputs of the tower's shape on its device and in its dtype (for counting, timing, ONNX export)."""

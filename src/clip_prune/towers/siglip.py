@@ -46,7 +46,7 @@ class SiglipTower(VisionTower):
         if not self.config.vision_use_head:
             raise ValueError("this SigLIP vision tower has no pooling head (vision_use_head is false), so it gives no "
                              "image embedding; clip-prune needs a checkpoint with its head")
-        return self.vision(**self.vision_inputs(inputs)).pooler_output
+        return self.vision(**self.model_inputs(inputs)).pooler_output
 
     def text_embeds(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         return self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
