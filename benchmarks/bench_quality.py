@@ -30,7 +30,7 @@ from clip_prune.core.pipeline import PruningOptions, prune_step
 from clip_prune.core.refit import RefitWeights, refit_applied
 from clip_prune.lightning.data import CocoDataModule
 from clip_prune.lightning.module import MaskedCLIPModule
-from clip_prune.towers import image_embeds, tower_of
+from clip_prune.towers import image_embeds, inputs_to, tower_of
 
 sys.path.insert(0, str(Path(__file__).parent))  # the Torch-Pruning peer beside this script
 
@@ -73,7 +73,9 @@ class Bench:
                                    num_workers=0, zero_shot_root=f"{args.data}/zeroshot",
                                    zero_shot_templates=["a {}", "a picture of a {}", "there is a {}"])
         self.data.setup("validate")
-        self.batches = list(self.data.val_dataloader())
+        tower = self.module.tower  # batches normalised once here (their pixels arrive as uint8)
+        self.batches = [{name: value for name, value in batch.items() if name not in ("pixel_mean", "pixel_std")}
+                        | inputs_to(tower.vision_inputs(batch), "cpu") for batch in self.data.val_dataloader()]
         self.pixels = [batch["pixel_values"] for batch in self.batches]
         self.macs = count_encoder_macs(self.module.vision_config)
         self.evaluator = self.data.evaluator(torch.device("cpu"), progress=False)
@@ -83,8 +85,9 @@ class Bench:
 
     @torch.no_grad()
     def _embeddings(self) -> torch.Tensor:
-        return torch.cat([F.normalize(image_embeds(self.module.model, batch["pixel_values"]), dim=-1)
-                          for batch in self.images])
+        tower = self.module.tower
+        return torch.cat([F.normalize(image_embeds(self.module.model, inputs_to(tower.vision_inputs(batch), "cpu")),
+                                      dim=-1) for batch in self.images])
 
     def _metrics(self, name: str) -> dict[str, float]:
         metrics = self.evaluator(self.module.model, name)

@@ -11,6 +11,7 @@ from transformers import AutoImageProcessor, Siglip2ImageProcessor, SiglipImageP
 from clip_prune.data.coco import CaptionCollator, ImageItems
 from clip_prune.data.pixels import PixelLoader
 from clip_prune.data.tokenizer import build_word_tokenizer
+from clip_prune.towers import inputs_to, normalize_pixels
 
 
 def _processors(model_dir):
@@ -29,8 +30,13 @@ def test_tiny_data_equals_both_processor_backends(tiny_clip_dir, tiny_coco_root)
     items = ImageItems([(path, None) for path in paths], "label", fast)
     assert items.load.direct and not PixelLoader(slow).direct
     for index, path in enumerate(paths):
-        pixels = items[index]["pixel_values"]
-        assert pixels.shape == (3, 30, 30) and pixels.dtype == torch.float32
+        item = items[index]
+        assert item["pixel_values"].shape == (3, 30, 30) and item["pixel_values"].dtype == torch.uint8
+        pixels = normalize_pixels({name: item[name][None] for name in ("pixel_values", "pixel_mean", "pixel_std")})
+        assert pixels.keys() == {"pixel_values"}
+        pixels = pixels["pixel_values"][0]
+        assert pixels.dtype == torch.float32
+        torch.testing.assert_close(pixels, PixelLoader(fast)(path), rtol=0, atol=0)
         torch.testing.assert_close(pixels, _reference(fast, path), rtol=0, atol=1e-6)
         # The PIL backend resizes in PIL's uint8 arithmetic: at most two grey levels apart (2/255/std <= 0.031).
         slow_pixels = _reference(slow, path)
@@ -117,3 +123,40 @@ def test_siglip2_items_carry_the_processors_patches_mask_and_grid_and_stack(tmp_
         [items[0], items[1]])
     assert batch["pixel_values"].shape == (2, 16, 3 * 8 * 8) and batch["spatial_shapes"].shape == (2, 2)
     assert batch["pixel_attention_mask"].shape == (2, 16) and batch["input_ids"].shape == (2, 8)
+
+
+@pytest.mark.parametrize("size", [(240, 180), (32, 32)])
+def test_uint8_batches_normalised_on_the_device_equal_the_float_pixels(size, tiny_clip_dir, tmp_path) -> None:
+    """The workers' uint8 pixels, collated and normalised by `inputs_to`, are the float path's pixels (drafted too)."""
+    fast, _ = _processors(tiny_clip_dir)
+    paths = []
+    for index, name in enumerate(("a.jpg", "b.png", "c.jpg")):
+        _photo((size[0] + index, size[1])).save(tmp_path / name, quality=90)
+        paths.append(tmp_path / name)
+    items = ImageItems([(path, "a caption") for path in paths], "caption", fast)
+    batch = CaptionCollator(None, 0)([items[index] for index in range(len(paths))])
+    assert batch["pixel_values"].dtype == torch.uint8
+    assert batch["pixel_mean"].shape == batch["pixel_std"].shape == (3, 3)
+    expected = torch.stack([PixelLoader(fast)(path) for path in paths])
+    inputs = inputs_to({name: batch[name] for name in ("pixel_values", "pixel_mean", "pixel_std")}, "cpu")
+    assert inputs.keys() == {"pixel_values"}
+    torch.testing.assert_close(inputs["pixel_values"], expected, rtol=0, atol=0)
+    halves = inputs_to({name: batch[name] for name in ("pixel_values", "pixel_mean", "pixel_std")}, "cpu",
+                       torch.bfloat16)
+    torch.testing.assert_close(halves["pixel_values"], expected.to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_float_pixels_pass_through_and_uint8_pixels_need_their_normalisation() -> None:
+    pixels = torch.randn(2, 3, 4, 4)
+    assert normalize_pixels({"pixel_values": pixels})["pixel_values"] is pixels
+    assert torch.equal(inputs_to({"pixel_values": pixels}, "cpu", torch.float64)["pixel_values"], pixels.double())
+    with pytest.raises(ValueError, match="pixel_mean and pixel_std"):
+        normalize_pixels({"pixel_values": torch.zeros(2, 3, 4, 4, dtype=torch.uint8)})
+
+
+def test_processors_that_do_not_rescale_and_normalise_keep_float_items(tiny_clip_dir, tmp_path) -> None:
+    fast = AutoImageProcessor.from_pretrained(tiny_clip_dir, do_normalize=False)
+    _photo((40, 32)).save(tmp_path / "photo.png")
+    item = ImageItems([(tmp_path / "photo.png", 0)], "label", fast)[0]
+    assert item["pixel_values"].dtype == torch.float32 and "pixel_mean" not in item
+    torch.testing.assert_close(item["pixel_values"], _reference(fast, tmp_path / "photo.png"), rtol=0, atol=1e-6)

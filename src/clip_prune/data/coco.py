@@ -104,7 +104,9 @@ class ImageItems(Dataset):
     """Image files, each with one extra field: `{"pixel_values": [3, S, S], "index": i, field: value}`.
 
     The model inputs are what the image processor makes of the image: SigLIP2's also carry `pixel_attention_mask`
-    [N] and `spatial_shapes` [2], its `pixel_values` being [N, C·p·p] patches.
+    [N] and `spatial_shapes` [2], its `pixel_values` being [N, C·p·p] patches. Where `PixelLoader` takes the
+    direct path the pixels are uint8, with the processor's `pixel_mean` and `pixel_std` [3]: batches are
+    normalised on the device by `clip_prune.towers.inputs_to` (`uint8=False`: float pixels, normalised here).
 
     Index `PADDING` (−1) is a DDP padding item (`clip_prune.data.sampling`): a copy of the last item with index −1.
 
@@ -112,11 +114,11 @@ class ImageItems(Dataset):
     index for retrieval, the class for zero-shot).
     """
 
-    def __init__(self, items: list[tuple[Path, Any]], field: str, image_processor: Any) -> None:
+    def __init__(self, items: list[tuple[Path, Any]], field: str, image_processor: Any, uint8: bool = True) -> None:
         self.items = items
         self.field = field
         self.image_processor = image_processor
-        self.load = PixelLoader(image_processor)
+        self.load = PixelLoader(image_processor, uint8=uint8)
 
     def __len__(self) -> int:
         return len(self.items)

@@ -7,6 +7,13 @@ the processor's resize, crop and normalisation directly, and asks libjpeg to dec
 the decoder then skips most of the inverse DCT work, and the resize that follows shrinks by less
 than 2×. Processors it does not know step by step (the PIL backend, padding, SigLIP2's patchifying processor,
 whose outputs include more than `pixel_values`) are called as usual.
+
+With `uint8=True` (the DataLoader datasets, `clip_prune.data.coco.ImageItems`) the direct path stops
+before the float work: an item is the resized, cropped uint8 image [3, S, S] with the processor's
+rescale and normalisation as `pixel_mean` and `pixel_std` ([3] float32, in grey levels: mean and
+std over the rescale factor, as the processor fuses them). The batch stays uint8 (a quarter of the
+bytes) through collation, pinning and the copy to the device, where `clip_prune.towers.inputs_to`
+normalises it once per batch (`normalize_pixels`): the same float pixels as the processor's.
 """
 
 from __future__ import annotations
@@ -34,22 +41,44 @@ class PixelLoader:
     Args:
         image_processor: the checkpoint's image processor (`AutoImageProcessor.from_pretrained`).
         jpeg_draft: decode JPEGs at a reduced scale when the resize target allows it.
+        uint8: on the direct path, give `inputs` as uint8 pixels with `pixel_mean` and `pixel_std` to be
+            normalised per batch on the device (`clip_prune.towers.inputs_to`); elsewhere, and for processors
+            that do not both rescale and normalise, the float pixels as usual.
     """
 
-    def __init__(self, image_processor: Any, jpeg_draft: bool = True) -> None:
+    def __init__(self, image_processor: Any, jpeg_draft: bool = True, uint8: bool = False) -> None:
         self.processor = image_processor
         self.jpeg_draft = jpeg_draft
         self.input_names = tuple(getattr(image_processor, "model_input_names", None) or ("pixel_values",))
         self.resizes_to_size = self.input_names == ("pixel_values",)  # SigLIP2's resize follows its patch budget
         self.direct = (isinstance(image_processor, TorchvisionBackend) and not getattr(image_processor, "do_pad", False)
                        and self.resizes_to_size)
+        self.uint8 = uint8
+        self.pixel_mean, self.pixel_std = self._fused_mean_std() if self.direct else (None, None)
+
+    def _fused_mean_std(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The processor's mean and std in grey levels, float32 [3], computed as its fused rescale-and-normalise
+        does (so the normalised pixels are bit for bit its own); (None, None) unless it both rescales and normalises."""
+        processor = self.processor
+        if not (processor.do_rescale and processor.do_normalize):
+            return None, None
+        scale = 1.0 / processor.rescale_factor
+        mean = torch.tensor(processor.image_mean, dtype=torch.float32).expand(3) * scale
+        std = torch.tensor(processor.image_std, dtype=torch.float32).expand(3) * scale
+        return mean, std
+
+    @property
+    def gives_uint8(self) -> bool:
+        """Whether `inputs` gives uint8 pixels with `pixel_mean` and `pixel_std` (the direct path, `uint8=True`)."""
+        return self.uint8 and self.pixel_mean is not None
 
     def __call__(self, path: str | Path) -> torch.Tensor:
-        """The image's pixel values (for SigLIP2 its patches [N, C·p·p])."""
+        """The image's pixel values (for SigLIP2 its patches [N, C·p·p]; uint8 with `uint8=True` on the direct path)."""
         return self.inputs(path)["pixel_values"]
 
     def inputs(self, path: str | Path) -> dict[str, torch.Tensor]:
-        """Every model input the processor makes of one image (for SigLIP2 also its patch mask and grid), unbatched."""
+        """Every model input the processor makes of one image (for SigLIP2 also its patch mask and grid), unbatched;
+        with `gives_uint8` the uint8 pixels, `pixel_mean` and `pixel_std` instead."""
         with Image.open(path) as image:
             target = self.resize_target(image.size) if self.resizes_to_size else None
             if self.jpeg_draft and image.format == "JPEG" and target is not None:
@@ -60,10 +89,13 @@ class PixelLoader:
                 processed = self.processor(images=rgb, return_tensors="pt")
                 return {name: processed[name][0] for name in self.input_names if name in processed}
             pixels = torch.from_numpy(np.array(rgb)).permute(2, 0, 1)
+        if self.gives_uint8:
+            return {"pixel_values": self.resize_and_crop(pixels, target), "pixel_mean": self.pixel_mean,
+                    "pixel_std": self.pixel_std}
         return {"pixel_values": self.process(pixels, target)}
 
-    def process(self, pixels: torch.Tensor, target: tuple[int, int] | None) -> torch.Tensor:
-        """Resize to `target` (width, height; None: the processor's size), crop, rescale and normalise [3, h, w] uint8.
+    def resize_and_crop(self, pixels: torch.Tensor, target: tuple[int, int] | None) -> torch.Tensor:
+        """Resize [3, h, w] uint8 to `target` (width, height; None: the processor's size) and crop: still uint8.
 
         The target comes from the full image size: computed again on a drafted image, the rounding
         of its aspect ratio could move the crop by a pixel.
@@ -74,6 +106,12 @@ class PixelLoader:
             pixels = processor.resize(pixels, size=size, resample=processor.resample)
         if processor.do_center_crop:
             pixels = processor.center_crop(pixels, processor.crop_size)
+        return pixels
+
+    def process(self, pixels: torch.Tensor, target: tuple[int, int] | None) -> torch.Tensor:
+        """Resize to `target` (as `resize_and_crop`), crop, rescale and normalise [3, h, w] uint8."""
+        processor = self.processor
+        pixels = self.resize_and_crop(pixels, target)
         return processor.rescale_and_normalize(pixels, processor.do_rescale, processor.rescale_factor,
                                                processor.do_normalize, processor.image_mean, processor.image_std)
 

@@ -33,6 +33,11 @@ from clip_prune.data.sampling import GlobalBatchSampler
 from clip_prune.towers import tower_class
 
 
+def keeps_float32_inputs(precision: Any) -> bool:
+    """Whether a Lightning precision plugin leaves float32 batch tensors exact (32-true, the mixed ones, 64-true)."""
+    return precision.convert_input(torch.zeros(1)).dtype in (torch.float32, torch.float64)
+
+
 class CocoDataModule(L.LightningDataModule):
     """COCO-captions calibration samples (the validation loop) and evaluation split (retrieval metrics).
 
@@ -131,7 +136,8 @@ class CocoDataModule(L.LightningDataModule):
 
     def sample_inputs(self, count: int) -> dict[str, torch.Tensor]:
         """Up to `count` processed calibration images (`pixel_values` [B, 3, S, S], and SigLIP2's patch mask and
-        grid), without reading the whole sample."""
+        grid; uint8 pixels come with `pixel_mean` and `pixel_std`, for `clip_prune.towers.inputs_to`), without
+        reading the whole sample."""
         pairs = self.calibration if self.calibration is not None else self._calibration_pairs(count)
         items = [pairs[i] for i in range(min(count, len(pairs)))]
         return {name: torch.stack([item[name] for item in items]) for name, value in items[0].items()
@@ -146,6 +152,9 @@ class CocoDataModule(L.LightningDataModule):
         if trainer is not None and trainer.world_size > 1:
             sampler = GlobalBatchSampler(self.calibration, self.hparams.batch_size, trainer.world_size,
                                          trainer.global_rank)
+        # A precision plugin that casts the batch's float tensors to half (`bf16-true`, `16-true`) would round
+        # pixel_mean and pixel_std before the device normalises with them: such runs normalise in the workers.
+        self.calibration.load.uint8 = trainer is None or keeps_float32_inputs(trainer.precision_plugin)
         return DataLoader(
             self.calibration, batch_size=self.hparams.batch_size, shuffle=False, sampler=sampler,
             num_workers=self.num_workers, collate_fn=self.collator(),

@@ -11,7 +11,7 @@ from clip_prune.core.fisher import FisherInformation
 from clip_prune.core.losses import distill_loss, distill_noise, gather_across_ranks
 from clip_prune.core.masks import VisionMasks, mask_shapes
 from clip_prune.data.sampling import PADDING
-from clip_prune.towers import load_model, tower_of
+from clip_prune.towers import inputs_to, load_model, tower_of
 
 LossName = Literal["contrastive", "distill"]
 AttentionName = Literal["sdpa", "eager"]
@@ -78,7 +78,9 @@ class MaskedCLIPModule(L.LightningModule):
         Under DDP the contrastive loss is the global batch's (every rank's images and captions, the
         same on every rank), so each sample meets the negatives it would meet in one process.
         """
-        image_embeds = self.tower.image_embeds(self.tower.vision_inputs(batch))[real]
+        # uint8 pixels are normalised here, on the device (`inputs_to`; the batch is already there)
+        inputs = inputs_to(self.tower.vision_inputs(batch), self.device, self.model.dtype)
+        image_embeds = self.tower.image_embeds(inputs)[real]
         match self.hparams.loss:
             case "contrastive":
                 with torch.no_grad():

@@ -19,6 +19,7 @@ from clip_prune.data.synthetic import caption_vocabulary
 from clip_prune.data.tokenizer import build_word_tokenizer
 from clip_prune.files import atomic_directory, check_free
 from clip_prune.lightning.data import CocoDataModule
+from clip_prune.towers import normalize_pixels
 from clip_prune.towers.clip import info_nce_loss
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
@@ -182,7 +183,8 @@ class ContrastiveTrainingModule(L.LightningModule):
         self._val_embeds: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        image_embeds = self.model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output
+        pixels = normalize_pixels(batch)["pixel_values"]  # the validation pairs' pixels are uint8 (ImageItems)
+        image_embeds = self.model.get_image_features(pixel_values=pixels).pooler_output
         text_embeds = self.model.get_text_features(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
         ).pooler_output
