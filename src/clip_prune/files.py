@@ -134,12 +134,15 @@ def _unlock(descriptor: int | None) -> None:
 
 
 def _is_locked(folder: Path) -> bool:
-    """Whether a live writer holds `folder` (see `_lock`)."""
+    """Whether a live writer holds `folder` (see `_lock`).
+
+    The probe asks for a shared lock: it fails against a writer's exclusive one, but not against another probe, so
+    processes looking at the same interrupted run at once (DDP ranks) all see it as interrupted."""
     if fcntl is None:
         return False
     descriptor = os.open(folder, os.O_RDONLY)  # FileNotFoundError if it was renamed meanwhile
     try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
     finally:

@@ -15,7 +15,7 @@ from clip_prune.core.latency import (
     read_table,
     write_table,
 )
-from clip_prune.core.pipeline import ALIGNED_WIDTH_MULTIPLE, PruningOptions
+from clip_prune.core.pipeline import ALIGNED_WIDTH_MULTIPLES, PruningOptions
 from clip_prune.core.search import search_layer_latency
 
 
@@ -102,15 +102,17 @@ def test_an_aligned_grid_times_only_widths_the_search_can_choose() -> None:
     assert grid[0] == 0 and grid[-1] == 3072 and len(grid) == 17
     assert all(count % 64 == 0 for count in grid)
     assert neuron_grid(100, 4, multiple_of=64) == [0, 64, 100]  # F itself is always a choice
+    assert neuron_grid(37, 16, multiple_of=64) == [0, 37]  # never wider than the layer
 
 
 def test_width_multiple_defaults_to_64_on_a_gpu_and_under_a_latency_budget() -> None:
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert PruningOptions().widths_multiple(cuda, 3072) == ALIGNED_WIDTH_MULTIPLE == 64
-    assert PruningOptions().widths_multiple(cpu, 3072, latency_budget=True) == 64
-    assert PruningOptions().widths_multiple(cpu, 3072) == 1  # MACs on a CPU: free widths
-    assert PruningOptions().widths_multiple(cuda, 512, latency_budget=True) == 1  # a small model keeps its choices
-    assert PruningOptions(multiple_of=8).widths_multiple(cuda, 3072) == 8
-    assert PruningOptions(multiple_of=1).widths_multiple(cpu, 3072, latency_budget=True) == 1
+    assert PruningOptions().widths_multiple(cuda, 3072, 64) == ALIGNED_WIDTH_MULTIPLES[0] == 64  # ViT-B/16
+    assert PruningOptions().widths_multiple(cpu, 3072, 64, latency_budget=True) == 64
+    assert PruningOptions().widths_multiple(cpu, 3072, 64) == 1  # MACs on a CPU: free widths
+    assert PruningOptions().widths_multiple(cuda, 4304, 72) == 8  # SigLIP so400m: 64 would leave 0, 8, 16 heads
+    assert PruningOptions().widths_multiple(cuda, 37, 8, latency_budget=True) == 1  # a small model keeps its choices
+    assert PruningOptions(multiple_of=8).widths_multiple(cuda, 3072, 64) == 8
+    assert PruningOptions(multiple_of=1).widths_multiple(cpu, 3072, 64, latency_budget=True) == 1
     with pytest.raises(ValueError, match="multiple_of must be >= 1"):
         PruningOptions(multiple_of=0)

@@ -11,6 +11,8 @@ from PIL import Image
 from transformers import Siglip2ImageProcessor, SiglipModel
 
 from clip_prune.core.saving import prune_model
+from clip_prune.data.coco import CaptionCollator, text_length_limit
+from clip_prune.data.tokenizer import build_word_tokenizer
 from clip_prune.towers import FAMILIES, supported_model_types, tower_class, tower_of
 from clip_prune.towers.siglip import SiglipTower
 from clip_prune.towers.siglip2 import Siglip2Tower
@@ -55,6 +57,32 @@ def test_sigmoid_loss_and_logits_match_the_formula_and_transformers() -> None:
         torch.testing.assert_close(tower.loss(image_embeds, text_embeds), output.loss)
         torch.testing.assert_close(tower.logits(image_embeds, text_embeds), output.logits_per_image)
     assert tower.embed_dim == image_embeds.shape[1] == 32
+
+
+@pytest.mark.parametrize("family", ["siglip", "siglip2"])
+def test_text_embeds_ignore_the_attention_mask_as_siglip_was_trained(family: str) -> None:
+    model = build_tiny_model(family)
+    input_ids = torch.randint(4, 17, (3, 16), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(input_ids)
+    mask[:, 10:] = 0  # what a tokenizer that makes a mask would say of max_length padding
+    with torch.no_grad():
+        unmasked = model.get_text_features(input_ids=input_ids).pooler_output
+        masked = model.get_text_features(input_ids=input_ids, attention_mask=mask).pooler_output
+        assert not torch.allclose(masked, unmasked)  # so passing the mask would change the embeddings
+        torch.testing.assert_close(tower_of(model).text_embeds(input_ids, mask), unmasked)
+
+
+def test_captions_fit_the_text_tower_when_the_tokenizer_sets_no_length() -> None:
+    tokenizer = build_word_tokenizer(["a", "red", "square"], max_length=16)
+    tokenizer.model_max_length = int(1e30)  # as SigLIP2's Gemma tokenizer: no length of its own
+    tokenizer.model_input_names = ["input_ids"]  # and no attention mask
+    config = build_tiny_model("siglip").config
+    limit = text_length_limit(tokenizer, config)
+    assert limit == config.text_config.max_position_embeddings < 77
+    assert text_length_limit(tokenizer) == 77
+    batch = CaptionCollator(tokenizer, limit, "max_length")(
+        [{"pixel_values": torch.zeros(3, 4, 4), "index": i, "caption": "a red square"} for i in range(2)])
+    assert batch["input_ids"].shape == (2, limit) and "attention_mask" not in batch
 
 
 @pytest.mark.parametrize("family", ["siglip", "siglip_vision", "siglip2", "siglip2_vision"])

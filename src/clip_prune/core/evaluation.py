@@ -148,7 +148,7 @@ class Evaluator:
     @torch.no_grad()
     def _encode_texts_once(self, model: PreTrainedModel, key: str, texts: list[str]) -> torch.Tensor:
         if key not in self._texts:
-            limit, tower = text_length_limit(self.tokenizer), tower_of(model)
+            limit, tower = text_length_limit(self.tokenizer, model.config), tower_of(model)
             chunks = []
             for start in range(0, len(texts), self.batch_size * 4):
                 tokens = self.tokenizer(texts[start : start + self.batch_size * 4], padding=tower.text_padding,

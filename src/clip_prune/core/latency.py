@@ -228,6 +228,8 @@ def neuron_grid(num_neurons: int, points: int, multiple_of: int = 1) -> list[int
     search can choose (multiples of it, and F), so that the fit sees the speed of aligned matmuls."""
     if multiple_of == 1:
         return sorted({0, *torch.linspace(1, num_neurons, points).round().long().tolist()})
+    if num_neurons < multiple_of:  # only empty or dense layers are allowed
+        return [0, num_neurons]
     steps = torch.linspace(1, num_neurons // multiple_of, points).round().long()
     return sorted({0, num_neurons, *(steps * multiple_of).tolist()})
 

@@ -24,10 +24,11 @@ from clip_prune.core.refit import RefitWeights
 from clip_prune.core.search import SearchResult, WidthBudget, WidthSearchResult, search_masks
 from clip_prune.towers import VisionInputs
 
-ALIGNED_WIDTH_MULTIPLE = 64
-"""Default per-layer width multiple on a GPU and under a latency budget (benchmarks/bench_latency.py): at multiples
-of 64, ViT-B/16 towers ran within 1 % of their latency budget on an H200 (bf16) and within 4.1 % on a 2-core CPU;
-with free widths up to 1.85 times over it on the H200 and 8 % on the CPU."""
+ALIGNED_WIDTH_MULTIPLES = (64, 8)
+"""Default per-layer width multiples on a GPU and under a latency budget, the first that fits the model
+(benchmarks/bench_latency.py): at multiples of 64, ViT-B/16 towers ran within 1 % of their latency budget on an H200
+(bf16) and within 4.1 % on a 2-core CPU; with free widths up to 2 times over it on the H200 and 8 % on the CPU. 8 is
+what tensor cores need, for head sizes that 64 does not divide (SigLIP so400m: 72)."""
 
 
 @dataclass(frozen=True)
@@ -66,9 +67,9 @@ class PruningOptions:
     """Slice the weights and save the smaller model into OUTPUT_DIR/pruned."""
     multiple_of: int | None = None
     """Keep each layer's widths (heads x head size, neurons) at multiples of this, or dense; 1 leaves them free.
-    None: 64 on a GPU, where free widths ran slower than the dense tower in bf16 on an H200, and under a latency
-    budget, which aligned widths met within 5 % on that GPU and on a CPU where free widths missed it (README,
-    "Latency budget"); 1 for MAC budgets on a CPU and for layers of fewer than 16 x 64 neurons."""
+    None: 64 (or 8 where 64 does not divide the head size) on a GPU, where free widths ran slower than the dense
+    tower in bf16 on an H200, and under a latency budget, which aligned widths met within 5 % on that GPU and on a
+    CPU where free widths missed it (README, "Latency budget"); 1 for MAC budgets on a CPU and for small models."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -89,14 +90,17 @@ class PruningOptions:
         if problems:
             raise ValueError("; ".join(problems))
 
-    def widths_multiple(self, device: torch.device, num_neurons: int, latency_budget: bool = False) -> int:
-        """`multiple_of`, or when it is None the default for a layer of `num_neurons` MLP neurons: 64 on a GPU or
-        under a latency budget, where that leaves at least 16 widths per layer; 1 otherwise (MACs on a CPU, or a
-        small model)."""
+    def widths_multiple(self, device: torch.device, num_neurons: int, head_dim: int,
+                        latency_budget: bool = False) -> int:
+        """`multiple_of`, or when it is None the default on a GPU or under a latency budget: the first of 64 and 8
+        that keeps every head count (it divides the head size d) and at least 16 neuron counts per layer; 1 for MAC
+        budgets on a CPU, and where neither fits (a small model)."""
         if self.multiple_of is not None:
             return self.multiple_of
-        aligned = device.type == "cuda" or latency_budget
-        return ALIGNED_WIDTH_MULTIPLE if aligned and num_neurons >= 16 * ALIGNED_WIDTH_MULTIPLE else 1
+        if device.type != "cuda" and not latency_budget:
+            return 1
+        fitting = [m for m in ALIGNED_WIDTH_MULTIPLES if head_dim % m == 0 and num_neurons >= 16 * m]
+        return fitting[0] if fitting else 1
 
     def step_constraints(self, constraint: float) -> list[float]:
         """The constraint of each step, c^(k/K) for k = 1..K, the last exactly `constraint`."""

@@ -171,7 +171,9 @@ class CaptionCollator:
                 [item["caption"] for item in items], padding=self.padding, truncation=True,
                 max_length=self.max_length, return_tensors="pt",
             )
-            batch |= {"input_ids": text["input_ids"], "attention_mask": text["attention_mask"]}
+            batch["input_ids"] = text["input_ids"]
+            if "attention_mask" in text:  # SigLIP's tokenizers make none
+                batch["attention_mask"] = text["attention_mask"]
         return batch
 
 
@@ -180,6 +182,9 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def text_length_limit(tokenizer: Any) -> int:
-    """The tokenizer's maximum length, or CLIP's 77 when the tokenizer leaves it unset."""
-    return tokenizer.model_max_length if tokenizer.model_max_length < 100_000 else 77
+def text_length_limit(tokenizer: Any, config: Any = None) -> int:
+    """The longest caption in tokens: the tokenizer's maximum length (CLIP's 77 when it leaves it unset), at most
+    the positions of the text tower of the model `config` describes (SigLIP2's tokenizer sets no length)."""
+    limit = tokenizer.model_max_length if tokenizer.model_max_length < 100_000 else 77
+    positions = getattr(getattr(config, "text_config", None), "max_position_embeddings", None)
+    return min(limit, positions) if positions else limit

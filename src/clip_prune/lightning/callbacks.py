@@ -158,12 +158,13 @@ class PruningCallback(L.Callback):
         """One pruning step on `stats`; logs its masks."""
         index = len(self.steps)
         previous = self.steps[-1] if self.steps else None
-        multiple = self.options.widths_multiple(pl_module.device, pl_module.vision_config.intermediate_size,
+        config = pl_module.vision_config
+        head_dim = config.hidden_size // config.num_attention_heads
+        multiple = self.options.widths_multiple(pl_module.device, config.intermediate_size, head_dim,
                                                 latency_budget=self.constraint_type == "latency")
         if index == 0 and (self.constraint_type == "latency" or multiple > 1):
-            config = pl_module.vision_config
             table = self._latency_table(trainer, pl_module, multiple) if self.constraint_type == "latency" else None
-            self.widths = WidthBudget(config.hidden_size // config.num_attention_heads, multiple, table)
+            self.widths = WidthBudget(head_dim, multiple, table)
         result = prune_step(
             pl_module.model, stats, count_encoder_macs(pl_module.vision_config), self.constraints[index],
             self.options, self._calibration_batches(trainer, pl_module),

@@ -250,5 +250,6 @@ class CocoDataModule(L.LightningDataModule):
         """Tokenizes captions with the checkpoint's tokenizer, truncated at its text length limit and padded as the
         family's text tower wants."""
         tokenizer = self.tokenizer()
-        padding = tower_class(AutoConfig.from_pretrained(self.hparams.pretrained)).text_padding
-        return CaptionCollator(tokenizer, text_length_limit(tokenizer) if tokenizer is not None else 0, padding)
+        config = AutoConfig.from_pretrained(self.hparams.pretrained)
+        limit = text_length_limit(tokenizer, config) if tokenizer is not None else 0
+        return CaptionCollator(tokenizer, limit, tower_class(config).text_padding)

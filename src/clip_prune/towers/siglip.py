@@ -49,7 +49,9 @@ class SiglipTower(VisionTower):
         return self.vision(**self.model_inputs(inputs)).pooler_output
 
     def text_embeds(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        return self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+        """Without the attention mask: SigLIP's text tower was trained on captions padded to `max_length` with no mask
+        and pools the last position (its tokenizers make no mask)."""
+        return self.model.get_text_features(input_ids=input_ids).pooler_output
 
     @property
     def embed_dim(self) -> int:
