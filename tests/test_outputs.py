@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from clip_prune import files
 from clip_prune.core.outputs import RunDirectory, write_json_atomically
 from clip_prune.data.synthetic import write_synthetic_coco
 from clip_prune.files import atomic_directory, stale_stagings
@@ -78,6 +79,19 @@ def test_a_concurrent_run_does_not_take_a_live_staging_folder_for_an_interrupted
         assert first.staging.is_dir()
     # Once the first is done (or dead: the lock goes with its process), its leftovers are another matter.
     assert (tmp_path / "run" / "fisher.safetensors").read_bytes() == b"in progress"
+
+
+def test_a_staging_folder_is_never_seen_unlocked(tmp_path, monkeypatch) -> None:
+    """Between creating its staging folder and locking it, a writer is not yet protected: it locks the folder under a
+    name no one looks for, then renames it."""
+    seen = []
+    real_lock = files._lock
+    monkeypatch.setattr(files, "_lock", lambda folder: (seen.append(stale_stagings(tmp_path / "run")),
+                                                         real_lock(folder))[1])
+    with atomic_directory(tmp_path / "run") as staging:
+        assert seen == [[]] and stale_stagings(tmp_path / "run") == []
+        assert files.STAGING_MARK in staging.name and staging.is_dir()
+        assert not list(tmp_path.glob("*.creating-*"))
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")

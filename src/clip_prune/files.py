@@ -78,8 +78,7 @@ def atomic_directory(path: str | Path, overwrite: bool = False, keep: str | None
     path = Path(path)
     check_free(path, overwrite)
     staging = new_staging(path) if staging is None else Path(staging)
-    staging.mkdir(parents=True, exist_ok=True)
-    lock = _lock(staging)
+    lock = _lock(staging) if staging.is_dir() else _create_locked(staging)
     try:
         try:
             yield staging
@@ -113,6 +112,16 @@ def _move_into_place(staging: Path, path: Path, overwrite: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         old.unlink()
+
+
+def _create_locked(staging: Path) -> int | None:
+    """Create `staging` already locked: made and locked under a name `stale_stagings` does not match, then renamed
+    (the lock is on the folder itself and moves with it), so no other run ever sees it unlocked."""
+    creating = staging.with_name(staging.name.replace(STAGING_MARK, ".creating-"))
+    creating.mkdir(parents=True)
+    lock = _lock(creating)
+    os.rename(creating, staging)
+    return lock
 
 
 def _lock(folder: Path) -> int | None:
