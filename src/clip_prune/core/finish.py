@@ -30,16 +30,11 @@ from clip_prune.core.sharing import read_processor
 from clip_prune.core.slicing import count_vision_macs, plan_from_masks
 from clip_prune.core.summary import format_summary
 from clip_prune.data.coco import available_cores
-from clip_prune.towers import VisionInputs, image_embeds, tower_of
+from clip_prune.towers import VisionInputs, as_inputs, image_embeds, tower_of
 
 EQUIVALENCE_TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 """Largest accepted |masked − pruned| of image embeddings, relative to the largest |embedding| (at least 1),
 per dtype: slicing reorders sums, so the two agree to the dtype's rounding (float32 measured ≤ 1e-5)."""
-
-
-def as_inputs(inputs: torch.Tensor | VisionInputs) -> VisionInputs:
-    """A pixel batch as the tower's inputs (`{"pixel_values": pixels}`); the tower's inputs as they are."""
-    return {"pixel_values": inputs} if isinstance(inputs, torch.Tensor) else inputs
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -216,7 +211,7 @@ def measure_costs(dense: nn.Module, pruned: nn.Module, head_mask: torch.Tensor, 
                   pixels: torch.Tensor | VisionInputs, latency_repeats: int) -> dict[str, Any]:
     """Analytic and counted MACs, parameters and measured latency of the dense and pruned vision towers."""
     pixels = as_inputs(pixels)
-    macs = count_encoder_macs(tower_of(dense).vision.config)
+    macs = count_encoder_macs(tower_of(dense).config)
     analytic = macs.of_masks(head_mask, neuron_mask)
     counted_dense, counted_pruned = count_vision_macs(dense), count_vision_macs(pruned)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None

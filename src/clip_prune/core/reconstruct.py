@@ -44,7 +44,7 @@ from clip_prune.core.least_squares import (
 from clip_prune.core.masks import VisionMasks, mask_shapes
 from clip_prune.core.refit import RefitWeights, head_columns
 from clip_prune.core.slicing import check_masks
-from clip_prune.towers import VisionInputs, tower_of
+from clip_prune.towers import VisionInputs, as_inputs, tower_of
 
 Method = Literal["weights", "scales"]
 ERROR_NAMES = ("heads_before", "heads_after", "neurons_before", "neurons_after")
@@ -343,7 +343,7 @@ def reconstruct(
     was_training = model.training
     model.eval()
     try:
-        inputs = [{"pixel_values": batch} if isinstance(batch, torch.Tensor) else batch for batch in batches]
+        inputs = [as_inputs(batch) for batch in batches]
         states = [tower.embed(batch) for batch in inputs]
         run = _Run(method=method, head_mask=student_heads.clone(), neuron_mask=student_neurons.clone(),
                    teacher_states=states, student_states=list(states),

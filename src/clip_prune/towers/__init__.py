@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
-from clip_prune.towers.base import VisionInputs, VisionTower, inputs_to, normalize_pixels
+from clip_prune.towers.base import VisionInputs, VisionTower, as_inputs, inputs_to, normalize_pixels
 from clip_prune.towers.clip import ClipTower
 from clip_prune.towers.siglip import SiglipTower
 from clip_prune.towers.siglip2 import Siglip2Tower
@@ -47,8 +47,7 @@ def tower_of(model: nn.Module) -> VisionTower:
 def image_embeds(model: nn.Module, inputs: torch.Tensor | VisionInputs) -> torch.Tensor:
     """`model`'s image embeddings [B, E] of a pixel batch or of the tower's full inputs (SigLIP2's masks too;
     uint8 pixels with their `pixel_mean` and `pixel_std` are normalised where they are, `normalize_pixels`)."""
-    return tower_of(model).image_embeds(normalize_pixels({"pixel_values": inputs} if isinstance(inputs, torch.Tensor)
-                                                         else inputs))
+    return tower_of(model).image_embeds(normalize_pixels(as_inputs(inputs)))
 
 
 def load_model(pretrained: str, attn_implementation: str = "sdpa") -> PreTrainedModel:
@@ -72,5 +71,5 @@ def load_model(pretrained: str, attn_implementation: str = "sdpa") -> PreTrained
     return family.model_classes[config.model_type].from_pretrained(pretrained, attn_implementation=attn_implementation)
 
 
-__all__ = ["FAMILIES", "VisionInputs", "VisionTower", "image_embeds", "inputs_to", "load_model", "normalize_pixels",
-           "supported_model_types", "tower_class", "tower_of"]
+__all__ = ["FAMILIES", "VisionInputs", "VisionTower", "as_inputs", "image_embeds", "inputs_to", "load_model",
+           "normalize_pixels", "supported_model_types", "tower_class", "tower_of"]

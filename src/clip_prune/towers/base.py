@@ -44,19 +44,20 @@ def normalize_pixels(inputs: VisionInputs) -> dict[str, torch.Tensor]:
     return inputs
 
 
+def as_inputs(inputs: torch.Tensor | VisionInputs) -> VisionInputs:
+    """A pixel batch as the tower's inputs (`{"pixel_values": pixels}`); the tower's inputs as they are."""
+    return {"pixel_values": inputs} if isinstance(inputs, torch.Tensor) else inputs
+
+
 def inputs_to(inputs: VisionInputs, device: torch.device | str, dtype: torch.dtype | None = None,
               non_blocking: bool = False) -> dict[str, torch.Tensor]:
-    """`inputs` on `device`, the floating-point ones (the pixels) in `dtype` if given (masks and shapes keep theirs).
-
-    uint8 pixels travel as they are and are normalised on `device` (`normalize_pixels`) before the cast to `dtype`:
-    every consumer of batches gets its model inputs here.
+    """`inputs` on `device`, uint8 pixels normalised there (`normalize_pixels`), then the floating-point ones (the
+    pixels) in `dtype` if given (masks and shapes keep theirs): every consumer of batches gets its model inputs here.
     """
-    def cast(name: str, value: torch.Tensor) -> bool:
-        return dtype is not None and value.is_floating_point() and name not in PIXEL_NORMALIZATION
-
-    moved = normalize_pixels({name: value.to(device, dtype=dtype if cast(name, value) else None,
-                                             non_blocking=non_blocking) for name, value in inputs.items()})
-    return {name: value.to(dtype) if cast(name, value) else value for name, value in moved.items()}
+    moved = normalize_pixels({name: value.to(device, non_blocking=non_blocking) for name, value in inputs.items()})
+    if dtype is None:
+        return moved
+    return {name: value.to(dtype) if value.is_floating_point() else value for name, value in moved.items()}
 
 
 class VisionTower:
