@@ -12,7 +12,7 @@ the same data, workers and batch size:
 
 - data path: the calibration DataLoader (read, decode, resize, normalise, tokenise) against
   decode-only (a full-size JPEG decode per image), and against the per-image processor call
-  that `load_pixels` made before `clip_prune.data.pixels`;
+  that the data path made before `clip_prune.data.pixels`;
 - Fisher pass against a plain forward+backward (the same loss, one gradient to a shared mask);
 - reconstruction against one dense vision forward over the images it uses;
 - save + verification + evaluation against the rest of the run.

@@ -95,11 +95,6 @@ def check_images(images: list[CaptionedImage], workers: int = 1, skip_bad: bool 
     return [image for image in images if image.path in check.digests], check.digests
 
 
-def load_pixels(path: Path, image_processor: Any) -> torch.Tensor:
-    """One image file as CLIP pixels [3, S, S] (converted to RGB, resized and normalised as the processor does)."""
-    return PixelLoader(image_processor)(path)
-
-
 class ImageItems(Dataset):
     """Image files, each with one extra field: `{"pixel_values": [3, S, S], "index": i, field: value}`.
 

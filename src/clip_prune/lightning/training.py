@@ -14,13 +14,14 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
 
 from clip_prune.core.metrics import retrieval_recall
-from clip_prune.data.coco import CaptionedImage, ImageItems, check_images, load_pixels, read_coco_captions
+from clip_prune.data.coco import CaptionedImage, ImageItems, check_images, read_coco_captions
+from clip_prune.data.pixels import PixelLoader
 from clip_prune.data.synthetic import caption_vocabulary
 from clip_prune.data.tokenizer import build_word_tokenizer
 from clip_prune.files import atomic_directory, check_free
 from clip_prune.lightning.data import CocoDataModule
 from clip_prune.towers import normalize_pixels
-from clip_prune.towers.clip import info_nce_loss
+from clip_prune.towers.clip import ClipTower
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 # The demo architecture: 64 px images, patch 8 (T = 65), L = 4, H = 4, D = 128, F = 512.
@@ -80,7 +81,7 @@ class RandomCaptionImages(Dataset):
 
     def __init__(self, images: list[CaptionedImage], image_processor: Any) -> None:
         self.images = images
-        self.image_processor = image_processor
+        self.load = PixelLoader(image_processor)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -88,7 +89,7 @@ class RandomCaptionImages(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         image = self.images[index]
         caption = image.captions[int(torch.randint(len(image.captions), ()))]
-        return {"pixel_values": load_pixels(image.path, self.image_processor), "caption": caption, "index": index}
+        return {"pixel_values": self.load(image.path), "caption": caption, "index": index}
 
 
 class CocoTrainingDataModule(CocoDataModule):
@@ -183,12 +184,10 @@ class ContrastiveTrainingModule(L.LightningModule):
         self._val_embeds: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        pixels = normalize_pixels(batch)["pixel_values"]  # the validation pairs' pixels are uint8 (ImageItems)
-        image_embeds = self.model.get_image_features(pixel_values=pixels).pooler_output
-        text_embeds = self.model.get_text_features(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        ).pooler_output
-        return info_nce_loss(image_embeds, text_embeds, self.model.logit_scale), image_embeds, text_embeds
+        tower = ClipTower(self.model)
+        image_embeds = tower.image_embeds(normalize_pixels(batch))  # the validation pairs' pixels are uint8
+        text_embeds = tower.text_embeds(batch["input_ids"], batch["attention_mask"])
+        return tower.loss(image_embeds, text_embeds), image_embeds, text_embeds
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         # CLIP clips the temperature at 100 so that the logits cannot blow up.

@@ -17,9 +17,8 @@ from clip_prune.hub import PrunedCLIPModel, PrunedCLIPVisionModel
 from clip_prune.towers.base import VisionInputs, VisionTower
 
 
-def info_nce_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE over in-batch pairs at temperature exp(logit_scale)."""
-    logits = logit_scale.exp() * F.normalize(image_embeds, dim=-1) @ F.normalize(text_embeds, dim=-1).T
+def info_nce_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over the in-batch pairs of `logits` [N, N] (row i matches column i)."""
     targets = torch.arange(len(logits), device=logits.device)
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
@@ -52,8 +51,8 @@ class ClipTower(VisionTower):
         return self.model.config.projection_dim if self.has_text else self.config.hidden_size
 
     def logits(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
-        scale = self.model.logit_scale.exp().to(image_embeds)
+        scale = self.model.logit_scale.float().exp().to(image_embeds)
         return scale * F.normalize(image_embeds, dim=-1) @ F.normalize(text_embeds, dim=-1).T
 
     def loss(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
-        return info_nce_loss(image_embeds, text_embeds, self.model.logit_scale.float())
+        return info_nce_loss(self.logits(image_embeds, text_embeds))

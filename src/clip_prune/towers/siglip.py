@@ -18,11 +18,10 @@ from clip_prune.hub import PrunedSiglipModel, PrunedSiglipVisionModel
 from clip_prune.towers.base import VisionInputs, VisionTower
 
 
-def sigmoid_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor,
-                 logit_bias: torch.Tensor) -> torch.Tensor:
-    """SigLIP's loss: −Σ_ij log σ(z_ij · (exp(logit_scale)·cos_ij + logit_bias)) / N, z = +1 on the diagonal, −1
-    elsewhere; summed over the N×N pairs and divided by the batch size N, as in the paper (its Algorithm 1)."""
-    logits = logit_scale.exp() * F.normalize(image_embeds, dim=-1) @ F.normalize(text_embeds, dim=-1).T + logit_bias
+def sigmoid_loss(logits: torch.Tensor) -> torch.Tensor:
+    """SigLIP's loss on the pair logits [N, N] (exp(logit_scale)·cos + logit_bias): −Σ_ij log σ(z_ij · logit_ij) / N,
+    z = +1 on the diagonal, −1 elsewhere; summed over the N×N pairs and divided by the batch size N, as in the
+    paper (its Algorithm 1)."""
     signs = 2 * torch.eye(len(logits), device=logits.device, dtype=logits.dtype) - 1
     return -F.logsigmoid(signs * logits).sum() / len(logits)
 
@@ -58,8 +57,9 @@ class SiglipTower(VisionTower):
         return self.config.hidden_size
 
     def logits(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
-        scale, bias = self.model.logit_scale.exp().to(image_embeds), self.model.logit_bias.to(image_embeds)
+        scale = self.model.logit_scale.float().exp().to(image_embeds)
+        bias = self.model.logit_bias.float().to(image_embeds)
         return scale * F.normalize(image_embeds, dim=-1) @ F.normalize(text_embeds, dim=-1).T + bias
 
     def loss(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
-        return sigmoid_loss(image_embeds, text_embeds, self.model.logit_scale.float(), self.model.logit_bias.float())
+        return sigmoid_loss(self.logits(image_embeds, text_embeds))
