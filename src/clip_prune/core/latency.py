@@ -27,6 +27,7 @@ from typing import TypeVar
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
+from clip_prune.core.outputs import write_json_atomically
 from clip_prune.towers import tower_class, tower_of
 
 Result = TypeVar("Result")
@@ -278,11 +279,8 @@ def measure_latency_table(config: PretrainedConfig, batch_size: int, device: tor
 
 
 def write_table(table: LatencyTable, path: Path) -> None:
-    """Save `table` as JSON (measurements, fits, fixed and dense seconds)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}")  # concurrent runs never read half a file
-    temporary.write_text(json.dumps(table.to_json(), indent=1) + "\n")
-    os.replace(temporary, path)
+    """Save `table` as JSON (measurements, fits, fixed and dense seconds); concurrent runs never read half a file."""
+    write_json_atomically(path, table.to_json(), overwrite=True)
 
 
 def read_table(path: Path) -> LatencyTable:

@@ -108,10 +108,9 @@ def save_pruned(model: PreTrainedModel, output_dir: str | Path, plan: list[Layer
     Returns:
         The output directory.
     """
-    _check_plan(model, plan)
     output = Path(output_dir).resolve()
     with atomic_directory(output, overwrite) as staging:
-        write_pruned(model, staging, plan, processor)
+        write_pruned(model, staging, plan, processor)  # checks the plan first: a mismatch leaves nothing behind
     return output
 
 

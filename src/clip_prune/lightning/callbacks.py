@@ -244,7 +244,8 @@ class PruningCallback(L.Callback):
     def _model_to_save(self, trainer: L.Trainer, pl_module: MaskedCLIPModule) -> PrunedModelSpec:
         """The dense model (its masks removed: the reference of verification and evaluation) and the final masks,
         to be saved into OUTPUT_DIR/pruned and checked on calibration images (the tower's inputs)."""
-        batch = pl_module.tower.vision_inputs(next(iter(trainer.val_dataloaders)))
+        read = self._calibration_batches(trainer, pl_module)  # on the device already, unless nothing was rebuilt
+        batch = read[0] if read else pl_module.tower.vision_inputs(next(iter(trainer.val_dataloaders)))
         inputs = inputs_to({name: value[:8] for name, value in batch.items()}, pl_module.device)
         pl_module.masks.remove()
         last = self.steps[-1]

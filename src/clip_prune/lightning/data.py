@@ -95,7 +95,7 @@ class CocoDataModule(L.LightningDataModule):
         self.calibration: ImageItems | None = None
         self.calibration_digest: str | None = None
         """sha256 over the sampled pairs (caption and image bytes, in order): which data the statistics saw."""
-        self._read: dict[str, Any] = {}  # processor, tokenizer and evaluation splits, each read once
+        self._read: dict[str, Any] = {}  # config, processor, tokenizer and evaluation splits, each read once
 
     def setup(self, stage: str | None = None) -> None:
         """Read, sample and check the calibration split and the evaluation data (before any model work)."""
@@ -250,6 +250,6 @@ class CocoDataModule(L.LightningDataModule):
         """Tokenizes captions with the checkpoint's tokenizer, truncated at its text length limit and padded as the
         family's text tower wants."""
         tokenizer = self.tokenizer()
-        config = AutoConfig.from_pretrained(self.hparams.pretrained)
+        config = self._once("config", lambda: AutoConfig.from_pretrained(self.hparams.pretrained))
         limit = text_length_limit(tokenizer, config) if tokenizer is not None else 0
         return CaptionCollator(tokenizer, limit, tower_class(config).text_padding)

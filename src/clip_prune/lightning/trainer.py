@@ -248,7 +248,6 @@ class ClipPruneTrainer(L.Trainer):
             write_json_atomically(Path(output_json), metrics, overwrite)
         return metrics
 
-
     def sensitivity(
         self,
         model: MaskedCLIPModule,
