@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch.distributed
 import yaml
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -166,3 +167,16 @@ def main(args: list[str] | None = None) -> None:
         print(f"clip-prune: error: {cause}\n(run with --debug or {DEBUG_VARIABLE}=1 to see the traceback)",
               file=sys.stderr)
         sys.exit(2)
+    else:
+        close_process_group()
+
+
+def close_process_group() -> None:
+    """End a finished DDP run's process group while Python is still whole.
+
+    Left to interpreter shutdown, gloo's worker threads can still hold tensors whose release needs the
+    GIL, and the process aborts ("terminate called without an active exception", status -6) after its
+    work is done. Only after success: ranks that failed may never reach the collective shutdown.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
