@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import CLIPModel, CLIPVisionModel
+from conftest import save_tiny_model, tiny_vision_inputs
+from transformers import AutoModel
 
 from clip_prune.core.finish import save_pruned_model
 from clip_prune.core.saving import load_pruned
@@ -21,12 +22,12 @@ from clip_prune.core.onnx_export import check_parity, dense_twin, export_image_e
 IMAGE_SIZE = 30
 
 
-@pytest.fixture(scope="module", params=["clip", "vision"])
-def pruned_dir(request, tiny_clip_dir, tiny_vision_dir, tmp_path_factory) -> Path:
-    """A pruned tiny model with uneven widths, a layer without heads and one without neurons."""
-    vision_only = request.param == "vision"
-    pretrained = tiny_vision_dir if vision_only else tiny_clip_dir
-    dense = (CLIPVisionModel if vision_only else CLIPModel).from_pretrained(pretrained).eval()
+@pytest.fixture(scope="module", params=["clip", "clip_vision", "siglip", "siglip_vision"])
+def pruned_dir(request, tmp_path_factory) -> Path:
+    """A pruned tiny model of each family whose image encoder takes pixels alone, with uneven widths, a layer
+    without heads and one without neurons."""
+    pretrained = save_tiny_model(tmp_path_factory.mktemp(f"tiny-{request.param}"), request.param)
+    dense = AutoModel.from_pretrained(pretrained).eval()
     head_mask = torch.tensor([[1.0, 0, 1, 1], [0, 0, 0, 0], [0.5, 1, 0, 2]])
     neuron_mask = (torch.arange(37) % 3 != 1).float().repeat(3, 1)
     neuron_mask[2] = 0
@@ -47,9 +48,9 @@ def test_export_onnx_matches_pytorch_at_any_batch_size(pruned_dir) -> None:
     pixels = torch.randn(3, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(5))
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (output,) = session.run(None, {"pixel_values": pixels.numpy()})
-    with torch.no_grad():
-        expected = (model.get_image_features(pixel_values=pixels).pooler_output if isinstance(model, CLIPModel)
-                    else model(pixel_values=pixels).pooler_output)
+    with torch.no_grad():  # transformers' own entry points, not the encoder the export wraps
+        expected = (model.get_image_features(pixel_values=pixels) if hasattr(model, "get_image_features")
+                    else model(pixel_values=pixels)).pooler_output
     torch.testing.assert_close(torch.from_numpy(output), expected, rtol=0, atol=1e-5)
     with pytest.raises(FileExistsError, match="--overwrite"):
         main(["export-onnx", "--pruned", str(pruned_dir)])
@@ -79,3 +80,15 @@ def test_export_onnx_takes_a_prune_run_directory(pruned_dir, tmp_path) -> None:
     (run / "pruned").symlink_to(pruned_dir)
     main(["export-onnx", "--pruned", str(run), "--output", str(tmp_path / "model.onnx"), "--latency_repeats", "1"])
     assert (tmp_path / "model.onnx").is_file()
+
+
+def test_siglip2_export_is_refused_with_the_reason(tmp_path) -> None:
+    """SigLIP2's variable-resolution inputs (patch mask, grid shapes) do not export yet: a clear refusal, no file."""
+    pretrained = save_tiny_model(tmp_path / "tiny", "siglip2")
+    model = AutoModel.from_pretrained(pretrained).eval()
+    inputs = tiny_vision_inputs(model)
+    heads, neurons = torch.ones(3, 4), torch.ones(3, 37)
+    save_pruned_model(model, heads, neurons, tmp_path / "pruned", str(pretrained), inputs, latency_repeats=1)
+    with pytest.raises(ValueError, match="siglip2 model.*pixel_attention_mask.*does not take yet"):
+        main(["export-onnx", "--pruned", str(tmp_path / "pruned")])
+    assert not (tmp_path / "pruned" / "onnx").exists()
