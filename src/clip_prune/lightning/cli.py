@@ -1,9 +1,10 @@
 """The `clip-prune` command: one LightningCLI whose subcommands are the methods of `ClipPruneTrainer`.
 
-LightningCLI dispatches every verb itself: `subcommands()` extends Lightning's (fit, validate, test, predict,
-which train the demo CLIP) with clip-prune's, each a Trainer method whose typed arguments are its options. Each
-verb's parser gets the model and data classes it works on (`VERB_CLASSES`, through the public
-`add_core_arguments_to_parser`): none for the verbs that need neither, so they run without `--model.pretrained`.
+LightningCLI dispatches every verb itself: `subcommands()` extends the two of Lightning's that the demo CLIP's
+module has steps for (fit and validate; test and predict would fail on it) with clip-prune's, each a Trainer
+method whose typed arguments are its options. Each verb's parser gets the model and data classes it works on
+(`VERB_CLASSES`, through the public `add_core_arguments_to_parser`): none for the verbs that need neither, so they
+run without `--model.pretrained`.
 Defaults of one verb only are YAML files in `lightning/defaults/` named after it.
 """
 
@@ -37,9 +38,11 @@ PRUNING_VERBS = ("prune", "apply", "evaluate", "sensitivity")
 """Verbs on a CLIP checkpoint (`MaskedCLIPModule`) and COCO captions (`CocoDataModule`)."""
 TOOL_VERBS = ("make-demo-data", "export-onnx")
 """Verbs that need no model and no data."""
+DEMO_VERBS = ("fit", "validate")
+"""Lightning's verbs that the demo trainer (`ContrastiveTrainingModule`) implements."""
 _DEMO_TRAINING = (ContrastiveTrainingModule, CocoTrainingDataModule)
 VERB_CLASSES: dict[str, tuple[type[L.LightningModule] | None, type[L.LightningDataModule] | None]] = {
-    **dict.fromkeys(("fit", "validate", "test", "predict"), _DEMO_TRAINING),
+    **dict.fromkeys(DEMO_VERBS, _DEMO_TRAINING),
     **dict.fromkeys(PRUNING_VERBS, (MaskedCLIPModule, CocoDataModule)),
     **dict.fromkeys(TOOL_VERBS, (None, None)),
 }
@@ -71,8 +74,10 @@ class ClipPruneCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        """Lightning's subcommands and clip-prune's verbs, each with the method arguments the CLI fills itself."""
-        return LightningCLI.subcommands() | {verb: {"model", "datamodule"} for verb in PRUNING_VERBS + TOOL_VERBS}
+        """Lightning's subcommands for the demo and clip-prune's verbs, each with the method arguments the CLI fills
+        itself."""
+        lightning_verbs = {verb: skip for verb, skip in LightningCLI.subcommands().items() if verb in DEMO_VERBS}
+        return lightning_verbs | {verb: {"model", "datamodule"} for verb in PRUNING_VERBS + TOOL_VERBS}
 
     def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """The options of the trainer, model and data of this parser's verb (a verb without model and data has no
@@ -128,8 +133,8 @@ def run_cli(args: ArgsType = None, run: bool = True, cli_class: type[ClipPruneCL
         args=args,
         run=run,
         parser_kwargs={
-            "description": "Prune the vision tower of a CLIP model without retraining. fit (and validate, test, "
-                           "predict) train the demo CLIP: --config configs/demo_train.yaml. Add --debug (or set "
+            "description": "Prune the vision tower of a CLIP model without retraining. fit (and validate) train "
+                           "the demo CLIP: --config configs/demo_train.yaml. Add --debug (or set "
                            f"{DEBUG_VARIABLE}=1) to see the traceback of an error.",
             **{verb: {"verb": verb} for verb in cli_class.subcommands()},  # the parser of each verb knows it
         },
