@@ -12,7 +12,9 @@ the same data, workers and batch size:
 
 - data path: the calibration DataLoader (read, decode, resize, normalise, tokenise) against
   decode-only (a full-size JPEG decode per image), and against the per-image processor call
-  that the data path made before `clip_prune.data.pixels`;
+  that the data path made before `clip_prune.data.pixels`; then, in this process, one image's
+  path step by step (`--data-path-only` stops there): where its time goes, and the decode at 1/8
+  scale, which leaves only the entropy decoding that no downscaling skips;
 - Fisher pass against a plain forward+backward (the same loss, one gradient to a shared mask);
 - reconstruction against one dense vision forward over the images it uses;
 - save + verification + evaluation against the rest of the run.
@@ -38,6 +40,7 @@ from bench_pipeline import save_vit_b16_clip
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
 
+from clip_prune.data.pixels import PixelLoader
 from clip_prune.data.synthetic import caption_vocabulary
 from clip_prune.lightning.data import CocoDataModule
 from clip_prune.lightning.module import MaskedCLIPModule
@@ -204,6 +207,7 @@ def main() -> None:
     datamodule.setup()
     rates = data_path_rates(datamodule)
     print(format_rates(rates))
+    print(format_steps(image_path_steps(datamodule)))
     if args.data_path_only:
         return
 
@@ -231,6 +235,51 @@ def data_path_rates(datamodule: CocoDataModule) -> dict[str, float]:
         for name, loader in loaders.items():
             rates[name].append(images_per_second(loader()))
     return {name: max(values) for name, values in rates.items()}
+
+
+def image_path_steps(datamodule: CocoDataModule, images: int = 96, repeats: int = 5) -> dict[str, float]:
+    """Milliseconds per image in this process (one thread) of the image path cut after each of its steps, the
+    full-size decode, and the decode at 1/8 scale (what is left when the inverse DCT is almost free); best of
+    `repeats` passes over the first `images` calibration images."""
+    torch.set_num_threads(1)
+    paths = [path for path, _ in datamodule.calibration.items][:images]
+    loader = PixelLoader(datamodule.image_processor(), uint8=True)
+
+    def drafted(path: Path, target: tuple[int, int] | None = None) -> tuple[Image.Image, tuple[int, int]]:
+        image = Image.open(path)
+        resize_target = loader.resize_target(image.size)
+        image.draft("RGB", target or resize_target)
+        image.load()
+        return image, resize_target
+
+    def as_tensor(path: Path) -> tuple[torch.Tensor, tuple[int, int]]:
+        image, target = drafted(path)
+        return torch.from_numpy(np.array(image)).permute(2, 0, 1), target
+
+    steps = {
+        "full-size decode": lambda path: Image.open(path).load(),
+        "decode at 1/8 scale": lambda path: drafted(path, (1, 1)),
+        "drafted decode": drafted,
+        "+ to a tensor": as_tensor,
+        "+ resize and crop": lambda path: loader.resize_and_crop(*as_tensor(path)),
+        "PixelLoader.inputs": loader.inputs,
+    }
+    milliseconds = {}
+    for name, step in steps.items():
+        best = math.inf
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for path in paths:
+                step(path)
+            best = min(best, (time.perf_counter() - start) / len(paths))
+        milliseconds[name] = 1e3 * best
+    return milliseconds
+
+
+def format_steps(milliseconds: dict[str, float]) -> str:
+    full = milliseconds["full-size decode"]
+    return "  one image, one thread: " + "; ".join(f"{name} {value:.2f} ms ({value / full:.2f})"
+                                                  for name, value in milliseconds.items())
 
 
 def format_rates(rates: dict[str, float]) -> str:
