@@ -77,6 +77,9 @@ def test_measured_table_is_cached_per_device_and_shape(tmp_path: Path) -> None:
     assert cached and again.to_json() == table.to_json()
     other, cached = cached_latency_table(tiny_config(), 3, cache_dir=tmp_path, **measure)  # another batch size
     assert not cached and len(list(tmp_path.glob("*.json"))) == 2
+    aligned, cached = cached_latency_table(tiny_config(), 2, cache_dir=tmp_path, **measure, multiple_of=8)
+    assert not cached and aligned.key["multiple_of"] == 8 and table.key["multiple_of"] == 1
+    assert all(count % 8 == 0 or count == 37 for count in aligned.neuron_counts)
     write_table(table, tmp_path / "run" / "latency_table.json")
     assert read_table(tmp_path / "run" / "latency_table.json").to_json() == table.to_json()
 

@@ -177,13 +177,15 @@ def device_name(device: torch.device) -> str:
 
 
 def table_key(config: PretrainedConfig, batch_size: int, device: torch.device, dtype: torch.dtype,
-              attn_implementation: str) -> dict[str, object]:
-    """Everything a latency table depends on; its hash names the cache file."""
-    return {"version": TABLE_VERSION, "device": device_name(device), "torch": torch.__version__,
-            "dtype": str(dtype), "attn_implementation": attn_implementation, "batch_size": batch_size,
-            "tokens": tower_class(config).num_tokens(config), "hidden_size": config.hidden_size,
-            "num_attention_heads": config.num_attention_heads, "intermediate_size": config.intermediate_size,
-            "num_hidden_layers": config.num_hidden_layers, "hidden_act": config.hidden_act}
+              attn_implementation: str, multiple_of: int) -> dict[str, object]:
+    """Everything a latency table depends on (`multiple_of`: the neuron widths it times); its hash names the cache
+    file."""
+    return {"version": TABLE_VERSION, "multiple_of": multiple_of, "device": device_name(device),
+            "torch": torch.__version__, "dtype": str(dtype), "attn_implementation": attn_implementation,
+            "batch_size": batch_size, "tokens": tower_class(config).num_tokens(config),
+            "hidden_size": config.hidden_size, "num_attention_heads": config.num_attention_heads,
+            "intermediate_size": config.intermediate_size, "num_hidden_layers": config.num_hidden_layers,
+            "hidden_act": config.hidden_act}
 
 
 def default_cache_dir() -> Path:
@@ -272,8 +274,8 @@ def measure_latency_table(config: PretrainedConfig, batch_size: int, device: tor
         if dense_s > empty_s:
             break
         dense_s, empty_s = _median_seconds(towers, device, warmup, repeats * 2 ** attempt)
-    return LatencyTable(key=table_key(config, batch_size, device, dtype, attn_implementation), num_layers=layers,
-                        head_counts=head_counts, attention_s=seconds[: len(head_counts)],
+    key = table_key(config, batch_size, device, dtype, attn_implementation, multiple_of)
+    return LatencyTable(key=key, num_layers=layers, head_counts=head_counts, attention_s=seconds[: len(head_counts)],
                         neuron_counts=neuron_counts, mlp_s=seconds[len(head_counts):], dense_s=dense_s,
                         empty_s=empty_s)
 
@@ -298,7 +300,7 @@ def cached_latency_table(config: PretrainedConfig, batch_size: int, device: torc
     `measure` goes to `measure_latency_table` (warmup, repeats, mlp_points, multiple_of).
     """
     device = torch.device(device)
-    key = table_key(config, batch_size, device, dtype, attn_implementation)
+    key = table_key(config, batch_size, device, dtype, attn_implementation, measure.get("multiple_of", 1))
     digest = hashlib.sha256(json.dumps({**key, **measure}, sort_keys=True).encode()).hexdigest()[:16]
     path = (default_cache_dir() if cache_dir is None else cache_dir) / f"{digest}.json"
     if path.is_file():
