@@ -18,6 +18,7 @@ from transformers import (
     CLIPModel,
     CLIPVisionConfig,
     CLIPVisionModel,
+    PretrainedConfig,
     PreTrainedModel,
     Siglip2Config,
     Siglip2ImageProcessor,
@@ -31,6 +32,7 @@ from transformers import (
     SiglipVisionModel,
 )
 
+from clip_prune.core.latency import LatencyTable, neuron_grid, table_key
 from clip_prune.data.tokenizer import build_word_tokenizer
 from clip_prune.towers import tower_of
 
@@ -207,3 +209,20 @@ def tiny_coco_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tiny-coco")
     write_tiny_coco(root, num_images=12, split="train2017")
     return write_tiny_coco(root, num_images=6, seed=1, split="val2017")
+
+
+def linear_latency_table(config: PretrainedConfig, batch_size: int, device: torch.device | str = "cpu",
+                         dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa", warmup: int = 2,
+                         repeats: int = 5, mlp_points: int = 16, multiple_of: int = 1) -> LatencyTable:
+    """A stand-in for `measure_latency_table` whose seconds grow linearly with the kept widths: the same key and
+    grid, no timing, so tests of what uses a table do not depend on the machine's load (a busy 2-core runner can
+    time the tower's fixed parts above a tight budget)."""
+    heads, neurons = config.num_attention_heads, config.intermediate_size
+    head_counts, neuron_counts = list(range(heads + 1)), neuron_grid(neurons, mlp_points, multiple_of)
+    attention = [0.0] + [1e-3 * (1 + count) for count in head_counts[1:]]
+    mlp = [0.0] + [1e-3 * (0.5 + count / neurons) for count in neuron_counts[1:]]
+    empty = 2e-3
+    dense = empty + config.num_hidden_layers * (attention[-1] + mlp[-1])
+    key = table_key(config, batch_size, torch.device(device), dtype, attn_implementation, multiple_of)
+    return LatencyTable(key=key, num_layers=config.num_hidden_layers, head_counts=head_counts, attention_s=attention,
+                        neuron_counts=neuron_counts, mlp_s=mlp, dense_s=dense, empty_s=empty)

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli_subprocess, save_tiny_clip
+from conftest import linear_latency_table, run_cli_subprocess, save_tiny_clip
 from PIL import Image
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModel, AutoProcessor, BertConfig
 
+from clip_prune.core import latency
 from clip_prune.core.finish import masked_embeddings
 from clip_prune.core.fisher import fisher_metadata
 from clip_prune.core.refit import REFIT_FILE, load_refit, refit_applied
@@ -242,6 +243,7 @@ def test_fisher_from_two_ddp_processes_equals_one(num_samples, tiny_clip_dir, ti
 def test_prune_under_a_latency_budget_with_widths_at_multiples(tiny_clip_dir, tiny_coco_root, tmp_path,
                                                                monkeypatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(latency, "measure_latency_table", linear_latency_table)  # tests/core times real tables
     args = ("--constraint", "0.6", "--constraint_type", "latency", "--options.multiple_of", "8",
             "--options.reconstruct", "none")
     run_prune(tiny_clip_dir, tiny_coco_root, tmp_path / "run", *args)

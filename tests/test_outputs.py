@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 
 import pytest
@@ -94,6 +95,18 @@ def test_a_staging_folder_is_never_seen_unlocked(tmp_path, monkeypatch) -> None:
         assert not list(tmp_path.glob("*.creating-*"))
 
 
+def wait_or_kill(child: int, timeout: float) -> None:
+    """Reap a forked child; one stuck past `timeout` seconds is killed and fails the test instead of hanging it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.waitpid(child, os.WNOHANG) != (0, 0):
+            return
+        time.sleep(0.05)
+    os.kill(child, signal.SIGKILL)
+    os.waitpid(child, 0)
+    pytest.fail(f"the forked run did not end within {timeout} s")
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_the_lock_is_held_across_processes(tmp_path) -> None:
     """A live staging folder of another process is not stale; once that process ends, it is."""
@@ -117,7 +130,7 @@ def test_the_lock_is_held_across_processes(tmp_path) -> None:
         assert RunDirectory(tmp_path / "run").interrupted_runs() == []
     finally:
         os.write(write, b"x")
-        os.waitpid(child, 0)
+        wait_or_kill(child, timeout=60)
     staging = (tmp_path / "ready").read_text()
     assert [str(path) for path in RunDirectory(tmp_path / "run").interrupted_runs()] == [staging]
 

@@ -111,3 +111,19 @@ def test_verb_defaults_apply_to_their_verb_only(defaults: Path, capsys: pytest.C
     expected = _leaves(yaml.safe_load(defaults.read_text()))
     assert all(_value(resolved[verb], path) == value for path, value in expected)
     assert any(_value(resolved["prune"], path) != value for path, value in expected)
+
+
+def test_a_gloo_process_group_is_ended_after_a_failed_run_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Left to interpreter shutdown, gloo can abort the process (status -6) and hide the run's own exit status."""
+    import torch.distributed
+
+    import clip_prune.lightning.cli as cli
+
+    def failing_run(args: list[str] | None) -> None:
+        torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        raise ValueError("bad input")
+
+    monkeypatch.setattr(cli, "run_cli", failing_run)
+    with pytest.raises(ValueError, match="bad input"):
+        main(["prune"])
+    assert not torch.distributed.is_initialized()

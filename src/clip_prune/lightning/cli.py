@@ -158,8 +158,10 @@ def main(args: list[str] | None = None) -> None:
     # Dataclass fields document themselves with a docstring below them: show those in --help
     # (reading them costs about a second, so only when help is asked for).
     set_parsing_settings(docstring_parse_attribute_docstrings=any(arg.endswith("help") for arg in argv))
+    succeeded = False
     try:
         run_cli(None if args is None else argv)
+        succeeded = True
     except SIGTERMException:
         # Lightning stops a terminated run with a SystemExit without a code, i.e. status 0: a scheduler would
         # take the pre-empted job for a finished one. 128 + SIGTERM, as the shell reports it.
@@ -172,16 +174,19 @@ def main(args: list[str] | None = None) -> None:
         print(f"clip-prune: error: {cause}\n(run with --debug or {DEBUG_VARIABLE}=1 to see the traceback)",
               file=sys.stderr)
         sys.exit(2)
-    else:
-        close_process_group()
+    finally:
+        close_process_group(succeeded)
 
 
-def close_process_group() -> None:
-    """End a finished DDP run's process group while Python is still whole.
+def close_process_group(succeeded: bool) -> None:
+    """End a DDP run's process group while Python is still whole.
 
     Left to interpreter shutdown, gloo's worker threads can still hold tensors whose release needs the
     GIL, and the process aborts ("terminate called without an active exception", status -6) after its
-    work is done. Only after success: ranks that failed may never reach the collective shutdown.
+    work is done, or turns a clear error's status 2 into an abort. Gloo's shutdown is local, so it is safe
+    after a failure too; NCCL's may wait on ranks that failed elsewhere, so it is left to Lightning then.
     """
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if succeeded or torch.distributed.get_backend() == "gloo":
         torch.distributed.destroy_process_group()
