@@ -231,6 +231,42 @@ def search_layer_widths(
             index = torch.tensor([count for count in counts if count <= len(order)])
             steps = torch.ceil(costs[layer, index].double().cpu() / step).long()
             groups.append((layer, part, order, index, prefix[index], steps))
+    widest = [int(counts.max()) for *_, counts, _values, _steps in groups]
+    if _fits(widest, layers, head_costs, neuron_costs, budget) and bool((head_scores >= 0).all()
+                                                                         and (neuron_scores >= 0).all()):
+        kept = widest  # e.g. a constraint of 1: the rounding below would otherwise cost the dense option its fit
+    else:
+        kept = _knapsack(groups, resolution, step)
+    masks = [torch.zeros_like(head_scores, dtype=torch.float32, device="cpu"),
+             torch.zeros_like(neuron_scores, dtype=torch.float32, device="cpu")]
+    for (layer, part, order, *_), count in zip(groups, kept, strict=True):
+        masks[part][layer, order[:count]] = 1.0
+    heads_per_layer, neurons_per_layer = kept[:layers], kept[layers:]
+    cost = _cost(kept, layers, head_costs, neuron_costs)
+    assert cost <= budget * (1 + FLOAT_SLACK), f"width search kept a cost of {cost} over the budget {budget}"
+    objective = float((head_scores.double().cpu() * masks[0]).sum() + (neuron_scores.double().cpu() * masks[1]).sum())
+    return WidthSearchResult(head_mask=masks[0].to(head_scores.device), neuron_mask=masks[1].to(neuron_scores.device),
+                             heads_per_layer=heads_per_layer, neurons_per_layer=neurons_per_layer,
+                             objective=objective, cost=cost, budget=budget)
+
+
+def _cost(kept: list[int], layers: int, head_costs: torch.Tensor, neuron_costs: torch.Tensor) -> float:
+    """The table cost of keeping `kept` (L head counts, then L neuron counts)."""
+    return float(sum(head_costs[layer, count] for layer, count in enumerate(kept[:layers]))
+                 + sum(neuron_costs[layer, count] for layer, count in enumerate(kept[layers:])))
+
+
+FLOAT_SLACK = 1e-9
+"""Relative slack of a budget check: a budget of c × the dense cost, summed in another order, may fall an ulp
+short of the dense widths' own sum at c = 1."""
+
+
+def _fits(kept: list[int], layers: int, head_costs: torch.Tensor, neuron_costs: torch.Tensor, budget: float) -> bool:
+    return _cost(kept, layers, head_costs, neuron_costs) <= budget * (1 + FLOAT_SLACK)
+
+
+def _knapsack(groups: list[tuple], resolution: int, step: float) -> list[int]:
+    """The count each group keeps that maximises the summed values within `resolution` budget steps."""
     # One step kept in reserve: rounding of float sums can then never push the real cost over the budget.
     capacity = resolution - 1
     best = torch.zeros(capacity + 1, dtype=torch.float64)
@@ -240,7 +276,7 @@ def search_layer_widths(
         choices.append(choice)
     if not bool(torch.isfinite(best[capacity])):
         raise ValueError(
-            f"no widths fit the budget {budget:.4g}: even the cheapest choice per layer costs "
+            f"no widths fit the budget {resolution * step:.4g}: even the cheapest choice per layer costs "
             f"{sum(float(group[5].min()) for group in groups) * step:.4g}; raise the constraint"
         )
     remaining, kept = capacity, []
@@ -249,18 +285,7 @@ def search_layer_widths(
         kept.append(int(counts[option]))
         remaining -= int(steps[option])
     kept.reverse()
-    masks = [torch.zeros_like(head_scores, dtype=torch.float32, device="cpu"),
-             torch.zeros_like(neuron_scores, dtype=torch.float32, device="cpu")]
-    for (layer, part, order, *_), count in zip(groups, kept, strict=True):
-        masks[part][layer, order[:count]] = 1.0
-    heads_per_layer, neurons_per_layer = kept[:layers], kept[layers:]
-    cost = float(sum(head_costs[layer, count] for layer, count in enumerate(heads_per_layer))
-                 + sum(neuron_costs[layer, count] for layer, count in enumerate(neurons_per_layer)))
-    assert cost <= budget, f"width search kept a cost of {cost} over the budget {budget}"
-    objective = float((head_scores.double().cpu() * masks[0]).sum() + (neuron_scores.double().cpu() * masks[1]).sum())
-    return WidthSearchResult(head_mask=masks[0].to(head_scores.device), neuron_mask=masks[1].to(neuron_scores.device),
-                             heads_per_layer=heads_per_layer, neurons_per_layer=neurons_per_layer,
-                             objective=objective, cost=cost, budget=budget)
+    return kept
 
 
 def _add_group(best: torch.Tensor, values: torch.Tensor, steps: torch.Tensor,
