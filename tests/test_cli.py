@@ -343,6 +343,16 @@ def test_vision_only_checkpoint_without_tokenizer_prunes_with_distill(tiny_visio
     assert "metrics" not in report or report["metrics"]["dense"] == {}
 
 
+def test_a_checkpoint_saved_without_tokenizer_files_has_no_tokenizer(tiny_clip_dir, tiny_coco_root,
+                                                                     tmp_path) -> None:
+    """transformers makes up a tokenizer of special tokens alone for it; contrastive Fisher on it would be garbage."""
+    checkpoint = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny_clip_dir, checkpoint, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*",
+                                                                             "vocab*", "merges*"))
+    with pytest.raises(ValueError, match="has no tokenizer; save one beside the model or use --model.loss=distill"):
+        run_prune(checkpoint, tiny_coco_root, tmp_path / "run", "--constraint", "0.6")
+
+
 def test_bad_evaluation_data_is_reported_before_the_fisher_pass(tiny_clip_dir, tiny_coco_root, tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="zero_shot_root"):
         run_prune(tiny_clip_dir, tiny_coco_root, tmp_path / "run", "--constraint", "0.6",

@@ -177,9 +177,12 @@ class CocoDataModule(L.LightningDataModule):
 
     def _read_tokenizer(self) -> Any | None:
         try:
-            return AutoTokenizer.from_pretrained(self.hparams.pretrained)
+            tokenizer = AutoTokenizer.from_pretrained(self.hparams.pretrained)
         except (OSError, ValueError):
             return None
+        # For a checkpoint saved without tokenizer files transformers makes up one that knows only its special
+        # tokens: every caption would become the same unknown token. That is no tokenizer.
+        return tokenizer if len(tokenizer) > len(set(tokenizer.all_special_ids)) else None
 
     def has_evaluation_data(self) -> bool:
         """Whether the evaluation split (or a zero-shot tree) is there to measure what pruning costs."""
