@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -270,7 +271,9 @@ def run_apply(model_dir: Path, data_root: Path, masks: Path, output_dir: Path, *
 
 def test_apply_reproduces_the_model_saved_by_prune(tiny_clip_dir, tiny_coco_root, tmp_path) -> None:
     run_prune(tiny_clip_dir, tiny_coco_root, tmp_path / "run", "--constraint", "0.5")
-    run_apply(tiny_clip_dir, tiny_coco_root, tmp_path / "run", tmp_path / "applied")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*was fitted on the checkpoint")  # it was: no warning
+        run_apply(tiny_clip_dir, tiny_coco_root, tmp_path / "run", tmp_path / "applied")
     saved = load_file(tmp_path / "run" / "pruned" / "model.safetensors")
     applied = load_file(tmp_path / "applied" / "model.safetensors")
     assert saved.keys() == applied.keys()
@@ -295,6 +298,14 @@ def test_apply_reproduces_the_model_saved_by_prune(tiny_clip_dir, tiny_coco_root
     shutil.copy(tmp_path / "run" / "report.json", masks_only / "report.json")
     with pytest.raises(FileNotFoundError, match="refit.safetensors is missing"):
         run_apply(tiny_clip_dir, tiny_coco_root, masks_only, tmp_path / "refused")
+
+
+def test_apply_warns_when_refit_columns_meet_another_checkpoint(tiny_clip_dir, tiny_coco_root, tmp_path) -> None:
+    """The masked-equals-saved check cannot see it: both sides carry the same foreign columns."""
+    run_prune(tiny_clip_dir, tiny_coco_root, tmp_path / "run", "--constraint", "0.5")
+    other = save_tiny_clip(tmp_path / "other-seed", seed=5)
+    with pytest.warns(UserWarning, match="was fitted on the checkpoint .* not .*other-seed"):
+        run_apply(other, tiny_coco_root, tmp_path / "run", tmp_path / "applied")
 
 
 def test_apply_without_data_root_verifies_on_synthetic_images(tiny_clip_dir, tiny_coco_root, tmp_path) -> None:

@@ -10,15 +10,17 @@ order), so that the masks plus this file rebuild exactly the saved model.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from clip_prune.core.fisher import resolve_model_path
 from clip_prune.towers import tower_of
 
 REFIT_FILE = "refit.safetensors"
@@ -89,17 +91,32 @@ def refit_applied(model: nn.Module, head_mask: torch.Tensor, neuron_mask: torch.
                 parameter.copy_(original)
 
 
-def save_refit(path: str | Path, refit: RefitWeights) -> None:
-    """Write the refit columns as safetensors (float32 on the CPU)."""
+def save_refit(path: str | Path, refit: RefitWeights, model_name: str | None = None) -> None:
+    """Write the refit columns as safetensors (float32 on the CPU), with the checkpoint they were fitted on."""
+    metadata = {"format": "clip-prune-refit-v1"}
+    if model_name is not None:
+        metadata |= {"model": model_name, "model_path": resolve_model_path(model_name)}
     save_file({key: value.detach().float().cpu().contiguous() for key, value in refit.items()}, str(path),
-              metadata={"format": "clip-prune-refit-v1"})
+              metadata=metadata)
 
 
-def load_refit(path: str | Path, model: nn.Module, head_mask: torch.Tensor, neuron_mask: torch.Tensor) -> RefitWeights:
-    """Read `refit.safetensors` and check it against `model`'s encoder and the masks it goes with."""
+def load_refit(path: str | Path, model: nn.Module, head_mask: torch.Tensor, neuron_mask: torch.Tensor,
+               model_name: str | None = None) -> RefitWeights:
+    """Read `refit.safetensors` and check it against `model`'s encoder and the masks it goes with.
+
+    The columns were fitted to one checkpoint's weights: spliced into another of the same shapes they give a
+    wrong model that still passes the masked-equals-saved check, so a different checkpoint (`model_name`) is
+    warned about.
+    """
     try:
         refit = load_file(str(path))
+        with safe_open(str(path), framework="pt") as file:
+            recorded = (file.metadata() or {}).get("model_path")
     except (SafetensorError, OSError) as error:
         raise ValueError(f"{path} is not a readable refit file ({error}); rerun clip-prune prune") from error
     _targets(model, head_mask, neuron_mask, refit)
+    if model_name is not None and recorded is not None and recorded != resolve_model_path(model_name):
+        warnings.warn(f"{path} was fitted on the checkpoint {recorded}, not {model_name!r}: its columns replace "
+                      "the kept weights, so unless the two are copies of one checkpoint the saved model is wrong; "
+                      "apply the masks to the checkpoint they were made on", stacklevel=2)
     return refit

@@ -186,20 +186,20 @@ class PruningCallback(L.Callback):
         """Rank zero: write masks and plan, then finish the run (save and evaluate the pruned model, report)."""
         model = evaluate = None
         if self.steps:
-            report |= self._write_masks(count_encoder_macs(pl_module.vision_config))
+            report |= self._write_masks(count_encoder_macs(pl_module.vision_config), pl_module.hparams.pretrained)
             if self.options.save:
                 model = self._model_to_save(trainer, pl_module)
                 if trainer.datamodule is not None and trainer.datamodule.has_evaluation_data():
                     evaluate = partial(self._evaluate, trainer, pl_module)
         self.summary = finish_run(self.run, report, model, evaluate, self.timings)
 
-    def _write_masks(self, macs: EncoderMacs) -> dict[str, Any]:
+    def _write_masks(self, macs: EncoderMacs, model_name: str) -> dict[str, Any]:
         """Write the final masks, refit columns and plan; return the report's pruning part."""
         last = self.steps[-1]
         self.run.save_tensor("head_mask.pt", last.head_mask)
         self.run.save_tensor("neuron_mask.pt", last.neuron_mask)
         if last.refit:
-            save_refit(self.run.file(REFIT_FILE), last.refit)
+            save_refit(self.run.file(REFIT_FILE), last.refit, model_name)
         write_plan(plan_from_masks(last.head_mask, last.neuron_mask), self.run.file("plan.json"))
         pruned = macs.of_masks(last.head_mask, last.neuron_mask)
         return {

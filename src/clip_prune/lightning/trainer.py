@@ -184,7 +184,8 @@ class ClipPruneTrainer(L.Trainer):
         run = RunDirectory(output_dir, overwrite=overwrite)
         head_mask, neuron_mask = read_masks(masks, model.vision_config)
         refit_file = (Path(masks) if Path(masks).is_dir() else Path(masks).parent) / REFIT_FILE
-        refit = load_refit(refit_file, model.model, head_mask, neuron_mask) if refit_file.is_file() else None
+        refit = (load_refit(refit_file, model.model, head_mask, neuron_mask, model.hparams.pretrained)
+                 if refit_file.is_file() else None)
         check_refit_present(refit_file)
         device = self.strategy.root_device
         dense = model.model.to(device)
