@@ -364,6 +364,16 @@ def test_a_checkpoint_saved_without_tokenizer_files_has_no_tokenizer(tiny_clip_d
         run_prune(checkpoint, tiny_coco_root, tmp_path / "run", "--constraint", "0.6")
 
 
+def test_overwrite_never_replaces_an_input(tiny_clip_dir, tiny_coco_root, tmp_path) -> None:
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(tiny_clip_dir, checkpoint)
+    with pytest.raises(ValueError, match="holds the input"):
+        run_prune(checkpoint, tiny_coco_root, checkpoint, "--constraint", "0.6", "--overwrite", "true")
+    with pytest.raises(ValueError, match="holds the input"):
+        run_apply(checkpoint, tiny_coco_root, checkpoint, checkpoint, "--overwrite", "true")
+    assert (checkpoint / "config.json").is_file()
+
+
 def test_bad_evaluation_data_is_reported_before_the_fisher_pass(tiny_clip_dir, tiny_coco_root, tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="zero_shot_root"):
         run_prune(tiny_clip_dir, tiny_coco_root, tmp_path / "run", "--constraint", "0.6",

@@ -151,3 +151,14 @@ def test_json_is_written_atomically_and_not_over_an_existing_file(tmp_path) -> N
         write_json_atomically(path, {"x": 2})
     write_json_atomically(path, {"x": 2}, overwrite=True)
     assert json.loads(path.read_text()) == {"x": 2} and len(list(tmp_path.iterdir())) == 1
+
+
+def test_an_output_directory_that_holds_an_input_is_refused(tmp_path) -> None:
+    """With --overwrite, replacing it would delete the checkpoint, masks or data the run reads."""
+    checkpoint = tmp_path / "models" / "clip"
+    checkpoint.mkdir(parents=True)
+    for output in (checkpoint, tmp_path / "models"):
+        with pytest.raises(ValueError, match="holds the input .*choose another --output_dir"):
+            RunDirectory(output, overwrite=True, inputs=("openai/clip-vit-base-patch16", None, checkpoint))
+        assert checkpoint.is_dir()
+    RunDirectory(tmp_path / "models-pruned", overwrite=True, inputs=(checkpoint,))  # a sibling is fine

@@ -16,6 +16,18 @@ import torch
 from clip_prune.files import atomic_directory, check_free, new_staging, stale_stagings
 
 
+def check_not_an_input(output: Path, inputs: tuple[str | Path | None, ...]) -> None:
+    """Refuse an output directory that is, or holds, one of the run's local inputs."""
+    target = output.resolve()
+    for item in inputs:
+        if item is None or not Path(item).exists():
+            continue  # a Hub name, or an input that is not there (its own check says so)
+        source = Path(item).resolve()
+        if source == target or target in source.parents:
+            raise ValueError(f"the output directory {output} holds the input {item}: writing the run there would "
+                             "delete it; choose another --output_dir")
+
+
 class RunDirectory:
     """An output directory written in a hidden staging sibling and renamed into place when complete
     (`clip_prune.files.atomic_directory`).
@@ -26,11 +38,14 @@ class RunDirectory:
     Args:
         path: the final output directory.
         overwrite: replace `path` if it already exists (otherwise refuse, before any work).
+        inputs: what the run reads (checkpoint, masks, data): refused as `path` or inside it, which replacing
+            `path` would delete.
     """
 
-    def __init__(self, path: str | Path, overwrite: bool = False) -> None:
+    def __init__(self, path: str | Path, overwrite: bool = False, inputs: tuple[str | Path | None, ...] = ()) -> None:
         self.path = Path(path)
         self.overwrite = overwrite
+        check_not_an_input(self.path, inputs)
         check_free(self.path, overwrite)
         self.staging = new_staging(self.path)
 

@@ -127,7 +127,8 @@ class ClipPruneTrainer(L.Trainer):
             constraint_type: `macs` (analytic MACs) or `latency`: a fraction of the dense tower's latency,
                 measured on the run's device at the data batch size (latency_table.json, cached).
         """
-        run = RunDirectory(output_dir, overwrite=overwrite)
+        run = RunDirectory(output_dir, overwrite=overwrite,
+                           inputs=(model.hparams.pretrained, fisher, datamodule.hparams.root))
         callback = PruningCallback(run, constraint, options or PruningOptions(),  # checks the constraint
                                    cascade_top_m=cascade_top_m, constraint_type=constraint_type)
         model.check_loss(tokenizer_available=datamodule.tokenizer() is not None)
@@ -181,7 +182,8 @@ class ClipPruneTrainer(L.Trainer):
                 caption's top M, for each M given (e.g. '[10, 50]').
         """
         cascade_top_m = check_top_m(cascade_top_m)
-        run = RunDirectory(output_dir, overwrite=overwrite)
+        run = RunDirectory(output_dir, overwrite=overwrite,
+                           inputs=(model.hparams.pretrained, masks, datamodule.hparams.root))
         head_mask, neuron_mask = read_masks(masks, model.vision_config)
         refit_file = (Path(masks) if Path(masks).is_dir() else Path(masks).parent) / REFIT_FILE
         refit = (load_refit(refit_file, model.model, head_mask, neuron_mask, model.hparams.pretrained)
@@ -267,7 +269,8 @@ class ClipPruneTrainer(L.Trainer):
                 e.g. retrieval/i2t_R@1, retrieval/t2i_R@5 or zero_shot/top1.
             overwrite: replace an existing output directory.
         """
-        run = RunDirectory(output_dir, overwrite=overwrite)
+        run = RunDirectory(output_dir, overwrite=overwrite,
+                           inputs=(model.hparams.pretrained, datamodule.hparams.root))
         callback = SensitivityCallback(run, stop_ratio, stop_metric)  # checks the stop settings
         model.check_loss(tokenizer_available=datamodule.tokenizer() is not None)
         self.callbacks.append(callback)
