@@ -153,6 +153,11 @@ def _top_mask(order: torch.Tensor, count: int, scores: torch.Tensor) -> torch.Te
     return mask.reshape(scores.shape).to(scores.device)
 
 
+FLOAT_SLACK = 1e-9
+"""Relative slack of a width budget check: a budget of c × the dense cost, summed in another order, may fall an
+ulp short of the dense widths' own sum at c = 1."""
+
+
 @dataclass(frozen=True)
 class WidthSearchResult:
     """Masks chosen by `search_layer_widths` and what they cost by the search's own cost table."""
@@ -232,9 +237,9 @@ def search_layer_widths(
             steps = torch.ceil(costs[layer, index].double().cpu() / step).long()
             groups.append((layer, part, order, index, prefix[index], steps))
     widest = [int(counts.max()) for *_, counts, _values, _steps in groups]
-    if _fits(widest, layers, head_costs, neuron_costs, budget) and bool((head_scores >= 0).all()
-                                                                         and (neuron_scores >= 0).all()):
-        kept = widest  # e.g. a constraint of 1: the rounding below would otherwise cost the dense option its fit
+    scores_non_negative = bool((head_scores >= 0).all() and (neuron_scores >= 0).all())
+    if scores_non_negative and _cost(widest, layers, head_costs, neuron_costs) <= budget * (1 + FLOAT_SLACK):
+        kept = widest  # dominates every other choice; the knapsack's rounded costs could miss it (a constraint of 1)
     else:
         kept = _knapsack(groups, resolution, step)
     masks = [torch.zeros_like(head_scores, dtype=torch.float32, device="cpu"),
@@ -254,15 +259,6 @@ def _cost(kept: list[int], layers: int, head_costs: torch.Tensor, neuron_costs: 
     """The table cost of keeping `kept` (L head counts, then L neuron counts)."""
     return float(sum(head_costs[layer, count] for layer, count in enumerate(kept[:layers]))
                  + sum(neuron_costs[layer, count] for layer, count in enumerate(kept[layers:])))
-
-
-FLOAT_SLACK = 1e-9
-"""Relative slack of a budget check: a budget of c × the dense cost, summed in another order, may fall an ulp
-short of the dense widths' own sum at c = 1."""
-
-
-def _fits(kept: list[int], layers: int, head_costs: torch.Tensor, neuron_costs: torch.Tensor, budget: float) -> bool:
-    return _cost(kept, layers, head_costs, neuron_costs) <= budget * (1 + FLOAT_SLACK)
 
 
 def _knapsack(groups: list[tuple], resolution: int, step: float) -> list[int]:
