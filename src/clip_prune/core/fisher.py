@@ -89,6 +89,18 @@ def resolve_model_path(model_name: str) -> str:
     return str(local.resolve()) if local.exists() else model_name
 
 
+def model_record(model_name: str) -> dict[str, str]:
+    """The metadata naming the checkpoint a saved file (statistics, refit columns) was made from."""
+    return {"model": model_name, "model_path": resolve_model_path(model_name)}
+
+
+def made_on_another_model(metadata: dict[str, str], model_name: str | None) -> bool:
+    """Whether a file whose metadata holds a `model_record` was made from another checkpoint than `model_name`
+    (False when either is unknown)."""
+    recorded = metadata.get("model_path") or (resolve_model_path(metadata["model"]) if "model" in metadata else None)
+    return model_name is not None and recorded is not None and recorded != resolve_model_path(model_name)
+
+
 def save_fisher(path: Path, stats: FisherStatistics, model_name: str, provenance: dict[str, str] | None = None) -> None:
     """Write `stats` to a safetensors file with the sample count, model and shapes in its metadata.
 
@@ -101,8 +113,7 @@ def save_fisher(path: Path, stats: FisherStatistics, model_name: str, provenance
     metadata = {
         **(provenance or {}),
         "format": "clip-prune-fisher-v1",
-        "model": model_name,
-        "model_path": resolve_model_path(model_name),
+        **model_record(model_name),
         "num_samples": str(stats.num_samples),
         "head_mask_shape": json.dumps(list(stats.head_fisher.shape)),
         "neuron_mask_shape": json.dumps(list(stats.neuron_fisher.shape)),
@@ -141,8 +152,7 @@ def load_fisher(path: str | Path, head_shape: tuple[int, int], neuron_shape: tup
             f"{path} holds statistics of another model (model {metadata.get('model', '?')!r}, shapes {wrong}); "
             f"this model needs head mask {list(head_shape)} and neuron mask {list(neuron_shape)}"
         )
-    recorded = metadata.get("model_path") or resolve_model_path(metadata.get("model", "?"))
-    if model_name is not None and recorded != resolve_model_path(model_name):
+    if made_on_another_model(metadata, model_name):
         warnings.warn(
             f"{path} was gathered on model {metadata.get('model')!r}, not {model_name!r}; the shapes match, so "
             "it is used, but its scores describe the other model",

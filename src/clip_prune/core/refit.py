@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from clip_prune.core.fisher import resolve_model_path
+from clip_prune.core.fisher import made_on_another_model, model_record
 from clip_prune.towers import tower_of
 
 REFIT_FILE = "refit.safetensors"
@@ -93,9 +93,7 @@ def refit_applied(model: nn.Module, head_mask: torch.Tensor, neuron_mask: torch.
 
 def save_refit(path: str | Path, refit: RefitWeights, model_name: str | None = None) -> None:
     """Write the refit columns as safetensors (float32 on the CPU), with the checkpoint they were fitted on."""
-    metadata = {"format": "clip-prune-refit-v1"}
-    if model_name is not None:
-        metadata |= {"model": model_name, "model_path": resolve_model_path(model_name)}
+    metadata = {"format": "clip-prune-refit-v1", **(model_record(model_name) if model_name is not None else {})}
     save_file({key: value.detach().float().cpu().contiguous() for key, value in refit.items()}, str(path),
               metadata=metadata)
 
@@ -109,14 +107,14 @@ def load_refit(path: str | Path, model: nn.Module, head_mask: torch.Tensor, neur
     warned about.
     """
     try:
-        refit = load_file(str(path))
-        with safe_open(str(path), framework="pt") as file:
-            recorded = (file.metadata() or {}).get("model_path")
+        with safe_open(str(path), framework="pt") as file:  # tensors and metadata in one read
+            refit = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118 (safe_open is no mapping)
+            metadata = file.metadata() or {}
     except (SafetensorError, OSError) as error:
         raise ValueError(f"{path} is not a readable refit file ({error}); rerun clip-prune prune") from error
     _targets(model, head_mask, neuron_mask, refit)
-    if model_name is not None and recorded is not None and recorded != resolve_model_path(model_name):
-        warnings.warn(f"{path} was fitted on the checkpoint {recorded}, not {model_name!r}: its columns replace "
-                      "the kept weights, so unless the two are copies of one checkpoint the saved model is wrong; "
-                      "apply the masks to the checkpoint they were made on", stacklevel=2)
+    if made_on_another_model(metadata, model_name):
+        warnings.warn(f"{path} was fitted on the checkpoint {metadata['model']!r}, not {model_name!r}: its columns "
+                      "replace the kept weights, so unless the two are copies of one checkpoint the saved model is "
+                      "wrong; apply the masks to the checkpoint they were made on", stacklevel=2)
     return refit
