@@ -294,17 +294,19 @@ def read_table(path: Path) -> LatencyTable:
 
 def cached_latency_table(config: PretrainedConfig, batch_size: int, device: torch.device | str = "cpu",
                          dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
-                         cache_dir: Path | None = None, **measure: int) -> tuple[LatencyTable, bool]:
+                         cache_dir: Path | None = None, multiple_of: int = 1,
+                         **measure: int) -> tuple[LatencyTable, bool]:
     """The cached table for this device and model shape, or a new measurement (then cached); and whether cached.
 
-    `measure` goes to `measure_latency_table` (warmup, repeats, mlp_points, multiple_of).
+    `multiple_of` and `measure` go to `measure_latency_table` (warmup, repeats, mlp_points).
     """
     device = torch.device(device)
-    key = table_key(config, batch_size, device, dtype, attn_implementation, measure.get("multiple_of", 1))
+    key = table_key(config, batch_size, device, dtype, attn_implementation, multiple_of)
     digest = hashlib.sha256(json.dumps({**key, **measure}, sort_keys=True).encode()).hexdigest()[:16]
     path = (default_cache_dir() if cache_dir is None else cache_dir) / f"{digest}.json"
     if path.is_file():
         return read_table(path), True
-    table = measure_latency_table(config, batch_size, device, dtype, attn_implementation, **measure)
+    table = measure_latency_table(config, batch_size, device, dtype, attn_implementation, multiple_of=multiple_of,
+                                  **measure)
     write_table(table, path)
     return table, False
