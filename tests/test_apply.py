@@ -14,6 +14,7 @@ from clip_prune.core.finish import PrunedModelSpec, finish_run, save_pruned_mode
 from clip_prune.core.outputs import RunDirectory
 from clip_prune.core.refit import head_columns, load_refit, save_refit
 from clip_prune.core.saving import load_pruned, prune_model
+from clip_prune.files import MANIFEST
 from clip_prune.towers import image_embeds
 
 
@@ -90,4 +91,4 @@ def test_finish_run_saves_evaluates_and_reports_in_one_place(tiny_vision_dir: Pa
     with bare.writing():
         assert finish_run(bare, {"fisher_samples": 3}) == (f"  Fisher statistics of 3 samples\n"
                                                            f"clip-prune: wrote {tmp_path / 'bare'}")
-    assert [path.name for path in (tmp_path / "bare").iterdir()] == ["report.json"]
+    assert sorted(path.name for path in (tmp_path / "bare").iterdir()) == [MANIFEST, "report.json"]

@@ -30,13 +30,15 @@ def _imports(path: Path) -> set[str]:
 
 def test_arrows_point_down() -> None:
     """towers/ and hub/ import no other clip_prune layer above them; core/ and data/ never import the glue;
-    files.py (atomic directories) is below them all."""
-    allowed = {"hub": ("clip_prune.hub",), "towers": ("clip_prune.towers", "clip_prune.hub"),
-               "data": ("clip_prune.data", "clip_prune.files"),
+    files.py (atomic directories) and errors.py, below it, are below them all."""
+    allowed = {"hub": ("clip_prune.hub",), "towers": ("clip_prune.towers", "clip_prune.hub", "clip_prune.errors"),
+               "data": ("clip_prune.data", "clip_prune.files", "clip_prune.errors"),
                "core": ("clip_prune.core", "clip_prune.towers", "clip_prune.hub", "clip_prune.data",
-                        "clip_prune.files")}
-    assert not {name for name in _imports(PACKAGE / "files.py") if name.startswith("clip_prune")}, \
-        "files.py is the bottom layer: it imports nothing of clip_prune"
+                        "clip_prune.files", "clip_prune.errors")}
+    assert not {name for name in _imports(PACKAGE / "errors.py") if name.startswith("clip_prune")}, \
+        "errors.py is the bottom layer: it imports nothing of clip_prune"
+    files_imports = {name for name in _imports(PACKAGE / "files.py") if name.startswith("clip_prune")}
+    assert files_imports <= {"clip_prune.errors"}, "files.py imports nothing of clip_prune but errors.py, below it"
     for package, prefixes in allowed.items():
         for path in (PACKAGE / package).rglob("*.py"):
             ours = {name for name in _imports(path) if name.startswith("clip_prune")}

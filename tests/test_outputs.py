@@ -13,7 +13,8 @@ import pytest
 from clip_prune import files
 from clip_prune.core.outputs import RunDirectory, write_json_atomically
 from clip_prune.data.synthetic import write_synthetic_coco
-from clip_prune.files import atomic_directory, stale_stagings
+from clip_prune.errors import notes
+from clip_prune.files import MANIFEST, atomic_directory, check_free, record_written, stale_stagings
 
 
 def test_run_directory_is_staged_then_renamed(tmp_path) -> None:
@@ -39,10 +40,11 @@ def test_failed_run_keeps_only_what_is_worth_keeping(tmp_path) -> None:
         raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
     run = RunDirectory(tmp_path / "costly")
-    with pytest.raises(RuntimeError), pytest.warns(UserWarning, match="fisher.safetensors was kept in"), \
-            run.writing(keep="fisher.safetensors"):
+    with pytest.raises(RuntimeError) as caught, run.writing(keep="fisher.safetensors"):
         run.file("fisher.safetensors").write_bytes(b"statistics")
         raise RuntimeError("boom")
+    assert notes(caught.value) == [f"fisher.safetensors was kept in {run.staging}: a rerun into {run.path} resumes "
+                                   "from it"]
     assert (run.staging / "fisher.safetensors").read_bytes() == b"statistics"
     assert RunDirectory(tmp_path / "costly").interrupted_runs() == [run.staging]
 
@@ -63,13 +65,52 @@ def test_atomic_directory_leaves_nothing_on_failure_and_refuses_to_overwrite(tmp
     with atomic_directory(target, overwrite=True) as staging:
         (staging / "b.txt").write_text("second")
         assert (target / "a.txt").exists()  # the old folder stays until the new one is complete
-    assert sorted(path.name for path in target.iterdir()) == ["b.txt"]
+    assert sorted(path.name for path in target.iterdir()) == [MANIFEST, "b.txt"]
+    assert json.loads((target / MANIFEST).read_text())["files"] == ["b.txt"]
     assert [path.name for path in tmp_path.iterdir()] == ["out"]
-    link = tmp_path / "link"  # a link is replaced, not what it points to
+    link = tmp_path / "link"  # a link is the user's: neither it nor what it points to is replaced
     link.symlink_to(target)
-    with atomic_directory(link, overwrite=True) as staging:
-        (staging / "c.txt").write_text("third")
-    assert not link.is_symlink() and (target / "b.txt").exists()
+    with pytest.raises(FileExistsError, match="link is a link, not a folder clip-prune wrote"), \
+            atomic_directory(link, overwrite=True):
+        pytest.fail("the block must not run")
+    assert link.is_symlink() and (target / "b.txt").exists()
+
+
+def test_overwrite_replaces_only_a_folder_that_holds_nothing_but_its_manifest_files(tmp_path) -> None:
+    target = tmp_path / "out"
+    with atomic_directory(target) as staging:
+        (staging / "pruned").mkdir()
+        (staging / "pruned" / "model.safetensors").write_text("weights")
+        (staging / "empty").mkdir()
+    assert json.loads((target / MANIFEST).read_text())["files"] == ["empty/", "pruned/model.safetensors"]
+    (target / "pruned" / "notes.md").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"out holds files clip-prune did not write \(pruned/notes.md\)"), \
+            atomic_directory(target, overwrite=True):
+        pytest.fail("the block must not run")
+    (target / MANIFEST).unlink()  # a folder without a manifest (an older clip-prune's, or anyone's) is not taken
+    (target / "pruned" / "notes.md").unlink()
+    with pytest.raises(FileExistsError, match=r"holds files clip-prune did not write \(empty/, pruned/model"), \
+            atomic_directory(target, overwrite=True):
+        pytest.fail("the block must not run")
+    user = tmp_path / "user.txt"
+    user.write_text("mine")
+    with pytest.raises(FileExistsError, match="user.txt is a file, not a folder clip-prune wrote"), \
+            atomic_directory(user, overwrite=True):
+        pytest.fail("the block must not run")
+    assert user.read_text() == "mine"
+
+
+def test_a_file_written_into_a_finished_folder_joins_its_manifest(tmp_path) -> None:
+    with atomic_directory(tmp_path / "run") as staging:
+        (staging / "pruned").mkdir()
+        (staging / "pruned" / "config.json").write_text("{}")
+    onnx = tmp_path / "run" / "pruned" / "onnx" / "model.onnx"
+    onnx.parent.mkdir()
+    onnx.write_bytes(b"graph")
+    record_written(onnx)
+    assert json.loads((tmp_path / "run" / MANIFEST).read_text())["files"] == ["pruned/config.json",
+                                                                            "pruned/onnx/model.onnx"]
+    check_free(tmp_path / "run", overwrite=True)  # still all clip-prune's
 
 
 def test_a_concurrent_run_does_not_take_a_live_staging_folder_for_an_interrupted_one(tmp_path) -> None:
@@ -150,15 +191,20 @@ def test_json_is_written_atomically_and_not_over_an_existing_file(tmp_path) -> N
     with pytest.raises(FileExistsError, match="--overwrite true"):
         write_json_atomically(path, {"x": 2})
     write_json_atomically(path, {"x": 2}, overwrite=True)
-    assert json.loads(path.read_text()) == {"x": 2} and len(list(tmp_path.iterdir())) == 1
+    assert json.loads(path.read_text()) == {"written_by": "clip-prune", "x": 2} and len(list(tmp_path.iterdir())) == 1
+    users = tmp_path / "users.json"
+    users.write_text('{"x": 0}')
+    with pytest.raises(FileExistsError, match="users.json is not a file clip-prune wrote"):
+        write_json_atomically(users, {"x": 3}, overwrite=True)
+    assert users.read_text() == '{"x": 0}'
 
 
 def test_an_output_directory_that_holds_an_input_is_refused(tmp_path) -> None:
     """With --overwrite, replacing it would delete the checkpoint, masks or data the run reads."""
     checkpoint = tmp_path / "models" / "clip"
     checkpoint.mkdir(parents=True)
-    for output in (checkpoint, tmp_path / "models"):
-        with pytest.raises(ValueError, match="holds the input .*choose another --output_dir"):
+    for output, relation in ((checkpoint, "is"), (tmp_path / "models", "holds"), (checkpoint / "out", "lies inside")):
+        with pytest.raises(ValueError, match=f"{relation} the input .*choose another --output_dir"):
             RunDirectory(output, overwrite=True, inputs=("openai/clip-vit-base-patch16", None, checkpoint))
         assert checkpoint.is_dir()
     RunDirectory(tmp_path / "models-pruned", overwrite=True, inputs=(checkpoint,))  # a sibling is fine

@@ -108,7 +108,7 @@ def test_vision_only_model_runs_all_rounds_without_early_stop(tiny_vision_dir, t
                                                               capsys) -> None:
     report = run_sensitivity(tiny_vision_dir, tiny_coco_root, tmp_path / "vision", "--model.loss", "distill")
     assert len(report["rounds"]) == 3 and report["dense_metric"] is None
-    assert "no early stop" in capsys.readouterr().out
+    assert "no early stop" in capsys.readouterr().err  # a status line, not a result
 
 
 def test_sensitivity_defaults_to_128_samples(capsys) -> None:

@@ -18,7 +18,7 @@ from clip_prune.core.latency import (
     write_table,
 )
 from clip_prune.core.pipeline import ALIGNED_WIDTH_MULTIPLES, PruningOptions
-from clip_prune.core.search import search_layer_latency
+from clip_prune.core.search import BudgetTooSmall, search_layer_latency
 
 
 def tiny_config() -> CLIPVisionConfig:
@@ -62,9 +62,15 @@ def test_latency_search_never_exceeds_its_own_budget(constraint: float, multiple
     assert result.head_mask.sum(1).tolist() == result.heads_per_layer
 
 
-def test_latency_search_refuses_a_budget_below_the_fixed_parts() -> None:
-    with pytest.raises(ValueError, match="parts no pruning removes .* raise the constraint"):
-        search_layer_latency(torch.rand(3, 4), torch.rand(3, 37), fake_table(fixed=5.0), 0.2, head_dim=8)
+def test_latency_search_refuses_a_budget_below_the_fixed_parts_and_names_the_least() -> None:
+    table = fake_table(fixed=5.0)
+    with pytest.raises(BudgetTooSmall, match="parts no pruning removes.* raise --constraint to at least") as caught:
+        search_layer_latency(torch.rand(3, 4), torch.rand(3, 37), table, 0.2, head_dim=8)
+    assert caught.value.smallest == pytest.approx(table.fixed_s / table.dense_latency)
+    with pytest.raises(BudgetTooSmall, match="one attention head") as caught:
+        search_layer_latency(torch.rand(3, 4), torch.rand(3, 37), table, 0.2, head_dim=8, keep_a_head=True)
+    one_head = float(table.head_costs()[0, 1])
+    assert caught.value.smallest == pytest.approx((table.fixed_s + one_head) / table.dense_latency)
 
 
 def test_measured_table_is_cached_per_device_and_shape(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,7 +12,15 @@ from hypothesis import strategies as st
 from transformers import CLIPVisionConfig
 
 from clip_prune.core.macs import EncoderMacs, count_encoder_macs
-from clip_prune.core.search import allowed_widths, search_layer_macs, search_layer_widths, search_masks
+from clip_prune.core.search import (
+    BudgetTooSmall,
+    WidthBudget,
+    allowed_widths,
+    check_reachable,
+    search_layer_macs,
+    search_layer_widths,
+    search_masks,
+)
 
 
 def _macs(layers: int, heads: int, neurons: int, per_head: int, per_neuron: int) -> EncoderMacs:
@@ -276,3 +284,47 @@ def test_width_search_keeps_only_candidates() -> None:
         assert not (result.neuron_mask.bool() & ~neurons_allowed).any()
         assert result.cost <= budget
     assert result.head_mask.bool().equal(heads_allowed) and result.neuron_mask.bool().equal(neurons_allowed)
+
+
+# A tower whose pooled token learns of the image only through attention keeps a head ---------------------------------
+
+def _heads_worthless(layers: int = 3, heads: int = 4, neurons: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores under which the best masks keep no head: heads score next to nothing, neurons much more."""
+    head_scores = torch.full((layers, heads), 1e-6)
+    head_scores[1, 2] = 2e-6  # the best head, in layer 1
+    return head_scores, torch.rand(layers, neurons, generator=torch.Generator().manual_seed(0)) + 1.0
+
+
+def test_global_search_keeps_the_best_head_only_when_asked() -> None:
+    macs = _macs(3, 4, 16, per_head=10, per_neuron=1)  # dense 3 * (40 + 16) = 168
+    head_scores, neuron_scores = _heads_worthless()
+    assert search_masks(head_scores, neuron_scores, macs, 0.2).num_heads == 0
+    kept = search_masks(head_scores, neuron_scores, macs, 0.2, keep_a_head=True)
+    assert kept.num_heads == 1 and kept.head_mask[1, 2] == 1 and kept.macs <= 0.2 * macs.dense
+    assert kept.num_neurons == (math.floor(0.2 * 168) - 10) // 1  # the rest of the budget still goes to neurons
+
+
+def test_global_search_names_the_least_constraint_that_keeps_a_head() -> None:
+    macs = _macs(3, 4, 16, per_head=10, per_neuron=1)
+    with pytest.raises(BudgetTooSmall, match="--constraint 0.05 is below 0.0595.* at least 0.0602") as caught:
+        search_masks(*_heads_worthless(), macs, 0.05, keep_a_head=True)
+    assert caught.value.smallest == pytest.approx(10 / 168)
+    assert search_masks(*_heads_worthless(), macs, 0.0602, keep_a_head=True).num_heads == 1
+
+
+@pytest.mark.parametrize("multiple_of", [1, 8])
+def test_width_search_keeps_the_best_head_only_when_asked(multiple_of: int) -> None:
+    macs = _macs(3, 4, 16, per_head=10, per_neuron=1)
+    head_scores, neuron_scores = _heads_worthless()
+    budget = WidthBudget(head_dim=8, multiple_of=multiple_of)
+    assert sum(budget.search(head_scores, neuron_scores, macs, 0.3).heads_per_layer) == 0
+    kept = budget.search(head_scores, neuron_scores, macs, 0.3, keep_a_head=True)
+    assert kept.heads_per_layer == [0, 1, 0] and kept.head_mask[1, 2] == 1
+    assert kept.cost <= 0.3 * macs.dense
+    assert all(count % multiple_of == 0 or count == 16 for count in kept.neurons_per_layer)
+    with pytest.raises(BudgetTooSmall, match="one attention head") as caught:
+        budget.search(head_scores, neuron_scores, macs, 0.05, keep_a_head=True)
+    assert caught.value.smallest == pytest.approx(10 / 168)
+    check_reachable(0.06, macs, True, budget)
+    with pytest.raises(BudgetTooSmall):
+        check_reachable(0.05, macs, True, budget)

@@ -38,6 +38,7 @@ from clip_prune.core.slicing import (
     slice_vision_tower,
     write_plan,
 )
+from clip_prune.files import MANIFEST
 from clip_prune.hub import (
     ConstantAttention,
     ConstantMLP,
@@ -219,7 +220,7 @@ def test_save_and_reload(model_kind: str, tmp_path: Path) -> None:
     files = {path.name for path in output.iterdir()}
     family = "clip" if tower_of(model).family == "clip" else "siglip"  # SigLIP2's classes live in SigLIP's files
     assert files == {"config.json", "model.safetensors", PLAN_FILE, "preprocessor_config.json",
-                     f"configuration_{family}_pruned.py", f"modeling_{family}_pruned.py", "pruned_layers.py"}
+                     f"configuration_{family}_pruned.py", f"modeling_{family}_pruned.py", "pruned_layers.py", MANIFEST}
     assert [path.name for path in tmp_path.joinpath("out").iterdir()] == ["pruned"], "staging dir left behind"
     assert read_plan(output / PLAN_FILE) == plan
     assert CLIPImageProcessor.from_pretrained(output).crop_size == processor.crop_size
@@ -253,9 +254,14 @@ def test_save_refuses_a_non_empty_directory_unless_overwrite(tmp_path: Path) -> 
     (output / "old.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match=r"pruned already exists and is not empty; .* --overwrite"):
         save_pruned(pruned, output, plan)
-    assert (output / "old.txt").exists()
-    save_pruned(pruned, output, plan, overwrite=True)
-    assert not (output / "old.txt").exists() and (output / "model.safetensors").exists()
+    with pytest.raises(FileExistsError, match=r"pruned holds files clip-prune did not write \(old.txt\)"):
+        save_pruned(pruned, output, plan, overwrite=True)  # a file of the user's: never replaced
+    assert (output / "old.txt").read_text() == "keep me"
+    (output / "old.txt").unlink()
+    save_pruned(pruned, output, plan)
+    before = (output / "model.safetensors").stat().st_ino
+    save_pruned(pruned, output, plan, overwrite=True)  # clip-prune's own folder: replaced
+    assert (output / "model.safetensors").stat().st_ino != before
     assert [path.name for path in tmp_path.iterdir()] == ["pruned"]
     empty = tmp_path / "empty"
     empty.mkdir()

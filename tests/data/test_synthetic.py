@@ -14,6 +14,7 @@ from clip_prune.data.synthetic import (
     synthetic_pixels,
     write_synthetic_coco,
 )
+from clip_prune.files import MANIFEST
 
 SPLITS = ("train2017", "val2017")
 
@@ -31,17 +32,17 @@ def test_same_seed_gives_identical_bytes(tmp_path):
     second = write_synthetic_coco(tmp_path / "b", num_train=10, num_val=5, seed=3)
     other = write_synthetic_coco(tmp_path / "c", num_train=10, num_val=5, seed=4)
     hashes = _hashes(first)
-    assert len(hashes) == 10 + 5 + 2
+    assert len(hashes) == 10 + 5 + 2 + 1  # images, captions and the manifest of what the folder holds
     assert _hashes(second) == hashes
     different = _hashes(other)
     assert different.keys() == hashes.keys()
-    assert all(different[name] != digest for name, digest in hashes.items())
+    assert all(different[name] != digest for name, digest in hashes.items() if name != MANIFEST)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"]  # no staging folder left
 
 
 def test_coco_layout_and_captions(tmp_path):
     root = write_synthetic_coco(tmp_path / "coco", num_train=10, num_val=5, image_size=48)
-    assert sorted(p.name for p in root.iterdir()) == ["annotations", *SPLITS]
+    assert sorted(p.name for p in root.iterdir()) == [MANIFEST, "annotations", *SPLITS]
     image_ids, annotation_ids = [], []
     for split, count in zip(SPLITS, (10, 5), strict=True):
         coco = json.loads((root / "annotations" / f"captions_{split}.json").read_text())
@@ -79,9 +80,11 @@ def test_refuses_existing_root_unless_overwrite(tmp_path):
     (root / "keep.txt").write_text("user data")
     with pytest.raises(FileExistsError, match=r"coco already exists and is not empty.*overwrite=True"):
         write_synthetic_coco(root, num_train=2, num_val=1)
-    assert (root / "keep.txt").exists()
-    write_synthetic_coco(root, num_train=3, num_val=1, overwrite=True)
-    assert not (root / "keep.txt").exists()
+    with pytest.raises(FileExistsError, match=r"coco holds files clip-prune did not write \(keep.txt\)"):
+        write_synthetic_coco(root, num_train=2, num_val=1, overwrite=True)
+    assert (root / "keep.txt").read_text() == "user data"
+    (root / "keep.txt").unlink()
+    write_synthetic_coco(root, num_train=3, num_val=1, overwrite=True)  # its own data set: replaced
     assert len(list((root / "train2017").iterdir())) == 3
 
 

@@ -61,39 +61,47 @@ class Evaluator:
 
     def compare(self, dense: PreTrainedModel, pruned: PreTrainedModel | None,
                 cascade_top_m: list[int] | None = None) -> dict[str, Any]:
-        """Metrics of the dense model and, if given, the pruned one and their cascades (`cascade_top_m`)."""
-        metrics = {"dense": self(dense, "dense")}
+        """Metrics of the dense model and, if given, the pruned one, how closely its image embeddings follow the
+        dense model's (`cosine_to_dense`, the one measure a vision-only model has) and their cascades
+        (`cascade_top_m`)."""
+        dense_metrics, dense_images = self._score(dense, "dense")
+        metrics: dict[str, Any] = {"dense": dense_metrics}
         if pruned is not None:
             metrics["pruned"], pruned_images = self._score(pruned, "pruned")
+            metrics["cosine_to_dense"] = cosine_to_dense(dense_images, pruned_images)
             if cascade_top_m:
-                if pruned_images is None:
+                if self.retrieval is None or not tower_of(pruned).has_text:
                     warnings.warn("--cascade_top_m needs a model with its text tower and the retrieval split; "
                                   "no cascade measured", stacklevel=2)
                 else:
                     metrics["cascade"] = self._cascade(dense, pruned, pruned_images, cascade_top_m)
         return metrics
 
-    def _score(self, model: PreTrainedModel, name: str) -> tuple[dict[str, Any], torch.Tensor | None]:
-        """Metrics of `model` and its retrieval image embeddings [N_img, E] (None without a retrieval split)."""
-        if not tower_of(model).has_text:
-            return {}, None
-        if self.tokenizer is None:
+    def _score(self, model: PreTrainedModel, name: str) -> tuple[dict[str, Any], torch.Tensor]:
+        """Metrics of `model` (none for a vision-only one) and its image embeddings [N_img, E] of the retrieval split,
+        or of the zero-shot tree where there is no retrieval split."""
+        has_text = tower_of(model).has_text
+        if has_text and self.tokenizer is None:
             raise ValueError("the checkpoint has no tokenizer, so captions and prompts cannot be embedded; "
                              "save the tokenizer beside the model to evaluate it")
         results: dict[str, Any] = {}
-        retrieval_images = None
+        images = None
         if self.retrieval is not None:
-            retrieval_images, _ = self._encode_images(model, self.retrieval.images, f"{name}: retrieval images")
-            texts = self._encode_texts_once(model, "captions", self.retrieval.captions)
-            results["retrieval"] = retrieval_recall(retrieval_images, texts,
-                                                    self.retrieval.text_to_image.to(retrieval_images.device))
-        if self.zero_shot is not None:
-            images, labels = self._encode_images(model, self.zero_shot.images, f"{name}: zero-shot images")
-            prompts = [template.format(c) for c in self.zero_shot.class_names for template in self.zero_shot.templates]
-            classes = len(self.zero_shot.class_names)
-            texts = self._encode_texts_once(model, "prompts", prompts).view(classes, -1, images.shape[-1])
-            results["zero_shot"] = zero_shot_accuracy(images, texts, labels)
-        return results, retrieval_images
+            images, _ = self._encode_images(model, self.retrieval.images, f"{name}: retrieval images")
+            if has_text:
+                texts = self._encode_texts_once(model, "captions", self.retrieval.captions)
+                results["retrieval"] = retrieval_recall(images, texts, self.retrieval.text_to_image.to(images.device))
+        if self.zero_shot is not None and (has_text or images is None):
+            shot_images, labels = self._encode_images(model, self.zero_shot.images, f"{name}: zero-shot images")
+            images = shot_images if images is None else images
+            if has_text:
+                prompts = [template.format(c) for c in self.zero_shot.class_names
+                           for template in self.zero_shot.templates]
+                classes = len(self.zero_shot.class_names)
+                texts = self._encode_texts_once(model, "prompts", prompts).view(classes, -1, shot_images.shape[-1])
+                results["zero_shot"] = zero_shot_accuracy(shot_images, texts, labels)
+        assert images is not None, "an Evaluator needs a retrieval split or a zero-shot tree"
+        return results, images
 
     def _cascade(self, dense: PreTrainedModel, pruned: PreTrainedModel, pruned_images: torch.Tensor,
                 top_ms: list[int]) -> list[dict[str, Any]]:
@@ -157,6 +165,12 @@ class Evaluator:
                 chunks.append(F.normalize(embeds.float(), dim=-1))
             self._texts[key] = torch.cat(chunks)
         return self._texts[key]
+
+
+def cosine_to_dense(dense: torch.Tensor, pruned: torch.Tensor) -> dict[str, float | int]:
+    """Mean and lowest cosine between each image's pruned and dense embeddings ([N, E] rows of unit length)."""
+    cosines = (dense * pruned).sum(dim=-1)
+    return {"mean": float(cosines.mean()), "min": float(cosines.min()), "images": len(cosines)}
 
 
 def encoder_macs_per_image(model: PreTrainedModel) -> int:

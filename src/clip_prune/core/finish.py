@@ -7,6 +7,7 @@ and `clip-prune sensitivity` (which saves no model, only its report).
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 from collections.abc import Callable
@@ -42,26 +43,34 @@ def count_parameters(module: nn.Module) -> int:
 
 
 NOISY_SPREAD = 0.15
-"""Interquartile range of the timed passes, relative to their median, above which latency is flagged as noisy."""
+"""Interquartile range of the timed passes, relative to their median, above which a latency is not reported as
+measured: the speedup of two such medians could be anything."""
+SHORTEST_TIMING_S = 0.02
+"""Least seconds one timing covers: passes faster than this (small models) are timed in runs of several, so that
+the clock's resolution and the scheduler's jitter do not make up the figure."""
 
 
 @torch.inference_mode()
 def measure_latencies(models: list[nn.Module], inputs: torch.Tensor | VisionInputs,
                       repeats: int = 15) -> list[list[float]]:
-    """Seconds of each timed vision-tower pass over `inputs` (pixels or the tower's inputs), `repeats` per model.
+    """Seconds of one vision-tower pass over `inputs` (pixels or the tower's inputs), `repeats` timings per model.
 
-    The models take turns within each repeat (after two warm-up passes each), so drifts of the
-    machine's speed touch all of them alike.
+    The models take turns within each repeat (after a warm-up pass and a probe each), so drifts of the
+    machine's speed touch all of them alike. Each timing is the mean of as many passes as fill
+    `SHORTEST_TIMING_S` for the fastest model.
     """
     inputs = as_inputs(inputs)
-    towers = [tower_of(model).vision for model in models]
-    for tower in towers:
-        tower(**inputs)
-        tower(**inputs)
-    timings: list[list[float]] = [[] for _ in towers]
+    device = inputs["pixel_values"].device
+    passes = [partial(tower_of(model).vision, **inputs) for model in models]
+    for run in passes:
+        run()
+    fastest = min(timed_call(run, device)[0] for run in passes)
+    runs_per_timing = max(1, math.ceil(SHORTEST_TIMING_S / max(fastest, 1e-9)))
+    timings: list[list[float]] = [[] for _ in passes]
     for _ in range(repeats):
-        for tower, times in zip(towers, timings, strict=True):
-            times.append(timed_call(partial(tower, **inputs), inputs["pixel_values"].device)[0])
+        for run, times in zip(passes, timings, strict=True):
+            seconds = timed_call(lambda run=run: [run() for _ in range(runs_per_timing)], device)[0]
+            times.append(seconds / runs_per_timing)
     return timings
 
 
@@ -74,7 +83,8 @@ def relative_spread(times: list[float]) -> float:
 
 
 def summarise_latency(dense: list[float], pruned: list[float], load: float | None, cores: int) -> dict[str, Any]:
-    """Medians, spreads and speedup of the timed passes, with a warning when they may be noise.
+    """Medians, spreads and speedup of the timed passes, and whether they are reliable: when the passes scatter
+    (`NOISY_SPREAD`), `unreliable` says why and the speedup is not to be shown as one.
 
     Args:
         dense: seconds of the dense model's timed passes.
@@ -88,14 +98,11 @@ def summarise_latency(dense: list[float], pruned: list[float], load: float | Non
         "speedup": statistics.median(dense) / statistics.median(pruned), "repeats": len(dense),
         "spread": spread, "load_1min": load, "cores": cores,
     }
-    reasons = []
-    if max(spread.values()) > NOISY_SPREAD:
-        reasons.append(f"the timed passes vary by {max(spread.values()):.0%} (interquartile range / median)")
-    if load is not None and load > cores:
-        reasons.append(f"the machine was busy (1-minute load {load:.1f} on {cores} cores)")
-    if reasons:
-        summary["warning"] = ("latency may be noise: " + " and ".join(reasons)
-                              + "; measure again on an idle machine or with more --latency_repeats")
+    summary["reliable"] = max(spread.values()) <= NOISY_SPREAD
+    if not summary["reliable"]:
+        busy = f", on a busy machine (1-minute load {load:.1f} on {cores} cores)" if load and load > cores else ""
+        summary["unreliable"] = (f"the timed passes vary by {max(spread.values()):.0%} (interquartile range / "
+                                 f"median){busy}; measure again on an idle machine or with more --latency_repeats")
     return summary
 
 
@@ -187,11 +194,13 @@ def save_pruned_model(model: PreTrainedModel, head_mask: torch.Tensor, neuron_ma
     head_mask, neuron_mask, refit = head_mask.float().cpu(), neuron_mask.float().cpu(), refit or {}
     pixels = as_inputs(pixels)
     device = pixels["pixel_values"].device
+    check_keeps_a_path(model, head_mask)
     pruned = prune_model(model, head_mask, neuron_mask, refit).eval()
     with refit_applied(model, head_mask, neuron_mask, refit):
         reference = masked_embeddings(model, head_mask.to(device), neuron_mask.to(device), pixels)
     with torch.no_grad():
         difference = (image_embeds(pruned, pixels) - reference).abs().max().item()
+        dependence = image_dependence(image_embeds(model, pixels), reference)
     tolerance = EQUIVALENCE_TOLERANCE[reference.dtype] * max(1.0, reference.abs().max().item())
     if not difference <= tolerance:
         raise RuntimeError(
@@ -203,8 +212,42 @@ def save_pruned_model(model: PreTrainedModel, head_mask: torch.Tensor, neuron_ma
     return pruned, {
         "equivalence": {"max_abs_diff": difference, "tolerance": tolerance, "dtype": str(reference.dtype),
                         "samples": len(pixels["pixel_values"])},
+        "image_dependence": dependence,
         **measure_costs(model, pruned, head_mask, neuron_mask, pixels, latency_repeats),
     }
+
+
+MIN_SPREAD_RATIO = 1e-3
+"""Least spread of the pruned model's image embeddings across images, relative to the dense model's, that a saved
+model must keep: an embedding that hardly varies with the image retrieves nothing. A CLIP left without heads
+spreads about 1e-6 of the dense model's (float rounding); pruned models that still retrieve keep far more."""
+
+
+def check_keeps_a_path(model: PreTrainedModel, head_mask: torch.Tensor) -> None:
+    """Refuse masks that leave no attention head where the pooled token learns of the image only through attention
+    (`VisionTower.pooling_needs_attention`): the model's embedding would be the same for every image."""
+    if tower_of(model).pooling_needs_attention() and not bool((head_mask != 0).any()):
+        raise ValueError("the masks keep no attention head, so the pruned tower's embedding would be the same for "
+                         "every image (its pooled token sees the patches only through attention); keep at least one "
+                         "head: raise --constraint, or use masks that keep one")
+
+
+def embedding_spread(embeds: torch.Tensor) -> float:
+    """Mean distance of the unit-length embeddings [B, E] from their mean: 0 when every image embeds alike."""
+    unit = torch.nn.functional.normalize(embeds.detach().double(), dim=-1)
+    return float((unit - unit.mean(dim=0)).norm(dim=-1).mean())
+
+
+def image_dependence(dense: torch.Tensor, pruned: torch.Tensor) -> dict[str, float | None]:
+    """How much the pruned model's embeddings [B, E] still vary with the image, against the dense model's; refuse a
+    model whose embedding hardly depends on its input (`MIN_SPREAD_RATIO`)."""
+    dense_spread, pruned_spread = embedding_spread(dense), embedding_spread(pruned)
+    ratio = pruned_spread / dense_spread if dense_spread > 0 else None  # one image, or identical ones: no measure
+    if ratio is not None and ratio < MIN_SPREAD_RATIO:
+        raise ValueError(f"the pruned model's image embeddings hardly depend on the image: across {len(pruned)} "
+                         f"images they spread {ratio:.2g} of the dense model's (at least {MIN_SPREAD_RATIO:g} needed); "
+                         "prune less: raise --constraint, or use masks that keep more")
+    return {"dense_spread": dense_spread, "pruned_spread": pruned_spread, "ratio": ratio}
 
 
 def measure_costs(dense: nn.Module, pruned: nn.Module, head_mask: torch.Tensor, neuron_mask: torch.Tensor,

@@ -23,6 +23,7 @@ from transformers import AutoImageProcessor, PreTrainedModel
 
 from clip_prune.core.saving import load_pruned
 from clip_prune.data.synthetic import synthetic_pixels
+from clip_prune.errors import MissingExtra, first_line
 from clip_prune.towers import image_embeds, tower_of
 
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
@@ -34,11 +35,14 @@ in float32: the runtime fuses and reorders sums (measured about 1e-6 on the tiny
 
 
 def require_onnxruntime() -> Any:
-    """The onnxruntime module, or an ImportError naming the missing packages and the extra that installs them."""
+    """The onnxruntime module, or `MissingExtra` naming the missing packages and the extra that installs them."""
     missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
-    if missing:
-        raise ImportError(f"ONNX export needs {', '.join(missing)}, not installed here: pip install 'clip-prune[onnx]'")
-    return importlib.import_module("onnxruntime")
+    if not missing:
+        try:
+            return importlib.import_module("onnxruntime")
+        except ImportError as error:  # installed, but broken (e.g. a build for another Python)
+            missing = [f"a working onnxruntime ({first_line(error)})"]
+    raise MissingExtra(f"ONNX export needs {', '.join(missing)}, not installed here: pip install 'clip-prune[onnx]'")
 
 
 class ImageEncoder(nn.Module):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,19 +13,33 @@ from typing import Any
 
 import torch
 
-from clip_prune.files import atomic_directory, check_free, new_staging, stale_stagings
+from clip_prune.files import (
+    WRITTEN_BY,
+    atomic_directory,
+    check_file_free,
+    check_free,
+    check_output_location,
+    new_staging,
+    stale_stagings,
+    write_text_atomically,
+)
 
 
 def check_not_an_input(output: Path, inputs: tuple[str | Path | None, ...]) -> None:
-    """Refuse an output directory that is, or holds, one of the run's local inputs."""
+    """Refuse an output directory that is, holds or lies inside one of the run's local inputs: replacing it would
+    delete the input, or write into a folder (a data set, a checkpoint) that is the user's."""
     target = output.resolve()
     for item in inputs:
         if item is None or not Path(item).exists():
             continue  # a Hub name, or an input that is not there (its own check says so)
         source = Path(item).resolve()
         if source == target or target in source.parents:
-            raise ValueError(f"the output directory {output} holds the input {item}: writing the run there would "
+            relation = "is" if source == target else "holds"
+            raise ValueError(f"the output directory {output} {relation} the input {item}: writing the run there would "
                              "delete it; choose another --output_dir")
+        if source in target.parents:
+            raise ValueError(f"the output directory {output} lies inside the input {item}; keep outputs apart from "
+                             "the data and models they are made from: choose another --output_dir")
 
 
 class RunDirectory:
@@ -45,6 +59,7 @@ class RunDirectory:
     def __init__(self, path: str | Path, overwrite: bool = False, inputs: tuple[str | Path | None, ...] = ()) -> None:
         self.path = Path(path)
         self.overwrite = overwrite
+        check_output_location(self.path)  # first: "/" holds every input, but that is not the point to make
         check_not_an_input(self.path, inputs)
         check_free(self.path, overwrite)
         self.staging = new_staging(self.path)
@@ -65,8 +80,12 @@ class RunDirectory:
         return path
 
     def save_tensor(self, name: str, tensor: torch.Tensor) -> Path:
+        """Save `tensor` with `torch.save` (the original tool's mask format), through Python's file writes: torch's own
+        writer reports a full disk as an unrelated "unexpected pos" error."""
+        serialised = io.BytesIO()
+        torch.save(tensor.detach().cpu().contiguous(), serialised)
         path = self.file(name)
-        torch.save(tensor.detach().cpu().contiguous(), path)
+        path.write_bytes(serialised.getvalue())
         return path
 
     @contextmanager
@@ -88,11 +107,9 @@ def link_or_copy(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
-def write_json_atomically(path: Path, content: Any, overwrite: bool = False) -> None:
-    """Write `content` as JSON to `path` through a temporary sibling, refusing an existing file unless `overwrite`."""
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass --overwrite true to replace it")
+def write_json_atomically(path: Path, content: dict[str, Any], overwrite: bool = False) -> None:
+    """Write `content` as JSON to `path` through a temporary sibling, marked as clip-prune's (`written_by`); an
+    existing file is refused unless `overwrite` and clip-prune wrote it."""
+    check_file_free(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    temporary.write_text(json.dumps(content, indent=2) + "\n")
-    os.replace(temporary, path)
+    write_text_atomically(path, json.dumps({"written_by": WRITTEN_BY, **content}, indent=2) + "\n")

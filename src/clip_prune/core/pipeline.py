@@ -11,6 +11,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -22,7 +23,7 @@ from clip_prune.core.rearrange import rearrange_mask
 from clip_prune.core.reconstruct import Reconstruction, reconstruct
 from clip_prune.core.refit import RefitWeights
 from clip_prune.core.search import SearchResult, WidthBudget, WidthSearchResult, search_masks
-from clip_prune.towers import VisionInputs
+from clip_prune.towers import VisionInputs, tower_of
 
 ALIGNED_WIDTH_MULTIPLES = (64, 8)
 """Default per-layer width multiples on a GPU and under a latency budget, the first that fits the model
@@ -182,7 +183,8 @@ def prune_step(
     """
     timings: dict[str, float] = {}
     candidates = None if kept is None else (kept[0] != 0, kept[1] != 0)
-    searcher = search_masks if widths is None else widths.search
+    searcher = partial(search_masks if widths is None else widths.search,
+                       keep_a_head=tower_of(model).pooling_needs_attention())
     search = timed(timings, "search", lambda: searcher(stats.head_fisher, stats.neuron_fisher, macs,
                                                         constraint, candidates))
     head_mask, neuron_mask = search.head_mask, search.neuron_mask

@@ -49,6 +49,7 @@ def search_masks(
     macs: EncoderMacs,
     constraint: float,
     candidates: tuple[torch.Tensor, torch.Tensor] | None = None,
+    keep_a_head: bool = False,
 ) -> SearchResult:
     """Keep the top-scored heads and neurons that fit in `constraint` times the dense encoder's MACs.
 
@@ -64,12 +65,15 @@ def search_masks(
         constraint: fraction of the dense encoder's MACs to keep, in (0, 1]; 1 keeps every unit.
         candidates: ([L, H], [L, F]) masks of the units that may be kept (non-zero entries): those an
             earlier step of iterative pruning kept. None: every unit.
+        keep_a_head: keep at least one head (`VisionTower.pooling_needs_attention`: without one the tower's
+            output would not depend on its image).
 
     Returns:
         The masks (float32, on the scores' device), the counts kept, the objective curve and the MACs.
 
     Raises:
         ValueError: if `constraint` is outside (0, 1], or the scores have the wrong shape or are not finite.
+        BudgetTooSmall: if `keep_a_head` and not even one head fits the budget.
     """
     _check_inputs(head_scores, neuron_scores, macs, constraint)
     if candidates is not None and (candidates[0].shape != head_scores.shape
@@ -91,6 +95,10 @@ def search_masks(
     kept_neurons = kept_neurons.clamp(max=num_units_neurons)
     curve = head_prefix + neuron_prefix[kept_neurons]
     curve = torch.where(fits, curve, torch.full_like(curve, -math.inf))
+    if keep_a_head:
+        curve[0] = -math.inf
+        if not bool(torch.isfinite(curve).any()):
+            check_reachable(constraint, macs, keep_a_head)  # raises
 
     # With c = 1 every unit fits; pick the dense model even if some scores are negative.
     num_heads = num_units_heads if constraint == 1 else int(torch.argmax(curve))
@@ -196,6 +204,7 @@ def search_layer_widths(
     neuron_counts: list[int] | None = None,
     candidates: tuple[torch.Tensor, torch.Tensor] | None = None,
     resolution: int = 8192,
+    keep_a_head: bool = False,
 ) -> WidthSearchResult:
     """Keep, per layer, the number of heads and neurons that maximises the sum of kept scores within `budget`.
 
@@ -216,6 +225,11 @@ def search_layer_widths(
         candidates: ([L, H], [L, F]) masks of the units that may be kept (non-zero): those an earlier
             step of iterative pruning kept. None: every unit.
         resolution: steps the budget is cut into.
+        keep_a_head: keep at least one head: if the best choice keeps none, the layer holding the best-scored
+            head keeps its narrowest attention and the rest is searched again.
+
+    Raises:
+        NoWidthsFit: if no choice (keeping a head, with `keep_a_head`) fits the budget.
     """
     layers, heads = head_scores.shape
     neurons = neuron_scores.shape[1]
@@ -242,6 +256,8 @@ def search_layer_widths(
         kept = widest  # dominates every other choice; the knapsack's rounded costs could miss it (a constraint of 1)
     else:
         kept = _knapsack(groups, resolution, step)
+        if keep_a_head and sum(kept[:layers]) == 0:
+            kept = _knapsack(_with_a_head(groups, layers), resolution, step)
     masks = [torch.zeros_like(head_scores, dtype=torch.float32, device="cpu"),
              torch.zeros_like(neuron_scores, dtype=torch.float32, device="cpu")]
     for (layer, part, order, *_), count in zip(groups, kept, strict=True):
@@ -261,6 +277,45 @@ def _cost(kept: list[int], layers: int, head_costs: torch.Tensor, neuron_costs: 
                  + sum(neuron_costs[layer, count] for layer, count in enumerate(kept[layers:])))
 
 
+def _with_a_head(groups: list[tuple], layers: int) -> list[tuple]:
+    """`groups` with the attention of the layer holding the best-scored head made to keep at least one head."""
+    heads = [group for group in groups[:layers] if len(group[3]) > 1]
+    if not heads:
+        raise NoWidthsFit(math.inf)
+    best = max(heads, key=lambda group: float(group[4][1] - group[4][0]))  # the value of its smallest head count
+    positive = best[3] > 0
+    return [(*group[:3], group[3][positive], group[4][positive], group[5][positive]) if group is best else group
+            for group in groups]
+
+
+class NoWidthsFit(ValueError):
+    """No per-layer widths fit a width search's budget; `needed` is what the cheapest choice costs (in steps of
+    the budget)."""
+
+    def __init__(self, needed: float) -> None:
+        super().__init__(f"no widths fit the budget: the cheapest choice costs {needed:.4g} budget steps")
+        self.needed = needed
+
+
+class BudgetTooSmall(ValueError):
+    """The constraint is below `smallest`, the least that keeps what the tower needs (a fraction of its dense
+    MACs or latency)."""
+
+    def __init__(self, constraint: float, smallest: float, what: str) -> None:
+        self.smallest = smallest
+        super().__init__(f"--constraint {constraint:g} is below {smallest:.3g}, the least any pruned tower keeps here "
+                         f"({what}); raise --constraint to at least {suggested_constraint(smallest):g}")
+
+
+def suggested_constraint(smallest: float) -> float:
+    """A constraint safely above `smallest`: 1 % more (the searches round costs up to their budget steps),
+    rounded up at the third significant digit."""
+    if smallest <= 0:
+        return 0.001
+    digits = 2 - math.floor(math.log10(smallest * 1.01))
+    return min(1.0, math.ceil(smallest * 1.01 * 10 ** digits) / 10 ** digits)
+
+
 def _knapsack(groups: list[tuple], resolution: int, step: float) -> list[int]:
     """The count each group keeps that maximises the summed values within `resolution` budget steps."""
     # One step kept in reserve: rounding of float sums can then never push the real cost over the budget.
@@ -271,10 +326,7 @@ def _knapsack(groups: list[tuple], resolution: int, step: float) -> list[int]:
         best, choice = _add_group(best, values, steps)
         choices.append(choice)
     if not bool(torch.isfinite(best[capacity])):
-        raise ValueError(
-            f"no widths fit the budget {resolution * step:.4g}: even the cheapest choice per layer costs "
-            f"{sum(float(group[5].min()) for group in groups) * step:.4g}; raise the constraint"
-        )
+        raise NoWidthsFit(sum(float(group[5].min()) for group in groups))
     remaining, kept = capacity, []
     for (*_, counts, _values, steps), choice in zip(reversed(groups), reversed(choices), strict=True):
         option = int(choice[remaining])
@@ -328,7 +380,8 @@ def _check_width_inputs(head_scores: torch.Tensor, neuron_scores: torch.Tensor, 
 
 def search_layer_macs(head_scores: torch.Tensor, neuron_scores: torch.Tensor, macs: EncoderMacs, constraint: float,
                       head_dim: int, multiple_of: int = 1,
-                      candidates: tuple[torch.Tensor, torch.Tensor] | None = None) -> WidthSearchResult:
+                      candidates: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      keep_a_head: bool = False) -> WidthSearchResult:
     """`search_masks`'s FLOP budget, searched per layer so that widths can be held to multiples of `multiple_of`.
 
     Args:
@@ -339,24 +392,21 @@ def search_layer_macs(head_scores: torch.Tensor, neuron_scores: torch.Tensor, ma
         head_dim: d, columns per head (a head count's width is count · d).
         multiple_of: per-layer widths (heads · d, neurons) are multiples of it, or the dense width.
         candidates: ([L, H], [L, F]) masks of the units that may be kept; None: every unit.
+        keep_a_head: keep at least one head (see `search_layer_widths`).
     """
     _check_inputs(head_scores, neuron_scores, macs, constraint)
-    layers = macs.num_layers
-    head_costs = (torch.arange(macs.num_heads + 1, dtype=torch.float64) * macs.per_head).expand(layers, -1)
-    neuron_costs = (torch.arange(macs.num_neurons + 1, dtype=torch.float64) * macs.per_neuron).expand(layers, -1)
-    return search_layer_widths(head_scores, neuron_scores, head_costs, neuron_costs,
-                               budget=math.floor(Fraction(constraint) * macs.dense),
-                               head_counts=allowed_widths(macs.num_heads, head_dim, multiple_of),
-                               neuron_counts=allowed_widths(macs.num_neurons, 1, multiple_of), candidates=candidates)
+    return WidthBudget(head_dim, multiple_of).search(head_scores, neuron_scores, macs, constraint, candidates,
+                                                     keep_a_head)
 
 
 def search_layer_latency(head_scores: torch.Tensor, neuron_scores: torch.Tensor, table: LatencyTable,
                          constraint: float, head_dim: int, multiple_of: int = 1,
-                         candidates: tuple[torch.Tensor, torch.Tensor] | None = None) -> WidthSearchResult:
+                         candidates: tuple[torch.Tensor, torch.Tensor] | None = None,
+                         keep_a_head: bool = False) -> WidthSearchResult:
     """Keep the most important heads and neurons within `constraint` times the dense tower's latency by `table`.
 
     The budget left to the layers is c · (table's dense latency) minus the parts no width changes
-    (DESIGN.md, "Latency budget"); each layer pays its own fitted cost for the widths it keeps.
+    (the empty tower's time); each layer pays its own fitted cost for the widths it keeps.
 
     Args:
         head_scores: [L, H] importance of each attention head.
@@ -366,19 +416,13 @@ def search_layer_latency(head_scores: torch.Tensor, neuron_scores: torch.Tensor,
         head_dim: d, columns per head.
         multiple_of: per-layer widths (heads · d, neurons) are multiples of it, or the dense width.
         candidates: ([L, H], [L, F]) masks of the units that may be kept; None: every unit.
+        keep_a_head: keep at least one head (see `search_layer_widths`).
     """
     if not 0 < constraint <= 1:
         raise ValueError(f"the latency constraint must be in (0, 1], got {constraint}; set --constraint to e.g. 0.6")
-    budget = constraint * table.dense_latency - table.fixed_s
-    if budget <= 0:
-        raise ValueError(
-            f"--constraint {constraint} asks for {constraint * table.dense_latency:.4g} s, but the parts no pruning "
-            f"removes (embeddings, layer norms) take {table.fixed_s:.4g} s of the dense {table.dense_latency:.4g} s "
-            "on this device; raise the constraint"
-        )
-    return search_layer_widths(head_scores, neuron_scores, table.head_costs(), table.neuron_costs(), budget,
-                               head_counts=allowed_widths(table.num_heads, head_dim, multiple_of),
-                               neuron_counts=allowed_widths(table.num_neurons, 1, multiple_of), candidates=candidates)
+    macs = EncoderMacs(table.num_layers, table.num_heads, table.num_neurons, tokens=0, per_head=0, per_neuron=0)
+    return WidthBudget(head_dim, multiple_of, table).search(head_scores, neuron_scores, macs, constraint, candidates,
+                                                            keep_a_head)
 
 
 @dataclass(frozen=True)
@@ -392,11 +436,79 @@ class WidthBudget:
     latency: LatencyTable | None = None
     """The run's latency table: the constraint is a fraction of its dense latency; None: of the MACs."""
 
+    def costs(self, macs: EncoderMacs) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+        """Per layer the cost of keeping 0..H heads [L, H + 1] and 0..F neurons [L, F + 1], the cost no width changes
+        and the dense tower's, in the budget's unit (MACs, or seconds by the latency table)."""
+        if self.latency is not None:
+            table = self.latency
+            return table.head_costs(), table.neuron_costs(), table.fixed_s, table.dense_latency
+        layers = macs.num_layers
+        head_costs = (torch.arange(macs.num_heads + 1, dtype=torch.float64) * macs.per_head).expand(layers, -1)
+        neuron_costs = (torch.arange(macs.num_neurons + 1, dtype=torch.float64) * macs.per_neuron).expand(layers, -1)
+        return head_costs, neuron_costs, 0.0, float(macs.dense)
+
+    def counts(self, macs: EncoderMacs) -> tuple[list[int], list[int]]:
+        """The head and neuron counts a layer may keep."""
+        return (allowed_widths(macs.num_heads, self.head_dim, self.multiple_of),
+                allowed_widths(macs.num_neurons, 1, self.multiple_of))
+
+    def smallest_constraint(self, macs: EncoderMacs, keep_a_head: bool) -> float:
+        """The least constraint any widths meet: the fixed cost, the narrowest choice of every layer and, with
+        `keep_a_head`, one layer's narrowest attention."""
+        head_costs, neuron_costs, fixed, dense = self.costs(macs)
+        head_counts, neuron_counts = self.counts(macs)
+        narrowest = head_costs[:, head_counts].min(dim=1).values
+        cheapest = fixed + float(narrowest.sum() + neuron_costs[:, neuron_counts].min(dim=1).values.sum())
+        if keep_a_head:
+            positive = [count for count in head_counts if count > 0]
+            cheapest += float((head_costs[:, positive].min(dim=1).values - narrowest).min())
+        return cheapest / dense
+
     def search(self, head_scores: torch.Tensor, neuron_scores: torch.Tensor, macs: EncoderMacs, constraint: float,
-               candidates: tuple[torch.Tensor, torch.Tensor] | None = None) -> WidthSearchResult:
-        """`search_layer_latency` or `search_layer_macs` with these settings."""
-        if self.latency is None:
-            return search_layer_macs(head_scores, neuron_scores, macs, constraint, self.head_dim, self.multiple_of,
-                                     candidates)
-        return search_layer_latency(head_scores, neuron_scores, self.latency, constraint, self.head_dim,
-                                    self.multiple_of, candidates)
+               candidates: tuple[torch.Tensor, torch.Tensor] | None = None,
+               keep_a_head: bool = False) -> WidthSearchResult:
+        """The per-layer search (`search_layer_widths`) of `constraint` times the dense cost, with these settings.
+
+        Raises:
+            BudgetTooSmall: if nothing (that keeps a head, with `keep_a_head`) fits; it names the least constraint.
+        """
+        head_costs, neuron_costs, fixed, dense = self.costs(macs)
+        head_counts, neuron_counts = self.counts(macs)
+        budget = constraint * dense - fixed
+        if self.latency is None:  # exact rational arithmetic, as in `search_masks`
+            budget = math.floor(Fraction(constraint) * macs.dense)
+        if budget <= 0:
+            check_reachable(constraint, macs, keep_a_head, self)  # raises
+        try:
+            return search_layer_widths(head_scores, neuron_scores, head_costs, neuron_costs, budget, head_counts,
+                                       neuron_counts, candidates, keep_a_head=keep_a_head)
+        except NoWidthsFit as error:
+            smallest = self.smallest_constraint(macs, keep_a_head)
+            raise BudgetTooSmall(constraint, max(smallest, constraint), _essentials(self, keep_a_head)) from error
+
+
+def check_reachable(constraint: float, macs: EncoderMacs, keep_a_head: bool, widths: WidthBudget | None = None) -> None:
+    """Refuse, before any statistics are gathered, a constraint below the least that any masks meet: the parts no
+    pruning removes (latency), the narrowest allowed widths and, with `keep_a_head`, one head.
+
+    Raises:
+        BudgetTooSmall: naming the least constraint.
+    """
+    if widths is None:
+        smallest = macs.per_head / macs.dense if keep_a_head else 0.0
+    else:
+        smallest = widths.smallest_constraint(macs, keep_a_head)
+    if constraint < smallest or (smallest == 0 and constraint <= 0):
+        raise BudgetTooSmall(constraint, smallest, _essentials(widths, keep_a_head))
+
+
+def _essentials(widths: WidthBudget | None, keep_a_head: bool) -> str:
+    """What every pruned tower keeps under these settings, in words."""
+    parts = []
+    if widths is not None and widths.latency is not None:
+        parts.append("the parts no pruning removes, such as embeddings and layer norms")
+    if widths is not None and widths.multiple_of > 1:
+        parts.append(f"widths at multiples of {widths.multiple_of}")
+    if keep_a_head:
+        parts.append("one attention head, without which the embedding would ignore the image")
+    return " and ".join(parts) or "the narrowest widths"

@@ -87,6 +87,28 @@ def check_masks(head_mask: torch.Tensor, neuron_mask: torch.Tensor,
         raise ValueError("invalid masks:\n  " + "\n  ".join(problems))
 
 
+def mask_value_notes(head_mask: torch.Tensor, neuron_mask: torch.Tensor, binary: bool) -> list[str]:
+    """Refuse mask values the masks' kind cannot hold; describe the unusual ones it may.
+
+    Args:
+        head_mask: [L, H] per-head values, 0 = pruned.
+        neuron_mask: [L, F] per-neuron values, 0 = pruned.
+        binary: the masks come with refit columns (a `weights` reconstruction), so they hold 0 and 1 only.
+            Scale masks (`scales`, the original tool's) may hold any kept value, negative ones too: a least-squares
+            scale below zero turns a unit's output round, which the solve may find best.
+    """
+    named = (("head_mask", head_mask), ("neuron_mask", neuron_mask))
+    if binary:
+        odd = [name for name, mask in named if not bool(((mask == 0) | (mask == 1)).all())]
+        if odd:
+            raise ValueError(f"{' and '.join(odd)} hold values other than 0 and 1, but the refit columns beside them "
+                             "belong to binary masks (a `weights` reconstruction): were the mask files replaced?")
+        return []
+    return [f"{name} holds {int((mask < 0).sum())} negative scales (down to {float(mask.min()):.3g}): kept units whose "
+            "output the reconstruction turned round (the original tool writes such masks); applied as they are"
+            for name, mask in named if bool((mask < 0).any())]
+
+
 def plan_from_masks(head_mask: torch.Tensor, neuron_mask: torch.Tensor) -> list[LayerPlan]:
     """The per-layer plan of `head_mask` [L, H] and `neuron_mask` [L, F] (validated with `check_masks`)."""
     check_masks(head_mask, neuron_mask)

@@ -24,7 +24,8 @@ def format_summary(report: dict[str, Any]) -> str:
         spread = latency.get("spread", {})
         dense, pruned = (f"{latency[key] * 1e3:.1f}" + (f" ±{spread[key]:.0%}" if key in spread else "")
                          for key in ("dense", "pruned"))
-        lines.append(_row(f"latency ms (batch {latency['batch']})", dense, pruned, f"{latency['speedup']:.2f}x"))
+        speedup = f"{latency['speedup']:.2f}x" if latency.get("reliable", True) else "unreliable"
+        lines.append(_row(f"latency ms (batch {latency['batch']})", dense, pruned, speedup))
     metrics = report.get("metrics", {})
     for task, values in metrics.get("dense", {}).items():
         for name, dense in values.items():
@@ -33,6 +34,10 @@ def format_summary(report: dict[str, Any]) -> str:
                 lines.append(_row(f"{task} {name} (%)", f"{dense:.1f}", "-", "-"))
             else:
                 lines.append(_row(f"{task} {name} (%)", f"{dense:.1f}", f"{pruned:.1f}", f"{pruned - dense:+.1f}"))
+    if "cosine_to_dense" in metrics:
+        agreement = metrics["cosine_to_dense"]
+        lines.append(f"  image embeddings vs dense: cosine {agreement['mean']:.4f} on average, {agreement['min']:.4f} "
+                     f"at worst ({agreement['images']} images)")
     lines += _cascade_rows(metrics)
     if lines:
         lines = ["", "clip-prune summary", _row("", "dense", "pruned", "ratio"), *lines]
@@ -53,8 +58,8 @@ def format_summary(report: dict[str, Any]) -> str:
     if "timings_s" in report:
         stages = ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in report["timings_s"].items())
         lines.append(f"  time: {stages}")
-    if "warning" in report.get("latency_s", {}):
-        lines.append(f"  warning: {report['latency_s']['warning']}")
+    if "unreliable" in report.get("latency_s", {}):
+        lines.append(f"  latency not measured reliably: {report['latency_s']['unreliable']}")
     for warning in report.get("warnings", []):
         lines.append(f"  warning: {warning}")
     if "rounds" in report:

@@ -69,6 +69,8 @@ def _decode(path: Path) -> tuple[str | None, str | None]:
             to_rgb(image)
     except FileNotFoundError:
         return None, "missing"
+    except Image.DecompressionBombError as error:  # larger than Pillow will decode (MAX_IMAGE_PIXELS)
+        return None, f"too large to decode safely: {error}"
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         return None, f"cannot be decoded: {error}"
     return hashlib.sha256(data).hexdigest(), None

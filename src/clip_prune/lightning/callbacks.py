@@ -4,6 +4,7 @@ more steps, then save the pruned model) and `SensitivityCallback` (one layer red
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -25,7 +26,7 @@ from clip_prune.core.metrics import METRIC_NAMES
 from clip_prune.core.outputs import RunDirectory, link_or_copy
 from clip_prune.core.pipeline import PruningOptions, StepResult, prune_step
 from clip_prune.core.refit import REFIT_FILE, refit_applied, save_refit
-from clip_prune.core.search import SearchResult, WidthBudget
+from clip_prune.core.search import SearchResult, WidthBudget, check_reachable
 from clip_prune.core.sensitivity import choose_head, keep_single_head
 from clip_prune.core.slicing import plan_from_masks, write_plan
 from clip_prune.data.sampling import PADDING
@@ -97,6 +98,7 @@ class PruningCallback(L.Callback):
         self.constraint = constraint
         self.constraint_type = constraint_type
         self.widths: WidthBudget | None = None
+        self._search_prepared = False
         self.options = options
         self.statistics = statistics
         self.constraints = [] if constraint is None else options.step_constraints(constraint)
@@ -111,6 +113,8 @@ class PruningCallback(L.Callback):
         """What to print once the run is written (rank zero)."""
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: MaskedCLIPModule) -> None:
+        if not self.steps and self.constraint is not None and not self._search_prepared:
+            self._prepare_search(trainer, pl_module)  # refuses an unreachable budget before the first pass
         self._started = time.perf_counter()
         if self.steps:  # a Fisher pass on the model pruned so far
             last = self.steps[-1]
@@ -154,17 +158,24 @@ class PruningCallback(L.Callback):
         self._pruned_so_far.close()
         pl_module.masks.set(torch.ones_like(pl_module.masks.head_mask), torch.ones_like(pl_module.masks.neuron_mask))
 
-    def _step(self, trainer: L.Trainer, pl_module: MaskedCLIPModule, stats: FisherStatistics) -> None:
-        """One pruning step on `stats`; logs its masks."""
-        index = len(self.steps)
-        previous = self.steps[-1] if self.steps else None
+    def _prepare_search(self, trainer: L.Trainer, pl_module: MaskedCLIPModule) -> None:
+        """Choose how the search measures widths (the latency table, measured on the run's device, or multiples)
+        and check that the constraint can be met at all."""
         config = pl_module.vision_config
         head_dim = config.hidden_size // config.num_attention_heads
         multiple = self.options.widths_multiple(pl_module.device, config.intermediate_size, head_dim,
                                                 latency_budget=self.constraint_type == "latency")
-        if index == 0 and (self.constraint_type == "latency" or multiple > 1):
+        if self.constraint_type == "latency" or multiple > 1:
             table = self._latency_table(trainer, pl_module, multiple) if self.constraint_type == "latency" else None
             self.widths = WidthBudget(head_dim, multiple, table)
+        check_reachable(self.constraint, count_encoder_macs(config), pl_module.tower.pooling_needs_attention(),
+                        self.widths)
+        self._search_prepared = True
+
+    def _step(self, trainer: L.Trainer, pl_module: MaskedCLIPModule, stats: FisherStatistics) -> None:
+        """One pruning step on `stats`; logs its masks."""
+        index = len(self.steps)
+        previous = self.steps[-1] if self.steps else None
         result = prune_step(
             pl_module.model, stats, count_encoder_macs(pl_module.vision_config), self.constraints[index],
             self.options, self._calibration_batches(trainer, pl_module),
@@ -237,7 +248,7 @@ class PruningCallback(L.Callback):
                 pl_module.vision_config, batch_size, pl_module.device, next(pl_module.model.parameters()).dtype,
                 pl_module.model.config._attn_implementation, multiple_of=multiple_of)
             print(f"clip-prune: latency table {'read from the cache' if cached else 'measured'} "
-                  f"({table.key['device']}, batch {batch_size})")
+                  f"({table.key['device']}, batch {batch_size})", file=sys.stderr)
             write_table(table, self.run.file("latency_table.json"))
         return trainer.strategy.broadcast(table)
 
@@ -326,7 +337,8 @@ class SensitivityCallback(L.Callback):
         """Rank zero: the dense model's metric, the reference of the early stop (if it can be measured)."""
         datamodule = trainer.datamodule
         if datamodule is None or not datamodule.has_evaluation_data() or not pl_module.tower.has_text:
-            print("clip-prune sensitivity: no evaluation data for this model, so no early stop; all rounds run")
+            print("clip-prune sensitivity: no evaluation data for this model, so no early stop; all rounds run",
+                  file=sys.stderr)
             return
         self.evaluator = datamodule.evaluator(pl_module.device)
         self.dense_metric = metric_value(self.evaluator(pl_module.model, "dense"), self.stop_metric)

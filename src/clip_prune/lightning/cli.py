@@ -11,17 +11,24 @@ Defaults of one verb only are YAML files in `lightning/defaults/` named after it
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import Any, NoReturn
 
 import lightning as L
+import torch
 import torch.distributed
 import yaml
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from clip_prune.errors import notes
 from clip_prune.lightning.console import (
     DEBUG_VARIABLE,
     ClipPruneArgumentParser,
@@ -106,11 +113,21 @@ class ClipPruneCLI(LightningCLI):
         """The Trainer whose method runs the verb; a default one for the verbs without trainer options."""
         if self.subcommand in TOOL_VERBS:
             kwargs.setdefault("callbacks", [])  # what the trainer options would give (LightningCLI adds its own)
+        else:
+            check_accelerator(self.config_init[self.subcommand].trainer.accelerator)
         return super().instantiate_trainer(**kwargs)
 
     def classes_of(self, parser: LightningArgumentParser) -> tuple[type | None, type | None]:
         """The model and data classes of `parser`'s verb (the pruning ones for the parser of `run=False`)."""
         return VERB_CLASSES.get(getattr(parser, "verb", None), (self.model_class, self.datamodule_class))
+
+
+def check_accelerator(accelerator: Any) -> None:
+    """Refuse a GPU accelerator where PyTorch sees no GPU, with the fix (Lightning's own error names no option)."""
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--trainer.accelerator {accelerator}: PyTorch sees no GPU here (torch.cuda.is_available() "
+                         "is False); use --trainer.accelerator cpu, or auto to take a GPU "
+                         "where there is one")
 
 
 def run_cli(args: ArgsType = None, run: bool = True, cli_class: type[ClipPruneCLI] = ClipPruneCLI) -> ClipPruneCLI:
@@ -144,8 +161,9 @@ def run_cli(args: ArgsType = None, run: bool = True, cli_class: type[ClipPruneCL
 def main(args: list[str] | None = None) -> None:
     """Entry point of `clip-prune`; `args` replaces sys.argv[1:] (for tests).
 
-    A user error (bad path, value or file, refused overwrite) prints one `clip-prune: error:` block and exits
-    with status 2; `--debug` or CLIP_PRUNE_DEBUG=1 raises it with its traceback instead, as internal errors are.
+    A user error (bad path, value or file, refused overwrite, full disk) prints one `clip-prune: error:` block and
+    exits with status 2; `--debug` or CLIP_PRUNE_DEBUG=1 raises it with its traceback instead, as internal errors
+    are. SIGINT and SIGTERM stop a run with one line that says what was kept, and the shell's status (130, 143).
     """
     argv = list(sys.argv[1:] if args is None else args)
     if "--debug" in argv:
@@ -159,23 +177,60 @@ def main(args: list[str] | None = None) -> None:
     # (reading them costs about a second, so only when help is asked for).
     set_parsing_settings(docstring_parse_attribute_docstrings=any(arg.endswith("help") for arg in argv))
     succeeded = False
+    with stop_signals_recorded() as received:
+        try:
+            run_cli(None if args is None else argv)
+            succeeded = True
+        except BaseException as error:
+            if received or isinstance(error, SIGTERMException):
+                # Lightning turns SIGTERM into a SIGTERMException or an exit without a code, i.e. status 0, and the
+                # signal may first surface as a DataLoader whose workers it killed: say what stopped the run.
+                stopped_by(received[0] if received else signal.SIGTERM, error)
+            if debug or not isinstance(error, Exception):
+                raise
+            cause = user_error(error)
+            if cause is None:
+                raise
+            print("\n".join([f"clip-prune: error: {cause}", *notes(error),
+                             f"(run with --debug or {DEBUG_VARIABLE}=1 to see the traceback)"]), file=sys.stderr)
+            sys.exit(2)
+        finally:
+            close_process_group(succeeded)
+
+
+STOP_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}
+"""The signals that stop a run, and the status the shell gives a process they stop (128 + the signal)."""
+
+
+@contextmanager
+def stop_signals_recorded() -> Iterator[list[int]]:
+    """Record SIGINT and SIGTERM as they arrive and stop the work with a KeyboardInterrupt (Lightning calls this
+    handler after its own, which stops DDP's other processes), so that `main` can name the signal whatever error
+    the stop then surfaces as. Only the main thread may set handlers: elsewhere nothing is recorded."""
+    received: list[int] = []
+
+    def stop(signum: int, _: FrameType | None) -> None:
+        received.append(signum)
+        if len(received) == 1:  # a second Ctrl-C must not interrupt the clean-up of the first
+            raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {number: signal.signal(number, stop) for number in STOP_STATUS}
     try:
-        run_cli(None if args is None else argv)
-        succeeded = True
-    except SIGTERMException:
-        # Lightning stops a terminated run with a SystemExit without a code, i.e. status 0: a scheduler would
-        # take the pre-empted job for a finished one. 128 + SIGTERM, as the shell reports it.
-        print("clip-prune: stopped by SIGTERM; rerun the same command to resume from its statistics", file=sys.stderr)
-        sys.exit(143)
-    except Exception as error:
-        cause = user_error(error)
-        if debug or cause is None:
-            raise
-        print(f"clip-prune: error: {cause}\n(run with --debug or {DEBUG_VARIABLE}=1 to see the traceback)",
-              file=sys.stderr)
-        sys.exit(2)
+        yield received
     finally:
-        close_process_group(succeeded)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def stopped_by(signum: int, error: BaseException) -> NoReturn:
+    """Say which signal stopped the run and what it left (the notes of `error`), then exit with the shell's status."""
+    kept = notes(error) or ["nothing of this run was kept (outputs appear only when complete): the same command "
+                            "starts it again"]
+    print(f"clip-prune: stopped by {signal.Signals(signum).name}; " + "; ".join(kept), file=sys.stderr)
+    sys.exit(STOP_STATUS.get(signum, 1))
 
 
 def close_process_group(succeeded: bool) -> None:

@@ -8,17 +8,23 @@ outputs went: library tips, banners and known-harmless warnings are silenced.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import re
 import sys
 import warnings
+from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any, NoReturn
 
 import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from transformers.utils import logging as transformers_logging
+
+from clip_prune.errors import MissingExtra
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # src/clip_prune
 _python_format_warning = warnings.formatwarning
@@ -26,14 +32,24 @@ _python_format_warning = warnings.formatwarning
 DEBUG_VARIABLE = "CLIP_PRUNE_DEBUG"
 """Environment switch (any value but empty or 0) that, like --debug, shows tracebacks of user errors."""
 
-USER_ERRORS = (ValueError, TypeError, OSError)
+USER_ERRORS = (ValueError, TypeError, OSError, MissingExtra)
 """What clip-prune's own checks raise for bad input (OSError covers missing and existing files)."""
+
+DISK_PROBLEMS = {
+    errno.ENOSPC: "cannot write {}: the disk is full; free some space or write the output to another disk",
+    errno.EDQUOT: "cannot write {}: the disk quota is used up; free some space or write the output to another disk",
+    errno.EROFS: "cannot write {}: the file system is read-only; write the output to a writable disk",
+    errno.EACCES: "cannot use {}: permission denied; choose files and folders this user may read and write",
+    errno.EPERM: "cannot use {}: operation not permitted; choose files and folders this user may read and write",
+}
+"""Errors of the machine, not of clip-prune, wherever a write or read meets them: each one a user can fix."""
 
 HARMLESS_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\)",  # Lightning 2.6 on torch 2.9 internals, nothing to act on
     r".*does not have many workers",  # --data.num_workers is chosen on purpose (default: all cores)
     r".*`srun` command is available",  # SLURM hint; clip-prune launches its own processes
     r"You have overridden `on_before_batch_transfer`",  # MaskedCLIPModule's hook is meant to run beside our data
+    r"No seed found, seed set to",  # LightningCLI seeds every verb; the pruning verbs draw nothing at random
 )
 
 
@@ -42,11 +58,17 @@ def debug_requested() -> bool:
     return os.environ.get(DEBUG_VARIABLE, "0") not in ("", "0")
 
 
-def user_error(error: BaseException) -> BaseException | None:
+def user_error(error: BaseException) -> BaseException | str | None:
     """The error of clip-prune's own input checks in `error`'s chain (jsonargparse wraps those raised while it
-    builds the options), or None for an internal error."""
+    builds the options), Lightning's refusal of trainer options, or a full or read-only disk (as a sentence); None
+    for an internal error."""
     seen: BaseException | None = error
     while seen is not None:
+        if isinstance(seen, MisconfigurationException):
+            return f"{seen} (check the --trainer.* options)"
+        disk = disk_problem(seen)
+        if disk is not None:
+            return disk
         traceback = seen.__traceback__
         while traceback is not None and traceback.tb_next is not None:
             traceback = traceback.tb_next
@@ -55,6 +77,17 @@ def user_error(error: BaseException) -> BaseException | None:
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def disk_problem(error: BaseException) -> str | None:
+    """What is wrong with the disk or the permissions `error` met, with the fix; None if it is no such error. torch
+    and safetensors report a failed write as their own errors, whose message carries the system's."""
+    code = getattr(error, "errno", None)
+    if code not in DISK_PROBLEMS:
+        code = next((code for code in DISK_PROBLEMS if os.strerror(code) in str(error)), None)
+        if code is None:
+            return None
+    return DISK_PROBLEMS[code].format(getattr(error, "filename", None) or "the output")
 
 
 def quiet_the_libraries(debug: bool) -> None:
@@ -92,8 +125,41 @@ class ClipPruneArgumentParser(LightningArgumentParser):
         if not self.exit_on_error or debug_requested():
             super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
-        sys.stderr.write(f"clip-prune: error: {message}\n(options: {parser.prog.replace(' [options]', '')} --help)\n")
+        sys.stderr.write(f"clip-prune: error: {plain_parser_message(message)}\n"
+                         f"(options: {parser.prog.replace(' [options]', '')} --help)\n")
         self.exit(2)
+
+
+TYPE_WORDS = {"float": "a number", "int": "a whole number", "bool": "true or false", "str": "a text",
+              "list": "a list such as '[1, 2]'", "dict": "a mapping"}
+"""How a value's expected type reads in an error, for jsonargparse's type names."""
+REQUIRED_EXAMPLES = {"model.pretrained": "a Hub name such as openai/clip-vit-base-patch16, or a folder written by "
+                                         "save_pretrained"}
+"""What to give for a required option that was left out."""
+
+
+def plain_parser_message(message: str) -> str:
+    """jsonargparse's report of a value of the wrong type (a block naming Python classes and union subtypes) as one
+    line: the option, the value given and what it takes; other messages as they are."""
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    if not keys:
+        return message
+    option = "--" + ".".join(keys)
+    given = re.findall(r"Got value: (.*)", message) or re.findall(r"Given value: (.*)", message)
+    value = given[0].strip() if given else None
+    if value == "None":
+        example = REQUIRED_EXAMPLES.get(".".join(keys))
+        return f"{option} is required" + (f": {example}" if example else "")
+    expected = []
+    for name in re.findall(r"Expected an? (?:<class '(?:[\w.]*\.)?(\w+)'>|typing\.(Literal\[.*?\]))", message):
+        word = TYPE_WORDS.get(name[0]) if name[0] else "one of " + name[1].removeprefix("Literal[").removesuffix("]")
+        if word is not None and word not in expected:
+            expected.append(word)
+    if "dot import path" in message:
+        expected.append(f"its fields set one by one (e.g. {option}.steps 2)")
+    if not expected:
+        return message.splitlines()[0] + " " + " ".join(line.strip() for line in message.splitlines()[1:3])
+    return f"{option}: got {value}, expected {' or '.join(expected)}"
 
 
 class _NamedValidation:
@@ -107,11 +173,27 @@ class _NamedValidation:
 
 
 class NamedTQDMProgressBar(_NamedValidation, TQDMProgressBar):
-    """Lightning's tqdm bar with a named validation loop."""
+    """Lightning's tqdm bar with a named validation loop, on stderr (Lightning draws it on stdout, where it would
+    mix with the results: redirected, a log would hold every redraw)."""
+
+    def init_sanity_tqdm(self) -> Any:
+        with redirect_stdout(sys.stderr):
+            return super().init_sanity_tqdm()
+
+    def init_train_tqdm(self) -> Any:
+        with redirect_stdout(sys.stderr):
+            return super().init_train_tqdm()
+
+    def init_validation_tqdm(self) -> Any:
+        with redirect_stdout(sys.stderr):
+            return super().init_validation_tqdm()
 
 
 class NamedRichProgressBar(_NamedValidation, RichProgressBar):
-    """Lightning's rich bar with a named validation loop."""
+    """Lightning's rich bar with a named validation loop, on stderr (see `NamedTQDMProgressBar`)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**{"console_kwargs": {"stderr": True}, **kwargs})
 
 
 def name_validation_bar(trainer: L.Trainer, description: str) -> None:

@@ -30,7 +30,19 @@ from clip_prune.data.coco import (
     text_length_limit,
 )
 from clip_prune.data.sampling import GlobalBatchSampler
+from clip_prune.errors import first_line
 from clip_prune.towers import tower_class
+
+
+def check_template(template: str) -> None:
+    """Refuse a zero-shot prompt template that does not put the class name in (every class would get one prompt)."""
+    try:
+        named = template.format("cat") != template.format("dog")
+    except (IndexError, KeyError, ValueError):
+        named = False
+    if not named:
+        raise ValueError(f"--data.zero_shot_templates: {template!r} has no {{}} where the class name goes; write "
+                         "e.g. 'a photo of a {}.'")
 
 
 def keeps_float32_inputs(precision: Any) -> bool:
@@ -90,12 +102,22 @@ class CocoDataModule(L.LightningDataModule):
             raise ValueError(f"--data.batch_size must be at least 1, got {batch_size}")
         if num_workers is not None and num_workers < 0:
             raise ValueError(f"--data.num_workers must be >= 0 (or null for one per CPU core), got {num_workers}")
+        for template in zero_shot_templates or []:
+            check_template(template)
         self.save_hyperparameters()
         self.num_workers = available_cores() if num_workers is None else num_workers
         self.calibration: ImageItems | None = None
         self.calibration_digest: str | None = None
         """sha256 over the sampled pairs (caption and image bytes, in order): which data the statistics saw."""
         self._read: dict[str, Any] = {}  # config, processor, tokenizer and evaluation splits, each read once
+
+    def input_paths(self) -> list[Path]:
+        """The local files and folders this data is read from (the data root holds its splits unless they are
+        named outside it): outputs must stay clear of them."""
+        hp = self.hparams
+        paths = [] if hp.root is None else [Path(hp.root) / name for name in (
+            "", hp.train_images, hp.train_captions, hp.val_images, hp.val_captions)]
+        return paths + ([] if hp.zero_shot_root is None else [Path(hp.zero_shot_root)])
 
     def setup(self, stage: str | None = None) -> None:
         """Read, sample and check the calibration split and the evaluation data (before any model work)."""
@@ -169,7 +191,19 @@ class CocoDataModule(L.LightningDataModule):
 
     def image_processor(self) -> Any:
         """The checkpoint's image processor (read once)."""
-        return self._once("image_processor", lambda: AutoImageProcessor.from_pretrained(self.hparams.pretrained))
+        return self._once("image_processor", self._read_image_processor)
+
+    def _read_image_processor(self) -> Any:
+        try:
+            return AutoImageProcessor.from_pretrained(self.hparams.pretrained)
+        except (OSError, ValueError) as error:
+            folder = Path(self.hparams.pretrained)
+            unsaved = folder.is_dir() and not (folder / "preprocessor_config.json").exists()
+            why = "no preprocessor_config.json" if unsaved else first_line(error, limit=120)
+            raise FileNotFoundError(
+                f"--model.pretrained {self.hparams.pretrained} has no image processor ({why}); save it beside the "
+                "model: AutoImageProcessor.from_pretrained(ORIGINAL).save_pretrained(FOLDER)"
+            ) from error
 
     def tokenizer(self) -> Any | None:
         """The checkpoint's tokenizer (read once), or None for a vision-only checkpoint saved without one."""

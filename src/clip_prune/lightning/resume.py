@@ -9,6 +9,7 @@ output directory reuses them when all of it matches, and otherwise says why not 
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -83,9 +84,9 @@ def find_reusable_statistics(run: RunDirectory, expected: dict[str, str], rank_z
             reusable = statistics
             if rank_zero:
                 print(f"clip-prune: resuming the interrupted run {staging}: its Fisher statistics fit this model, "
-                      "data and sampling, so the gradient pass is skipped")
+                      "data and sampling, so the gradient pass is skipped", file=sys.stderr)
             continue
         if rank_zero:
-            print(f"clip-prune: {message}; removing it")
+            print(f"clip-prune: {message}; removing it", file=sys.stderr)
             shutil.rmtree(staging, ignore_errors=True)
     return reusable

@@ -19,15 +19,18 @@ import torch
 from lightning.pytorch.cli import SaveConfigCallback
 
 from clip_prune.core.cascade import check_top_m
-from clip_prune.core.finish import PrunedModelSpec, finish_run
+from clip_prune.core.finish import PrunedModelSpec, check_keeps_a_path, finish_run
 from clip_prune.core.fisher import load_fisher
 from clip_prune.core.masks import mask_shapes
+from clip_prune.core.onnx_export import export_pruned_onnx, require_onnxruntime
 from clip_prune.core.outputs import RunDirectory, write_json_atomically
 from clip_prune.core.pipeline import PruningOptions
 from clip_prune.core.refit import REFIT_FILE, load_refit
 from clip_prune.core.saving import load_pruned, read_masks
+from clip_prune.core.slicing import mask_value_notes
 from clip_prune.core.summary import format_summary
 from clip_prune.data.synthetic import synthetic_inputs, write_synthetic_coco
+from clip_prune.files import check_file_free, record_written
 from clip_prune.lightning.callbacks import PruningCallback, SensitivityCallback
 from clip_prune.lightning.console import name_validation_bar
 from clip_prune.lightning.data import CocoDataModule
@@ -128,7 +131,7 @@ class ClipPruneTrainer(L.Trainer):
                 measured on the run's device at the data batch size (latency_table.json, cached).
         """
         run = RunDirectory(output_dir, overwrite=overwrite,
-                           inputs=(model.hparams.pretrained, fisher, datamodule.hparams.root))
+                           inputs=(model.hparams.pretrained, fisher, *datamodule.input_paths()))
         callback = PruningCallback(run, constraint, options or PruningOptions(),  # checks the constraint
                                    cascade_top_m=cascade_top_m, constraint_type=constraint_type)
         model.check_loss(tokenizer_available=datamodule.tokenizer() is not None)
@@ -182,13 +185,16 @@ class ClipPruneTrainer(L.Trainer):
                 caption's top M, for each M given (e.g. '[10, 50]').
         """
         cascade_top_m = check_top_m(cascade_top_m)
+        masks_folder = Path(masks) if Path(masks).is_dir() else Path(masks).parent
         run = RunDirectory(output_dir, overwrite=overwrite,
-                           inputs=(model.hparams.pretrained, masks, datamodule.hparams.root))
+                           inputs=(model.hparams.pretrained, masks_folder, *datamodule.input_paths()))
         head_mask, neuron_mask = read_masks(masks, model.vision_config)
-        refit_file = (Path(masks) if Path(masks).is_dir() else Path(masks).parent) / REFIT_FILE
+        check_keeps_a_path(model.model, head_mask)  # before any data is read
+        refit_file = masks_folder / REFIT_FILE
         refit = (load_refit(refit_file, model.model, head_mask, neuron_mask, model.hparams.pretrained)
                  if refit_file.is_file() else None)
         check_refit_present(refit_file)
+        notes = mask_value_notes(head_mask, neuron_mask, binary=refit is not None)
         device = self.strategy.root_device
         dense = model.model.to(device)
         model.masks.remove()
@@ -200,7 +206,8 @@ class ClipPruneTrainer(L.Trainer):
                 evaluator = datamodule.evaluator(device)
                 evaluate = partial(evaluator.compare, dense, cascade_top_m=cascade_top_m)
             summary = finish_run(
-                run, {"model": model.hparams.pretrained, "masks": str(masks), "verified_on": verified_on},
+                run, {"model": model.hparams.pretrained, "masks": str(masks), "verified_on": verified_on,
+                      "warnings": notes},
                 PrunedModelSpec(dense, head_mask, neuron_mask, model.hparams.pretrained,
                                 inputs_to(model.tower.vision_inputs(inputs), device), refit, latency_repeats,
                                 folder=""),
@@ -228,8 +235,12 @@ class ClipPruneTrainer(L.Trainer):
         """
         if check_top_m(cascade_top_m) and pruned is None:
             raise ValueError("--cascade_top_m needs a pruned model for the first stage: pass --pruned DIR")
-        if output_json is not None and Path(output_json).exists() and not overwrite:
-            raise FileExistsError(f"{output_json} exists; choose another --output_json or pass --overwrite true")
+        if pruned is None and not model.tower.has_text:
+            raise ValueError(f"{model.hparams.pretrained} is vision-only: without a text tower it has no retrieval or "
+                             "zero-shot metrics; pass --pruned DIR to measure how closely a pruned model's image "
+                             "embeddings follow it")
+        if output_json is not None:
+            check_file_free(output_json, overwrite)
         if not datamodule.has_evaluation_data():
             root = datamodule.hparams.root
             raise FileNotFoundError(
@@ -270,7 +281,7 @@ class ClipPruneTrainer(L.Trainer):
             overwrite: replace an existing output directory.
         """
         run = RunDirectory(output_dir, overwrite=overwrite,
-                           inputs=(model.hparams.pretrained, datamodule.hparams.root))
+                           inputs=(model.hparams.pretrained, *datamodule.input_paths()))
         callback = SensitivityCallback(run, stop_ratio, stop_metric)  # checks the stop settings
         model.check_loss(tokenizer_available=datamodule.tokenizer() is not None)
         self.callbacks.append(callback)
@@ -319,14 +330,16 @@ class ClipPruneTrainer(L.Trainer):
             overwrite: replace an existing output file.
             model: none (LightningCLI hands every verb a model; this one needs none).
         """
-        from clip_prune.core.onnx_export import export_pruned_onnx  # needs the optional onnx extra
-
+        require_onnxruntime()  # the optional onnx extra, before any work
         pruned = resolve_pruned(pruned)  # a `prune` run directory means its pruned/ model
         path = Path(output) if output is not None else Path(pruned) / "onnx" / "model.onnx"
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; choose another --output or pass --overwrite true")
+        report_path = path.with_name(f"{path.stem}_report.json")
+        check_file_free(path, overwrite, record=report_path)  # the report says whose the ONNX file is
+        check_file_free(report_path, overwrite)
         report = export_pruned_onnx(pruned, path, batch_size, latency_repeats)
-        write_json_atomically(path.with_name(f"{path.stem}_report.json"), report, overwrite=True)
+        write_json_atomically(report_path, report, overwrite=True)
+        for written in (path, report_path):
+            record_written(written)
         print(format_summary(report))
         print(f"  onnxruntime vs PyTorch: max abs diff {report['parity']['max_abs_diff']:.2g} "
               f"(tolerance {report['parity']['tolerance']:.2g})")

@@ -149,6 +149,12 @@ class VisionTower:
     pooled_tokens: ClassVar[slice | None] = None
     """The tokens of the last layer's output that the pooling reads (None: all of them)."""
 
+    @classmethod
+    def pooling_needs_attention(cls) -> bool:
+        """Whether the image reaches the pooled output only through attention heads: the pooling reads tokens no
+        patch enters but by attention (CLIP's CLS token), so with no head left the embedding ignores the image."""
+        return cls.pooled_tokens is not None
+
     def image_embeds(self, inputs: VisionInputs) -> torch.Tensor:
         """The image embeddings [B, E] the family compares with text (projected if the model has a projection)."""
         raise NotImplementedError
