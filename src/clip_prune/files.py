@@ -228,7 +228,11 @@ def _create_locked(staging: Path) -> int | None:
     """Create `staging` already locked: made and locked under a name `stale_stagings` does not match, then renamed
     (the lock is on the folder itself and moves with it), so no other run ever sees it unlocked."""
     creating = staging.with_name(staging.name.replace(STAGING_MARK, ".creating-"))
-    creating.mkdir(parents=True)
+    try:
+        creating.mkdir(parents=True)
+    except OSError as error:  # e.g. /proc, a read-only disk, a file where a folder should be
+        raise OSError(error.errno, f"cannot create a folder in {staging.parent} ({error.strerror}); choose an output "
+                      "on a writable disk", str(staging.parent)) from error
     lock = _lock(creating)
     os.rename(creating, staging)
     return lock

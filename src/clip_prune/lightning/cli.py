@@ -14,8 +14,9 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
@@ -33,6 +34,7 @@ from clip_prune.lightning.console import (
     DEBUG_VARIABLE,
     ClipPruneArgumentParser,
     debug_requested,
+    progress_on_stderr,
     quiet_the_libraries,
     user_error,
 )
@@ -114,8 +116,11 @@ class ClipPruneCLI(LightningCLI):
         if self.subcommand in TOOL_VERBS:
             kwargs.setdefault("callbacks", [])  # what the trainer options would give (LightningCLI adds its own)
         else:
-            check_accelerator(self.config_init[self.subcommand].trainer.accelerator)
-        return super().instantiate_trainer(**kwargs)
+            config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+            check_accelerator(config.trainer.accelerator)
+        trainer = super().instantiate_trainer(**kwargs)
+        progress_on_stderr(trainer)
+        return trainer
 
     def classes_of(self, parser: LightningArgumentParser) -> tuple[type | None, type | None]:
         """The model and data classes of `parser`'s verb (the pruning ones for the parser of `run=False`)."""
@@ -212,6 +217,7 @@ def stop_signals_recorded() -> Iterator[list[int]]:
     def stop(signum: int, _: FrameType | None) -> None:
         received.append(signum)
         if len(received) == 1:  # a second Ctrl-C must not interrupt the clean-up of the first
+            sys.unraisablehook = partial(quiet_stopped_workers, sys.unraisablehook)
             raise KeyboardInterrupt
 
     if threading.current_thread() is not threading.main_thread():
@@ -223,6 +229,13 @@ def stop_signals_recorded() -> Iterator[list[int]]:
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+
+
+def quiet_stopped_workers(report: Callable[[Any], None], unraisable: Any) -> None:
+    """After a stop signal, drop the DataLoader's complaint that its workers, stopped by the same signal, are gone
+    (raised while the loader is collected, where Python prints it as "Exception ignored"); report the rest."""
+    if not (isinstance(unraisable.exc_value, RuntimeError) and "DataLoader worker" in str(unraisable.exc_value)):
+        report(unraisable)
 
 
 def stopped_by(signum: int, error: BaseException) -> NoReturn:

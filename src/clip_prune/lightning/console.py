@@ -74,7 +74,8 @@ def user_error(error: BaseException) -> BaseException | str | None:
             traceback = traceback.tb_next
         if (isinstance(seen, USER_ERRORS) and traceback is not None
                 and Path(traceback.tb_frame.f_code.co_filename).is_relative_to(PACKAGE_DIR)):
-            return seen
+            # An OSError made with an errno prints as "[Errno N] message: 'file'"; its message says it all.
+            return seen.strerror if isinstance(seen, OSError) and seen.errno and seen.strerror else seen
         seen = seen.__cause__ or seen.__context__
     return None
 
@@ -196,11 +197,15 @@ class NamedRichProgressBar(_NamedValidation, RichProgressBar):
         super().__init__(**{"console_kwargs": {"stderr": True}, **kwargs})
 
 
-def name_validation_bar(trainer: L.Trainer, description: str) -> None:
-    """Label Lightning's default progress bar with `description` (e.g. "Fisher pass") instead of "Validation"."""
+def progress_on_stderr(trainer: L.Trainer) -> None:
+    """Put Lightning's default progress bar on stderr, named (a bar the user configured is left as it is)."""
     bar = trainer.progress_bar_callback
-    named = {TQDMProgressBar: NamedTQDMProgressBar, RichProgressBar: NamedRichProgressBar}
-    if type(bar) in named:  # a bar the user configured is left as it is
-        trainer.callbacks[trainer.callbacks.index(bar)] = named[type(bar)]()
+    ours = {TQDMProgressBar: NamedTQDMProgressBar, RichProgressBar: NamedRichProgressBar}
+    if type(bar) in ours:
+        trainer.callbacks[trainer.callbacks.index(bar)] = ours[type(bar)]()
+
+
+def name_validation_bar(trainer: L.Trainer, description: str) -> None:
+    """Label the validation loop's bar with `description` (e.g. "Fisher pass") instead of "Validation"."""
     if isinstance(trainer.progress_bar_callback, _NamedValidation):
         trainer.progress_bar_callback.description = description
