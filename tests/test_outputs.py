@@ -14,7 +14,15 @@ from clip_prune import files
 from clip_prune.core.outputs import RunDirectory, write_json_atomically
 from clip_prune.data.synthetic import write_synthetic_coco
 from clip_prune.errors import notes
-from clip_prune.files import MANIFEST, atomic_directory, check_free, record_written, stale_stagings
+from clip_prune.files import (
+    MANIFEST,
+    atomic_directory,
+    check_file_free,
+    check_free,
+    check_output_location,
+    record_written,
+    stale_stagings,
+)
 
 
 def test_run_directory_is_staged_then_renamed(tmp_path) -> None:
@@ -66,7 +74,7 @@ def test_atomic_directory_leaves_nothing_on_failure_and_refuses_to_overwrite(tmp
         (staging / "b.txt").write_text("second")
         assert (target / "a.txt").exists()  # the old folder stays until the new one is complete
     assert sorted(path.name for path in target.iterdir()) == [MANIFEST, "b.txt"]
-    assert json.loads((target / MANIFEST).read_text())["files"] == ["b.txt"]
+    assert list(json.loads((target / MANIFEST).read_text())["files"]) == ["b.txt"]
     assert [path.name for path in tmp_path.iterdir()] == ["out"]
     link = tmp_path / "link"  # a link is the user's: neither it nor what it points to is replaced
     link.symlink_to(target)
@@ -82,16 +90,21 @@ def test_overwrite_replaces_only_a_folder_that_holds_nothing_but_its_manifest_fi
         (staging / "pruned").mkdir()
         (staging / "pruned" / "model.safetensors").write_text("weights")
         (staging / "empty").mkdir()
-    assert json.loads((target / MANIFEST).read_text())["files"] == ["empty/", "pruned/model.safetensors"]
+    assert list(json.loads((target / MANIFEST).read_text())["files"]) == ["pruned/model.safetensors"]
+    check_free(target, overwrite=True)  # as written: clip-prune's (an empty folder holds nothing to lose)
     (target / "pruned" / "notes.md").write_text("mine")
-    with pytest.raises(FileExistsError, match=r"out holds files clip-prune did not write \(pruned/notes.md\)"), \
+    with pytest.raises(FileExistsError, match=r"out holds files clip-prune did not write .*\(pruned/notes.md\)"), \
             atomic_directory(target, overwrite=True):
         pytest.fail("the block must not run")
-    (target / MANIFEST).unlink()  # a folder without a manifest (an older clip-prune's, or anyone's) is not taken
     (target / "pruned" / "notes.md").unlink()
-    with pytest.raises(FileExistsError, match=r"holds files clip-prune did not write \(empty/, pruned/model"), \
+    (target / "pruned" / "model.safetensors").write_text("fine-tuned")  # saved over clip-prune's, same name
+    with pytest.raises(FileExistsError, match=r"or that changed since \(pruned/model.safetensors\)"):
+        check_free(target, overwrite=True)
+    (target / MANIFEST).unlink()  # a folder without a manifest (an older clip-prune's, or anyone's) is not taken
+    with pytest.raises(FileExistsError, match=r"\(pruned/model.safetensors\); it has no \.clip-prune\.json"), \
             atomic_directory(target, overwrite=True):
         pytest.fail("the block must not run")
+    assert (target / "pruned" / "model.safetensors").read_text() == "fine-tuned"
     user = tmp_path / "user.txt"
     user.write_text("mine")
     with pytest.raises(FileExistsError, match="user.txt is a file, not a folder clip-prune wrote"), \
@@ -108,9 +121,31 @@ def test_a_file_written_into_a_finished_folder_joins_its_manifest(tmp_path) -> N
     onnx.parent.mkdir()
     onnx.write_bytes(b"graph")
     record_written(onnx)
-    assert json.loads((tmp_path / "run" / MANIFEST).read_text())["files"] == ["pruned/config.json",
-                                                                            "pruned/onnx/model.onnx"]
+    assert list(json.loads((tmp_path / "run" / MANIFEST).read_text())["files"]) == ["pruned/config.json",
+                                                                                  "pruned/onnx/model.onnx"]
     check_free(tmp_path / "run", overwrite=True)  # still all clip-prune's
+
+
+def test_a_file_beside_a_record_of_clip_prune_is_replaced_only_if_the_record_names_it(tmp_path) -> None:
+    write_json_atomically(tmp_path / "model_report.json", {"describes": "model.onnx"})  # an earlier export's
+    (tmp_path / "model.onnx").write_bytes(b"graph")
+    (tmp_path / "model.bin").write_bytes(b"the user's")  # its report would have the same name
+    check_file_free(tmp_path / "model.onnx", overwrite=True, record=tmp_path / "model_report.json")
+    with pytest.raises(FileExistsError, match="model.bin is not a file clip-prune wrote"):
+        check_file_free(tmp_path / "model.bin", overwrite=True, record=tmp_path / "model_report.json")
+
+
+def test_staging_folders_of_another_output_are_not_taken_for_this_ones(tmp_path) -> None:
+    other = tmp_path / ".run1.partial-abcd1234"
+    other.mkdir()
+    assert stale_stagings(tmp_path / "run[1]") == [] and stale_stagings(tmp_path / "run?") == []
+    assert stale_stagings(tmp_path / "run1") == [other]
+
+
+@pytest.mark.skipif(not os.path.ismount("/proc"), reason="needs a mount point to write to")
+def test_a_mount_point_is_never_an_output() -> None:
+    with pytest.raises(ValueError, match="/proc is a mount point"):
+        check_output_location("/proc")
 
 
 def test_a_concurrent_run_does_not_take_a_live_staging_folder_for_an_interrupted_one(tmp_path) -> None:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -109,7 +110,7 @@ OUTPUT_CASES: dict[str, tuple[Callable[[Workspace], tuple[str, Path | None]], st
     "the current directory by name": (lambda ws: (str(ws.project), ws.project), "is the current directory"),
     "a parent of the current directory": (lambda ws: ("..", ws.project / "sub"), "holds the current directory"),
     "a project folder of the user's": (lambda ws: (str(ws.project), None),
-                                       "holds files clip-prune did not write (notes.md, train.py)"),
+                                       "did not write or that changed since (notes.md, train.py)"),
     "a filesystem root": (lambda ws: ("/", None), "is a filesystem root"),
 }
 
@@ -144,7 +145,7 @@ def test_overwrite_replaces_a_run_but_not_a_file_the_user_added_to_it(workspace,
     (output / "pruned" / "my_notes.md").write_text("mine")
     before = workspace.snapshot()
     assert_refused(run(workspace.prune("--output_dir", str(output), "--overwrite", "true"), capsys),
-                   "holds files clip-prune did not write (pruned/my_notes.md)")
+                   "holds files clip-prune did not write or that changed since (pruned/my_notes.md)")
     assert workspace.snapshot() == before
 
 
@@ -429,3 +430,30 @@ def test_a_stop_signal_says_what_was_kept_and_exits_with_the_shells_status(signa
     after = workspace.snapshot()
     assert {name: digest for name, digest in after.items() if name in before} == before
     assert not output.exists()
+
+
+def test_only_the_systems_own_error_number_makes_a_disk_problem() -> None:
+    from safetensors import SafetensorError
+
+    from clip_prune.lightning.console import disk_problem, user_error
+
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/out/report.json")
+    assert disk_problem(full) == ("cannot write /out/report.json: the disk is full; free some space or write the "
+                                  "output to another disk")
+    assert "the disk is full" in disk_problem(SafetensorError("I/O error: No space left on device (os error 28)"))
+    # DataLoader workers out of shared memory read alike, but it is /dev/shm, not the output: keep the traceback
+    shared_memory = RuntimeError("unable to write to file </torch_123_456>: No space left on device (28)")
+    assert disk_problem(shared_memory) is None and user_error(shared_memory) is None
+
+
+def test_a_stop_signal_the_shell_ignores_stays_ignored() -> None:
+    from clip_prune.lightning.cli import stop_signals_recorded
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as for a job started with & from a script
+    try:
+        with stop_signals_recorded():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)

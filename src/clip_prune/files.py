@@ -10,9 +10,11 @@ may be (the current directory, the home directory, a filesystem root, or one hol
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
+import signal
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -41,10 +43,14 @@ def is_occupied(path: Path) -> bool:
 
 
 def check_output_location(path: str | Path) -> None:
-    """Refuse an output folder whose replacement would take the current or home directory, or a filesystem root."""
+    """Refuse an output folder whose replacement would take the current or home directory, or a filesystem root,
+    and a mount point, which the final rename cannot replace."""
     target = Path(path).resolve()
     if target.parent == target:
         raise ValueError(f"the output {path} is a filesystem root; choose a folder of its own, e.g. outputs/run1")
+    if os.path.ismount(target):
+        raise ValueError(f"the output {path} is a mount point: a finished output takes its place by a rename, which a "
+                         "mount point cannot take; choose a folder inside it")
     protected = ((Path.cwd().resolve(), "the current directory"), (Path.home().resolve(), "your home directory"))
     for place, name in protected:
         if target == place or target in place.parents:
@@ -68,19 +74,23 @@ def check_free(path: str | Path, overwrite: bool) -> None:
     foreign = files_not_written_here(path)
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise FileExistsError(f"{path} holds files clip-prune did not write ({shown}); --overwrite replaces only "
-                              "clip-prune's own outputs: choose a new or empty folder, or move those files away")
+        unlisted = "" if (path / MANIFEST).is_file() else f"; it has no {MANIFEST} (earlier versions wrote none)"
+        raise FileExistsError(f"{path} holds files clip-prune did not write or that changed since ({shown}){unlisted}; "
+                              "--overwrite replaces only clip-prune's own outputs: choose a new or empty folder, or "
+                              "move those files away")
 
 
 def check_file_free(path: str | Path, overwrite: bool, record: Path | None = None) -> None:
     """Refuse the file `path` before any work if it exists, unless `overwrite` and clip-prune wrote it: `record`
-    (by default `path` itself) is a JSON file of clip-prune's, which says so in its `written_by`."""
+    (by default `path` itself) is a JSON file of clip-prune's, which says so in its `written_by` and, when it is
+    another file's record, names that file in `describes`."""
     path = Path(path)
     if not (path.exists() or path.is_symlink()):
         return
     if not overwrite:
         raise FileExistsError(f"{path} exists; choose another path or pass --overwrite true to replace it")
-    if path.is_dir() or path.is_symlink() or not _written_by_clip_prune(record or path):
+    described = None if record is None else path.name
+    if path.is_dir() or path.is_symlink() or not _written_by_clip_prune(record or path, described):
         raise FileExistsError(f"{path} is not a file clip-prune wrote; --overwrite replaces only clip-prune's own "
                               "outputs: choose another path, or move that file away")
 
@@ -88,60 +98,73 @@ def check_file_free(path: str | Path, overwrite: bool, record: Path | None = Non
 def record_written(path: Path) -> None:
     """Add the file `path`, written into a finished clip-prune folder (an ONNX export beside a pruned model), to the
     manifest of every folder above it that has one, so that `--overwrite` still knows the folder for its own."""
+    stat = os.lstat(path)
     for folder in Path(path).resolve().parents:
         manifest = folder / MANIFEST
         if manifest.is_file():
             content = json.loads(manifest.read_text())
-            content["files"] = sorted({*content.get("files", []), path.resolve().relative_to(folder).as_posix()})
+            files = {**content.get("files", {}), path.resolve().relative_to(folder).as_posix(): _state(stat)}
+            content["files"] = dict(sorted(files.items()))
             write_text_atomically(manifest, json.dumps(content, indent=1) + "\n")
 
 
 def write_text_atomically(path: Path, text: str) -> None:
     """Write `path` through a temporary sibling: a reader sees the old content or the new one, never half."""
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
-def _written_by_clip_prune(record: Path) -> bool:
+def _written_by_clip_prune(record: Path, describes: str | None = None) -> bool:
     try:
         content = json.loads(record.read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(content, dict) and content.get("written_by") == WRITTEN_BY
+    return (isinstance(content, dict) and content.get("written_by") == WRITTEN_BY
+            and (describes is None or content.get("describes") == describes))
 
 
 def files_not_written_here(path: Path) -> list[str]:
-    """What in the folder `path` its manifest does not list (everything, if it has none); [] for a clip-prune output.
+    """What in the folder `path` its manifest does not list, or lists with another size or modification time (a
+    file the user saved over clip-prune's under the same name); [] for a clip-prune output as it was written.
 
-    A folder written before manifests existed counts as foreign: nothing proves the files are clip-prune's."""
+    A folder written before manifests existed counts as foreign: nothing proves the files are clip-prune's. Empty
+    folders hold nothing to lose and are not counted."""
     if path.is_symlink() or not path.is_dir():
         return [path.name]
     try:
-        listed = set(json.loads((path / MANIFEST).read_text())["files"])
+        listed = json.loads((path / MANIFEST).read_text())["files"]
+        listed = listed if isinstance(listed, dict) else {}
     except (OSError, ValueError, KeyError, TypeError):
-        listed = set()
-    return [name for name in _relative_files(path) if name not in listed and name != MANIFEST]
+        listed = {}
+    return [name for name, state in _file_states(path).items() if name != MANIFEST and listed.get(name) != state]
 
 
 def write_manifest(folder: Path) -> None:
-    """List every file under `folder` in its manifest (the last file written into it)."""
-    names = sorted(name for name in _relative_files(folder) if name != MANIFEST)
+    """List every file under `folder`, with its size and modification time, in its manifest (the last file written
+    into it)."""
     content = {"written_by": WRITTEN_BY, "note": "clip-prune --overwrite replaces this folder only while it holds "
-               "nothing but these files", "files": names}
+               "nothing but these files, unchanged ([bytes, modified ns])",
+               "files": {name: state for name, state in _file_states(folder).items() if name != MANIFEST}}
     (folder / MANIFEST).write_text(json.dumps(content, indent=1) + "\n")
 
 
-def _relative_files(folder: Path) -> list[str]:
-    """Every file and link under `folder` (and every empty folder), as POSIX paths relative to it."""
-    found = []
+def _file_states(folder: Path) -> dict[str, list[int]]:
+    """Every file and link under `folder`, by POSIX path relative to it: its [size, modification time in ns] (a
+    link's own, not its target's)."""
+    states = {}
     for directory, folders, files in os.walk(folder):
         relative = Path(directory).relative_to(folder)
-        found += [(relative / name).as_posix() for name in files]
-        found += [(relative / name).as_posix() for name in folders if Path(directory, name).is_symlink()]
-        if not folders and not files and directory != str(folder):
-            found.append(relative.as_posix() + "/")
-    return sorted(found)
+        for name in [*files, *(name for name in folders if Path(directory, name).is_symlink())]:
+            states[(relative / name).as_posix()] = _state(os.lstat(Path(directory, name)))
+    return dict(sorted(states.items()))
+
+
+def _state(stat: os.stat_result) -> list[int]:
+    return [stat.st_size, stat.st_mtime_ns]
 
 
 def new_staging(path: str | Path) -> Path:
@@ -158,7 +181,7 @@ def stale_stagings(path: str | Path) -> list[Path]:
     """
     path = Path(path)
     found = []
-    for candidate in path.parent.glob(f".{path.name}{STAGING_MARK}*"):
+    for candidate in path.parent.glob(f".{glob.escape(path.name)}{STAGING_MARK}*"):
         try:
             if candidate.is_dir() and not _is_locked(candidate):
                 found.append((candidate.stat().st_mtime, candidate))
@@ -212,16 +235,30 @@ def _move_into_place(staging: Path, path: Path, overwrite: bool) -> None:
     if is_occupied(path) and (not overwrite or files_not_written_here(path)):
         raise FileExistsError(f"{path} was filled while this was being written; the result is in {staging}")
     old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(path, old)
-    try:
-        os.replace(staging, path)
-    except OSError:
-        os.replace(old, path)
-        raise
+    with _stop_signals_held():  # between the two renames `path` is missing: a stop must not land there
+        os.replace(path, old)
+        try:
+            os.replace(staging, path)
+        except OSError:
+            os.replace(old, path)
+            raise
     if old.is_dir() and not old.is_symlink():
         shutil.rmtree(old, ignore_errors=True)
     else:
         old.unlink()
+
+
+@contextmanager
+def _stop_signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back in the block (they arrive after it), where the platform allows."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _create_locked(staging: Path) -> int | None:

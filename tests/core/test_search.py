@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -328,3 +329,13 @@ def test_width_search_keeps_the_best_head_only_when_asked(multiple_of: int) -> N
     check_reachable(0.06, macs, True, budget)
     with pytest.raises(BudgetTooSmall):
         check_reachable(0.05, macs, True, budget)
+
+
+def test_a_constraint_whose_budget_rounds_below_one_head_is_refused_not_answered_without_heads() -> None:
+    macs = _macs(2, 4, 16, per_head=100, per_neuron=4)  # dense 928: 100 / 928 as a float rounds down to 99 MACs
+    constraint = macs.per_head / macs.dense
+    assert math.floor(Fraction(constraint) * macs.dense) < macs.per_head
+    with pytest.raises(BudgetTooSmall):
+        check_reachable(constraint, macs, keep_a_head=True)
+    with pytest.raises(BudgetTooSmall):
+        search_masks(torch.rand(2, 4), torch.rand(2, 16), macs, constraint, keep_a_head=True)

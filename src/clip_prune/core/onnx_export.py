@@ -10,7 +10,6 @@ import copy
 import importlib
 import importlib.util
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +20,9 @@ import torch
 from torch import nn
 from transformers import AutoImageProcessor, PreTrainedModel
 
+from clip_prune.core.finish import summarise_latency
 from clip_prune.core.saving import load_pruned
+from clip_prune.data.coco import available_cores
 from clip_prune.data.synthetic import synthetic_pixels
 from clip_prune.errors import MissingExtra, first_line
 from clip_prune.towers import image_embeds, tower_of
@@ -114,8 +115,9 @@ def check_parity(path: Path, model: PreTrainedModel, batches: list[torch.Tensor]
     return {"max_abs_diff": difference, "tolerance": tolerance * largest}
 
 
-def measure_onnx_latencies(paths: list[Path], pixels: torch.Tensor, repeats: int) -> list[float]:
-    """Median seconds of one onnxruntime run over `pixels` per file, the files taking turns after a warm-up."""
+def measure_onnx_latencies(paths: list[Path], pixels: torch.Tensor, repeats: int) -> list[list[float]]:
+    """Seconds of each timed onnxruntime run over `pixels`, `repeats` per file, the files taking turns after a
+    warm-up."""
     sessions = [session(path) for path in paths]
     inputs = {"pixel_values": pixels.float().cpu().numpy()}
     for runtime in sessions:
@@ -127,7 +129,7 @@ def measure_onnx_latencies(paths: list[Path], pixels: torch.Tensor, repeats: int
             start = time.perf_counter()
             runtime.run(None, inputs)
             times.append(time.perf_counter() - start)
-    return [statistics.median(times) for times in timings]
+    return timings
 
 
 def export_pruned_onnx(directory: str | Path, output: str | Path, batch_size: int = 8,
@@ -153,6 +155,7 @@ def export_pruned_onnx(directory: str | Path, output: str | Path, batch_size: in
         output_name = export_image_encoder(model, candidate, pixels)
         parity = check_parity(candidate, model, [pixels[:1], pixels])
         export_image_encoder(dense_twin(model), dense_path, pixels)
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         dense, pruned = measure_onnx_latencies([dense_path, candidate], pixels, latency_repeats)
         os.replace(candidate, output)
     return {
@@ -160,6 +163,6 @@ def export_pruned_onnx(directory: str | Path, output: str | Path, batch_size: in
         "inputs": {"pixel_values": ["batch", 3, image_size, image_size]},
         "output": output_name,
         "parity": {**parity, "batches": [1, batch_size], "runtime": "onnxruntime CPUExecutionProvider"},
-        "latency_s": {"dense": dense, "pruned": pruned, "speedup": dense / pruned, "batch": batch_size,
-                      "device": "onnxruntime CPUExecutionProvider", "repeats": latency_repeats},
+        "latency_s": {**summarise_latency(dense, pruned, load, available_cores()), "batch": batch_size,
+                      "device": "onnxruntime CPUExecutionProvider"},
     }

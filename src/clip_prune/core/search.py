@@ -98,7 +98,7 @@ def search_masks(
     if keep_a_head:
         curve[0] = -math.inf
         if not bool(torch.isfinite(curve).any()):
-            check_reachable(constraint, macs, keep_a_head)  # raises
+            raise BudgetTooSmall(constraint, macs.per_head / macs.dense, _essentials(None, keep_a_head))
 
     # With c = 1 every unit fits; pick the dense model even if some scores are negative.
     num_heads = num_units_heads if constraint == 1 else int(torch.argmax(curve))
@@ -478,7 +478,8 @@ class WidthBudget:
         if self.latency is None:  # exact rational arithmetic, as in `search_masks`
             budget = math.floor(Fraction(constraint) * macs.dense)
         if budget <= 0:
-            check_reachable(constraint, macs, keep_a_head, self)  # raises
+            smallest = self.smallest_constraint(macs, keep_a_head)
+            raise BudgetTooSmall(constraint, smallest, _essentials(self, keep_a_head))
         try:
             return search_layer_widths(head_scores, neuron_scores, head_costs, neuron_costs, budget, head_counts,
                                        neuron_counts, candidates, keep_a_head=keep_a_head)
@@ -494,11 +495,13 @@ def check_reachable(constraint: float, macs: EncoderMacs, keep_a_head: bool, wid
     Raises:
         BudgetTooSmall: naming the least constraint.
     """
-    if widths is None:
-        smallest = macs.per_head / macs.dense if keep_a_head else 0.0
+    smallest = (macs.per_head / macs.dense if keep_a_head else 0.0) if widths is None \
+        else widths.smallest_constraint(macs, keep_a_head)
+    if widths is None or widths.latency is None:  # in whole MACs, as the searches round the budget
+        reachable = math.floor(Fraction(constraint) * macs.dense) >= round(smallest * macs.dense)
     else:
-        smallest = widths.smallest_constraint(macs, keep_a_head)
-    if constraint < smallest or (smallest == 0 and constraint <= 0):
+        reachable = constraint * widths.latency.dense_latency - widths.latency.fixed_s > 0 and constraint >= smallest
+    if not reachable or constraint <= 0:
         raise BudgetTooSmall(constraint, smallest, _essentials(widths, keep_a_head))
 
 

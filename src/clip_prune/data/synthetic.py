@@ -265,7 +265,7 @@ def write_synthetic_coco(
     sizes and five positions, on a dark or light, plain, grainy or striped background, with five
     captions from different templates. The layout is ``root/{train2017,val2017}/<12-digit id>.jpg``
     and ``root/annotations/captions_{train2017,val2017}.json``; image ids are unique across splits.
-    Same arguments give byte-identical files. The set is written to a hidden staging folder beside
+    Same arguments give byte-identical images and captions. The set is written to a hidden staging folder beside
     ``root`` and renamed into place when complete (`clip_prune.files.atomic_directory`).
 
     Args:

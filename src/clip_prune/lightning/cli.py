@@ -27,7 +27,7 @@ import torch.distributed
 import yaml
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from clip_prune.errors import notes
 from clip_prune.lightning.console import (
@@ -118,7 +118,10 @@ class ClipPruneCLI(LightningCLI):
         else:
             config = self.config_init[self.subcommand] if self.subcommand else self.config_init
             check_accelerator(config.trainer.accelerator)
-        trainer = super().instantiate_trainer(**kwargs)
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except MisconfigurationException as error:  # Lightning's refusal of the trainer options given
+            raise ValueError(f"{error} (check the --trainer.* options)") from error
         progress_on_stderr(trainer)
         return trainer
 
@@ -216,14 +219,18 @@ def stop_signals_recorded() -> Iterator[list[int]]:
 
     def stop(signum: int, _: FrameType | None) -> None:
         received.append(signum)
-        if len(received) == 1:  # a second Ctrl-C must not interrupt the clean-up of the first
-            sys.unraisablehook = partial(quiet_stopped_workers, sys.unraisablehook)
-            raise KeyboardInterrupt
+        if len(received) > 1:  # a second signal while the first one's clean-up runs: stop at once, as asked
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        sys.unraisablehook = partial(quiet_stopped_workers, sys.unraisablehook)
+        raise KeyboardInterrupt
 
     if threading.current_thread() is not threading.main_thread():
         yield received
         return
-    previous = {number: signal.signal(number, stop) for number in STOP_STATUS}
+    # A signal the shell set to be ignored (a job started in the background) stays ignored.
+    previous = {number: signal.signal(number, stop) for number in STOP_STATUS
+                if signal.getsignal(number) is not signal.SIG_IGN}
     try:
         yield received
     finally:
@@ -242,7 +249,8 @@ def stopped_by(signum: int, error: BaseException) -> NoReturn:
     """Say which signal stopped the run and what it left (the notes of `error`), then exit with the shell's status."""
     kept = notes(error) or ["nothing of this run was kept (outputs appear only when complete): the same command "
                             "starts it again"]
-    print(f"clip-prune: stopped by {signal.Signals(signum).name}; " + "; ".join(kept), file=sys.stderr)
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # one line for a DDP run, whose every process got the signal
+        print(f"clip-prune: stopped by {signal.Signals(signum).name}; " + "; ".join(kept), file=sys.stderr)
     sys.exit(STOP_STATUS.get(signum, 1))
 
 

@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from safetensors import SafetensorError
 from transformers.utils import logging as transformers_logging
 
 from clip_prune.errors import MissingExtra
@@ -60,12 +60,9 @@ def debug_requested() -> bool:
 
 def user_error(error: BaseException) -> BaseException | str | None:
     """The error of clip-prune's own input checks in `error`'s chain (jsonargparse wraps those raised while it
-    builds the options), Lightning's refusal of trainer options, or a full or read-only disk (as a sentence); None
-    for an internal error."""
+    builds the options), or a full or read-only disk (as a sentence); None for an internal error."""
     seen: BaseException | None = error
     while seen is not None:
-        if isinstance(seen, MisconfigurationException):
-            return f"{seen} (check the --trainer.* options)"
         disk = disk_problem(seen)
         if disk is not None:
             return disk
@@ -74,19 +71,24 @@ def user_error(error: BaseException) -> BaseException | str | None:
             traceback = traceback.tb_next
         if (isinstance(seen, USER_ERRORS) and traceback is not None
                 and Path(traceback.tb_frame.f_code.co_filename).is_relative_to(PACKAGE_DIR)):
-            # An OSError made with an errno prints as "[Errno N] message: 'file'"; its message says it all.
-            return seen.strerror if isinstance(seen, OSError) and seen.errno and seen.strerror else seen
+            # An OSError made with an errno prints as "[Errno N] message: 'file'": say it as a sentence.
+            if isinstance(seen, OSError) and seen.errno and seen.strerror:
+                where = str(seen.filename or "")
+                return seen.strerror + (f": {where}" if where and where not in seen.strerror else "")
+            return seen
         seen = seen.__cause__ or seen.__context__
     return None
 
 
 def disk_problem(error: BaseException) -> str | None:
-    """What is wrong with the disk or the permissions `error` met, with the fix; None if it is no such error. torch
-    and safetensors report a failed write as their own errors, whose message carries the system's."""
-    code = getattr(error, "errno", None)
+    """What is wrong with the disk or the permissions `error` met, with the fix; None if it is no such error. Only
+    the system's own error number counts (safetensors reports it in its message), not a message that merely reads
+    alike: DataLoader workers out of shared memory say "No space left on device" of /dev/shm, not of the output."""
+    code = getattr(error, "errno", None) if isinstance(error, OSError) else None
     if code not in DISK_PROBLEMS:
-        code = next((code for code in DISK_PROBLEMS if os.strerror(code) in str(error)), None)
-        if code is None:
+        numbered = re.search(r"\(os error (\d+)\)", str(error)) if isinstance(error, SafetensorError) else None
+        code = int(numbered.group(1)) if numbered else None
+        if code not in DISK_PROBLEMS:
             return None
     return DISK_PROBLEMS[code].format(getattr(error, "filename", None) or "the output")
 

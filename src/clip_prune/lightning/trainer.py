@@ -306,7 +306,7 @@ class ClipPruneTrainer(L.Trainer):
             num_train: calibration / training images.
             num_val: evaluation images (5 captions each).
             image_size: image side in pixels.
-            seed: the data set is byte-identical for a seed.
+            seed: the images and captions are byte-identical for a seed.
             overwrite: replace an existing folder.
             zero_shot_per_class: single-shape images per shape kind in ROOT/zeroshot/ (an ImageFolder
                 tree for zero-shot accuracy; 0 writes none).
@@ -337,7 +337,7 @@ class ClipPruneTrainer(L.Trainer):
         check_file_free(path, overwrite, record=report_path)  # the report says whose the ONNX file is
         check_file_free(report_path, overwrite)
         report = export_pruned_onnx(pruned, path, batch_size, latency_repeats)
-        write_json_atomically(report_path, report, overwrite=True)
+        write_json_atomically(report_path, {"describes": path.name, **report}, overwrite=True)
         for written in (path, report_path):
             record_written(written)
         print(format_summary(report))
