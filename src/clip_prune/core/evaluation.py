@@ -54,6 +54,7 @@ class Evaluator:
         self.device = device
         self.progress = progress
         self._texts: dict[str, torch.Tensor] = {}
+        self._dense: tuple[PreTrainedModel, dict[str, Any], torch.Tensor] | None = None
 
     def __call__(self, model: PreTrainedModel, name: str) -> dict[str, Any]:
         """Metrics of `model` (in percent); `name` labels the progress bars."""
@@ -64,7 +65,9 @@ class Evaluator:
         """Metrics of the dense model and, if given, the pruned one, how closely its image embeddings follow the
         dense model's (`cosine_to_dense`, the one measure a vision-only model has) and their cascades
         (`cascade_top_m`)."""
-        dense_metrics, dense_images = self._score(dense, "dense")
+        if self._dense is None or self._dense[0] is not dense:  # scored once for the points of a run
+            self._dense = (dense, *self._score(dense, "dense"))
+        _, dense_metrics, dense_images = self._dense
         metrics: dict[str, Any] = {"dense": dense_metrics}
         if pruned is not None:
             metrics["pruned"], pruned_images = self._score(pruned, "pruned")

@@ -23,7 +23,7 @@ from transformers import PreTrainedModel
 from clip_prune.core.latency import timed_call
 from clip_prune.core.macs import count_encoder_macs
 from clip_prune.core.masks import VisionMasks
-from clip_prune.core.outputs import RunDirectory
+from clip_prune.core.outputs import RunFolder
 from clip_prune.core.pipeline import timed
 from clip_prune.core.refit import RefitWeights, refit_applied
 from clip_prune.core.saving import prune_model, write_pruned
@@ -141,14 +141,15 @@ class PrunedModelSpec:
     """Where in the run directory the model goes ("" for the run directory itself)."""
 
 
-def finish_run(run: RunDirectory, report: dict[str, Any], model: PrunedModelSpec | None = None,
+def finish_run(run: RunFolder, report: dict[str, Any], model: PrunedModelSpec | None = None,
                evaluate: Callable[[nn.Module], dict[str, Any]] | None = None,
                timings: dict[str, float] | None = None) -> str:
     """Finish a pruned run (on the rank that writes it): save the pruned model (sliced, verified, measured), evaluate
     it, write `report.json`; return the summary to print once the run is in place.
 
     Args:
-        run: the run directory being written (its `writing()` block moves it into place afterwards).
+        run: the run directory (or a folder of it) being written (its `writing()` block moves it into place
+            afterwards).
         report: what the run has to report so far; the saved model's checks and costs and its metrics are added.
         model: the model to save, or None (a statistics-only `prune`, `sensitivity`).
         evaluate: the dense vs pruned metrics of a pruned model (needs `model`); None without evaluation data.

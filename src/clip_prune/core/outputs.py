@@ -42,32 +42,21 @@ def check_not_an_input(output: Path, inputs: tuple[str | Path | None, ...]) -> N
                              "the data and models they are made from: choose another --output_dir")
 
 
-class RunDirectory:
-    """An output directory written in a hidden staging sibling and renamed into place when complete
-    (`clip_prune.files.atomic_directory`).
-
-    Files go to the staging folder (`file`, `write_json`, `save_tensor`); the rank that writes the run wraps
-    its work in `writing()`, at whose end the run takes its place.
+class RunFolder:
+    """A folder of a run being written: its files go to the same place in the run's staging directory.
 
     Args:
-        path: the final output directory.
-        overwrite: replace `path` if it already exists (otherwise refuse, before any work).
-        inputs: what the run reads (checkpoint, masks, data): refused as `path` or inside it, which replacing
-            `path` would delete.
+        path: where the folder will be once the run is in place.
+        staging: where it is written meanwhile.
     """
 
-    def __init__(self, path: str | Path, overwrite: bool = False, inputs: tuple[str | Path | None, ...] = ()) -> None:
-        self.path = Path(path)
-        self.overwrite = overwrite
-        check_output_location(self.path)  # first: "/" holds every input, but that is not the point to make
-        check_not_an_input(self.path, inputs)
-        check_free(self.path, overwrite)
-        self.staging = new_staging(self.path)
+    def __init__(self, path: Path, staging: Path) -> None:
+        self.path = path
+        self.staging = staging
 
-    def interrupted_runs(self) -> list[Path]:
-        """Staging directories that interrupted runs into the same `path` left behind, newest first (never the
-        staging directory of a run still at work)."""
-        return [candidate for candidate in stale_stagings(self.path) if candidate != self.staging]
+    def folder(self, name: str) -> RunFolder:
+        """The sub-folder `name` (e.g. one point of a run over several constraints)."""
+        return RunFolder(self.path / name, self.staging / name)
 
     def file(self, name: str) -> Path:
         """Path of `name` inside the staging directory (created on first use)."""
@@ -87,6 +76,34 @@ class RunDirectory:
         path = self.file(name)
         path.write_bytes(serialised.getvalue())
         return path
+
+
+class RunDirectory(RunFolder):
+    """An output directory written in a hidden staging sibling and renamed into place when complete
+    (`clip_prune.files.atomic_directory`).
+
+    Files go to the staging folder (`file`, `write_json`, `save_tensor`); the rank that writes the run wraps
+    its work in `writing()`, at whose end the run takes its place.
+
+    Args:
+        path: the final output directory.
+        overwrite: replace `path` if it already exists (otherwise refuse, before any work).
+        inputs: what the run reads (checkpoint, masks, data): refused as `path` or inside it, which replacing
+            `path` would delete.
+    """
+
+    def __init__(self, path: str | Path, overwrite: bool = False, inputs: tuple[str | Path | None, ...] = ()) -> None:
+        path = Path(path)
+        check_output_location(path)  # first: "/" holds every input, but that is not the point to make
+        check_not_an_input(path, inputs)
+        check_free(path, overwrite)
+        super().__init__(path, new_staging(path))
+        self.overwrite = overwrite
+
+    def interrupted_runs(self) -> list[Path]:
+        """Staging directories that interrupted runs into the same `path` left behind, newest first (never the
+        staging directory of a run still at work)."""
+        return [candidate for candidate in stale_stagings(self.path) if candidate != self.staging]
 
     @contextmanager
     def writing(self, keep: str | None = None) -> Iterator[RunDirectory]:

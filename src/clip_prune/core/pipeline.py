@@ -103,12 +103,22 @@ class PruningOptions:
         fitting = [m for m in ALIGNED_WIDTH_MULTIPLES if head_dim % m == 0 and num_neurons >= 16 * m]
         return fitting[0] if fitting else 1
 
-    def step_constraints(self, constraint: float) -> list[float]:
-        """The constraint of each step, c^(k/K) for k = 1..K, the last exactly `constraint`."""
-        steps = self.steps
-        if steps is None:
-            steps = max(1, math.ceil(math.log(constraint) / math.log(self.step_keep) - 1e-9))
-        return [constraint ** (k / steps) for k in range(1, steps)] + [constraint]
+    def step_constraints(self, constraint: float | Sequence[float]) -> list[float]:
+        """The constraint of each step: for one constraint c, c^(k/K) for k = 1..K, the last exactly c; for several,
+        one chain from the largest to the smallest that passes exactly through each, geometric between two of them
+        with as few steps as keep `step_keep` each (the smallest one's run, plus a step where the rounding asks)."""
+        points = sorted(set(constraint), reverse=True) if isinstance(constraint, Sequence) else [constraint]
+        if len(points) > 1 and self.steps is not None:
+            raise ValueError("--options.steps sets the steps to one constraint; with several, each stretch between "
+                             "two of them takes as many as --options.step_keep asks: leave --options.steps null")
+        chain, start = [], 1.0
+        for point in points:
+            steps = self.steps
+            if steps is None:
+                steps = max(1, math.ceil(math.log(point / start) / math.log(self.step_keep) - 1e-9))
+            chain += [start * (point / start) ** (k / steps) for k in range(1, steps)] + [point]
+            start = point
+        return chain
 
 
 @dataclass

@@ -514,4 +514,4 @@ def _essentials(widths: WidthBudget | None, keep_a_head: bool) -> str:
         parts.append(f"widths at multiples of {widths.multiple_of}")
     if keep_a_head:
         parts.append("one attention head, without which the embedding would ignore the image")
-    return " and ".join(parts) or "the narrowest widths"
+    return "; ".join(parts) or "the narrowest widths"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict
 from functools import partial
@@ -23,12 +23,13 @@ from clip_prune.core.fisher import FisherStatistics, save_fisher
 from clip_prune.core.latency import LatencyTable, cached_latency_table, write_table
 from clip_prune.core.macs import EncoderMacs, count_encoder_macs
 from clip_prune.core.metrics import METRIC_NAMES
-from clip_prune.core.outputs import RunDirectory, link_or_copy
+from clip_prune.core.outputs import RunDirectory, RunFolder, link_or_copy
 from clip_prune.core.pipeline import PruningOptions, StepResult, prune_step
 from clip_prune.core.refit import REFIT_FILE, refit_applied, save_refit
 from clip_prune.core.search import SearchResult, WidthBudget, check_reachable
 from clip_prune.core.sensitivity import choose_head, keep_single_head
 from clip_prune.core.slicing import plan_from_masks, write_plan
+from clip_prune.core.tradeoff import format_tradeoff, plot_tradeoff, point_folder, tradeoff_csv, tradeoff_rows
 from clip_prune.data.sampling import PADDING
 from clip_prune.lightning.module import MaskedCLIPModule
 from clip_prune.lightning.resume import statistics_provenance
@@ -39,6 +40,7 @@ from clip_prune.lightning.tensorboard import (
     log_reconstruction,
     log_search_curve,
     log_sensitivity_round,
+    log_tradeoff,
 )
 from clip_prune.towers import VisionInputs, inputs_to
 
@@ -58,12 +60,16 @@ def on_rank_zero(trainer: L.Trainer, work: Callable[[], None]) -> None:
         raise RuntimeError("clip-prune failed on rank 0; its error is reported there")
 
 
-def check_constraint(constraint: float) -> None:
-    """Refuse a MAC constraint outside (0, 1] before any work starts."""
-    if not (isinstance(constraint, int | float) and 0 < constraint <= 1):
-        raise ValueError(
-            f"--constraint must be in (0, 1] (the fraction of the encoder's MACs to keep, e.g. 0.75), got {constraint}"
-        )
+def check_constraints(constraint: float | Sequence[float]) -> list[float]:
+    """The requested constraints from the largest down, each refused outside (0, 1] before any work starts."""
+    given = list(constraint) if isinstance(constraint, Sequence) else [constraint]
+    if not given:
+        raise ValueError("--constraint [] names no constraint: give one (0.6) or several ('[0.75, 0.5, 0.3]')")
+    for value in given:
+        if not (isinstance(value, int | float) and 0 < value <= 1):
+            raise ValueError(f"--constraint must be in (0, 1] (the fraction of the encoder's MACs to keep, e.g. "
+                             f"0.75), got {value}")
+    return sorted(set(given), reverse=True)
 
 
 class PruningCallback(L.Callback):
@@ -75,9 +81,13 @@ class PruningCallback(L.Callback):
     `prune_step` searches the step's budget among the units still kept, rearranges and reconstructs
     (teacher: always the dense model); after the last, the masks are written and the pruned model saved and evaluated.
 
+    With several constraints the steps form one chain through all of them (`PruningOptions.step_constraints`), and
+    each is saved, verified, measured and evaluated where the chain reaches it, into its own folder
+    (`OUTPUT_DIR/c0.5/`, as a single run's directory); the run's own folder gets the trade-off of them all.
+
     Args:
         run: where the outputs go (staged, renamed into place at the end).
-        constraint: fraction of the encoder's MACs to keep, in (0, 1]; None only saves the statistics.
+        constraint: fraction of the encoder's MACs to keep, in (0, 1], or several; None only saves the statistics.
         options: stages, steps and reconstruction settings.
         statistics: statistics loaded from an earlier run (`--fisher`), used by the first step; None gathers them.
         cascade_top_m: also measure the pruned-then-dense search cascade re-ranking these top M.
@@ -85,28 +95,33 @@ class PruningCallback(L.Callback):
             table measured on the run's device (DESIGN.md, "Latency budget").
     """
 
-    def __init__(self, run: RunDirectory, constraint: float | None, options: PruningOptions,
+    def __init__(self, run: RunDirectory, constraint: float | Sequence[float] | None, options: PruningOptions,
                  statistics: FisherStatistics | None = None, cascade_top_m: list[int] | None = None,
                  constraint_type: Literal["macs", "latency"] = "macs") -> None:
-        if constraint is not None:
-            check_constraint(constraint)
+        points = [] if constraint is None else check_constraints(constraint)
         self.cascade_top_m = check_top_m(cascade_top_m)
         if self.cascade_top_m and (constraint is None or not options.save):
             raise ValueError("--cascade_top_m needs the saved pruned model: give --constraint and keep "
                              "--options.save true")
         self.run = run
-        self.constraint = constraint
+        self.constraint = points[-1] if points else None
+        """The smallest constraint: where the chain of steps ends."""
         self.constraint_type = constraint_type
         self.widths: WidthBudget | None = None
         self._search_prepared = False
         self.options = options
         self.statistics = statistics
-        self.constraints = [] if constraint is None else options.step_constraints(constraint)
+        self.constraints = options.step_constraints(points) if points else []
+        self.points = {step: value for step, value in enumerate(self.constraints) if value in points} \
+            if len(points) > 1 else {}
+        """Step index → the requested constraint it reaches, for a run over several constraints."""
+        self.point_reports: dict[float, dict[str, Any]] = {}
         self.steps: list[StepResult] = []
         self.timings: dict[str, float] = {}
         self.finished = False
         self._pruned_so_far = ExitStack()
         self._reconstruction_batches: list[torch.Tensor] | None = None
+        self._evaluator: Evaluator | None = None
         self.statistics_source: Path | None = None
         """The file `statistics` were read from (`--fisher` or an interrupted run), linked into the run."""
         self.summary: str | None = None
@@ -141,14 +156,25 @@ class PruningCallback(L.Callback):
             self._step(trainer, pl_module, stats)  # every rank: reconstruction sums across ranks
             self.steps[-1].timings["fisher"] = fisher_s
         self.finished = len(self.steps) == len(self.constraints)
-        if self.finished:
-            report: dict[str, Any] = {"model": pl_module.hparams.pretrained, "fisher_samples": stats.num_samples}
-            if self.statistics_source is not None:
-                # An interrupted run's staging folder is removed once this run is in place: name the run itself.
-                resumed = self.statistics_source.parent.name.startswith(f".{self.run.path.name}.partial-")
-                report["fisher_source"] = ("an interrupted run of this output directory" if resumed
-                                           else str(self.statistics_source))
-            on_rank_zero(trainer, lambda: self._finish(trainer, pl_module, report))
+        point = self.points.get(len(self.steps) - 1)
+        if point is not None:  # a requested constraint of several: saved and evaluated as a run of its own
+            folder = self.run.folder(point_folder(point))
+            on_rank_zero(trainer, lambda: self._finish(trainer, pl_module, self._header(pl_module, stats), folder,
+                                                              self.finished))
+        if self.finished and self.points:
+            on_rank_zero(trainer, lambda: self._finish_tradeoff(trainer, self._header(pl_module, stats)))
+        elif self.finished:
+            on_rank_zero(trainer, lambda: self._finish(trainer, pl_module, self._header(pl_module, stats), self.run))
+
+    def _header(self, pl_module: MaskedCLIPModule, stats: FisherStatistics) -> dict[str, Any]:
+        """What every report of the run starts with: the checkpoint and the statistics."""
+        report: dict[str, Any] = {"model": pl_module.hparams.pretrained, "fisher_samples": stats.num_samples}
+        if self.statistics_source is not None:
+            # An interrupted run's staging folder is removed once this run is in place: name the run itself.
+            resumed = self.statistics_source.parent.name.startswith(f".{self.run.path.name}.partial-")
+            report["fisher_source"] = ("an interrupted run of this output directory" if resumed
+                                       else str(self.statistics_source))
+        return report
 
     def on_exception(self, trainer: L.Trainer, pl_module: MaskedCLIPModule, exception: BaseException) -> None:
         self._restore_dense(pl_module)  # a failed pass must not leave refit columns in the caller's model
@@ -169,7 +195,7 @@ class PruningCallback(L.Callback):
             table = self._latency_table(trainer, pl_module, multiple) if self.constraint_type == "latency" else None
             self.widths = WidthBudget(head_dim, multiple, table)
         check_reachable(self.constraint, count_encoder_macs(config), pl_module.tower.pooling_needs_attention(),
-                        self.widths)
+                        self.widths)  # the smallest constraint: the others are reached on the way
         self._search_prepared = True
 
     def _step(self, trainer: L.Trainer, pl_module: MaskedCLIPModule, stats: FisherStatistics) -> None:
@@ -193,35 +219,59 @@ class PruningCallback(L.Callback):
         if result.reconstruction is not None:
             log_reconstruction(trainer, index + 1, result.reconstruction.errors)
 
-    def _finish(self, trainer: L.Trainer, pl_module: MaskedCLIPModule, report: dict[str, Any]) -> None:
-        """Rank zero: write masks and plan, then finish the run (save and evaluate the pruned model, report)."""
+    def _finish(self, trainer: L.Trainer, pl_module: MaskedCLIPModule, report: dict[str, Any], folder: RunFolder,
+                last: bool = True) -> None:
+        """Rank zero: write the masks and plan of the steps so far into `folder`, then finish it as a run (save and
+        evaluate the pruned model, report); `last`: no Fisher pass follows, so the masks' hooks may go."""
         model = evaluate = None
         if self.steps:
-            report |= self._write_masks(count_encoder_macs(pl_module.vision_config), pl_module.hparams.pretrained)
+            report |= self._write_masks(folder, count_encoder_macs(pl_module.vision_config),
+                                        pl_module.hparams.pretrained)
             if self.options.save:
-                model = self._model_to_save(trainer, pl_module)
+                model = self._model_to_save(trainer, pl_module, last)
                 if trainer.datamodule is not None and trainer.datamodule.has_evaluation_data():
                     evaluate = partial(self._evaluate, trainer, pl_module)
-        self.summary = finish_run(self.run, report, model, evaluate, self.timings)
+        self.summary = finish_run(folder, report, model, evaluate, self.timings)
+        if self.steps and self.points:
+            self.point_reports[self.constraints[len(self.steps) - 1]] = report
 
-    def _write_masks(self, macs: EncoderMacs, model_name: str) -> dict[str, Any]:
-        """Write the final masks, refit columns and plan; return the report's pruning part."""
+    def _finish_tradeoff(self, trainer: L.Trainer, report: dict[str, Any]) -> None:
+        """Rank zero, after the last point: the trade-off of all points as a table (CSV, JSON), a picture and
+        TensorBoard curves, and the run's own report."""
+        rows = tradeoff_rows(self.point_reports)
+        self.run.file("tradeoff.csv").write_text(tradeoff_csv(rows))
+        self.run.write_json("tradeoff.json", {"rows": rows})
+        not_drawn = plot_tradeoff(rows, self.run.file("tradeoff.png"))
+        log_tradeoff(trainer, rows)
+        report |= {"constraints": sorted(self.point_reports, reverse=True),
+                   "points": [f"{point_folder(c)}/report.json" for c in sorted(self.point_reports, reverse=True)],
+                   "tradeoff": ["tradeoff.csv", "tradeoff.json"] + ([] if not_drawn else ["tradeoff.png"])}
+        if not_drawn:
+            report["warnings"] = [not_drawn]
+        summary = finish_run(self.run, report, timings=self.timings)
+        folders = ", ".join(point_folder(point) for point in report["constraints"])
+        self.summary = "\n".join([format_tradeoff(rows), f"  one run per constraint in {folders}; the trade-off in "
+                                  f"{', '.join(report['tradeoff'])}", summary])
+
+    def _write_masks(self, folder: RunFolder, macs: EncoderMacs, model_name: str) -> dict[str, Any]:
+        """Write the masks, refit columns and plan of the steps so far into `folder`; return the report's pruning
+        part."""
         last = self.steps[-1]
-        self.run.save_tensor("head_mask.pt", last.head_mask)
-        self.run.save_tensor("neuron_mask.pt", last.neuron_mask)
+        folder.save_tensor("head_mask.pt", last.head_mask)
+        folder.save_tensor("neuron_mask.pt", last.neuron_mask)
         if last.refit:
-            save_refit(self.run.file(REFIT_FILE), last.refit, model_name)
-        write_plan(plan_from_masks(last.head_mask, last.neuron_mask), self.run.file("plan.json"))
+            save_refit(folder.file(REFIT_FILE), last.refit, model_name)
+        write_plan(plan_from_masks(last.head_mask, last.neuron_mask), folder.file("plan.json"))
         pruned = macs.of_masks(last.head_mask, last.neuron_mask)
         return {
-            "constraint": self.constraint,
+            "constraint": self.constraints[len(self.steps) - 1],
             "options": asdict(self.options),
             "macs": {"dense": macs.dense, "pruned": pruned, "ratio": pruned / macs.dense, "unit": "MACs per image"},
             "kept": {"heads": int((last.head_mask != 0).sum()), "neurons": int((last.neuron_mask != 0).sum()),
                      "heads_per_layer": (last.head_mask != 0).sum(1).tolist(),
                      "neurons_per_layer": (last.neuron_mask != 0).sum(1).tolist()},
             "steps": [step.report(constraint, macs) for step, constraint in zip(self.steps, self.constraints,
-                                                                               strict=True)],
+                                                                               strict=False)],
             "warnings": [warning for step in self.steps for warning in step.warnings],
             **self._budget_report(last),
         }
@@ -252,21 +302,25 @@ class PruningCallback(L.Callback):
             write_table(table, self.run.file("latency_table.json"))
         return trainer.strategy.broadcast(table)
 
-    def _model_to_save(self, trainer: L.Trainer, pl_module: MaskedCLIPModule) -> PrunedModelSpec:
-        """The dense model (its masks removed: the reference of verification and evaluation) and the final masks,
-        to be saved into OUTPUT_DIR/pruned and checked on calibration images (the tower's inputs)."""
+    def _model_to_save(self, trainer: L.Trainer, pl_module: MaskedCLIPModule, last: bool) -> PrunedModelSpec:
+        """The dense model (the reference of verification and evaluation: its masks removed after the last step,
+        all ones before a later one) and the masks so far, to be saved into OUTPUT_DIR/pruned and checked on
+        calibration images (the tower's inputs)."""
         read = self._calibration_batches(trainer, pl_module)  # on the device already, unless nothing was rebuilt
         batch = read[0] if read else pl_module.tower.vision_inputs(next(iter(trainer.val_dataloaders)))
         inputs = inputs_to({name: value[:8] for name, value in batch.items()}, pl_module.device)
-        pl_module.masks.remove()
+        if last:
+            pl_module.masks.remove()
         last = self.steps[-1]
         return PrunedModelSpec(pl_module.model, last.head_mask, last.neuron_mask, pl_module.hparams.pretrained,
                                inputs, refit=last.refit)
 
     def _evaluate(self, trainer: L.Trainer, pl_module: MaskedCLIPModule, pruned: Any) -> dict[str, Any]:
-        """Retrieval / zero-shot metrics of the dense and the pruned model (caption embeddings computed once)."""
-        evaluator = trainer.datamodule.evaluator(pl_module.device)
-        metrics = evaluator.compare(pl_module.model, pruned, self.cascade_top_m)
+        """Retrieval / zero-shot metrics of the dense and the pruned model (caption embeddings and the dense model's
+        scores computed once for all points)."""
+        if self._evaluator is None:
+            self._evaluator = trainer.datamodule.evaluator(pl_module.device)
+        metrics = self._evaluator.compare(pl_module.model, pruned, self.cascade_top_m)
         log_metrics(trainer, metrics)
         return metrics
 

@@ -105,3 +105,17 @@ def log_sensitivity_round(trainer: Trainer, entry: dict) -> None:
         writer.add_scalar("sensitivity/metric_by_macs_permille", entry["metric"], round(1000 * entry["macs_ratio"]))
     writer.add_scalar("sensitivity/macs_ratio_by_round", entry["macs_ratio"], entry["round"])
     writer.flush()
+
+
+def log_tradeoff(trainer: Trainer, rows: list[dict[str, Any]]) -> None:
+    """The trade-off of a run over several constraints as curves: each recall, zero-shot accuracy, cosine to dense
+    and speedup against the MACs kept, in per mille (the step, as TensorBoard's x axis takes integers)."""
+    writer = summary_writer(trainer)
+    if writer is None:
+        return
+    for row in rows:
+        step = round(1000 * row["macs_ratio"])
+        for name, value in row.items():
+            if name not in ("model", "constraint", "macs_ratio", "latency_reliable") and isinstance(value, int | float):
+                writer.add_scalar(f"tradeoff/{name}_by_macs_permille", value, step)
+    writer.flush()

@@ -104,7 +104,7 @@ class ClipPruneTrainer(L.Trainer):
         self,
         model: MaskedCLIPModule,
         datamodule: CocoDataModule,
-        constraint: float | None = None,
+        constraint: float | list[float] | None = None,
         output_dir: str = "outputs/prune",
         fisher: str | None = None,
         overwrite: bool = False,
@@ -116,8 +116,10 @@ class ClipPruneTrainer(L.Trainer):
 
         Args:
             constraint: fraction of the vision encoder's MACs (or latency, see --constraint_type) to
-                keep, in (0, 1]; leave it out to only gather the statistics (fisher.safetensors) for
-                later `--fisher` runs.
+                keep, in (0, 1]; or several ('[0.75, 0.5, 0.3]'): one chain of steps through all of them,
+                each saved as a run of its own (OUTPUT_DIR/c0.5/...) beside the trade-off table and plot
+                (tradeoff.csv, tradeoff.png); leave it out to only gather the statistics (fisher.safetensors)
+                for later `--fisher` runs.
             output_dir: run directory to write (refused if it exists, unless --overwrite).
             fisher: fisher.safetensors of an earlier run: skip the first gradient pass and reuse it (linked
                 into the run, keeping its own metadata; later steps of iterative pruning gather their own).
