@@ -42,9 +42,9 @@ def count_parameters(module: nn.Module) -> int:
     return sum(parameter.numel() for parameter in module.parameters())
 
 
-NOISY_SPREAD = 0.15
-"""Interquartile range of the timed passes, relative to their median, above which a latency is not reported as
-measured: the speedup of two such medians could be anything."""
+LARGEST_SPEEDUP_ERROR = 0.1
+"""Relative standard error of a speedup above which it is not reported as measured: its two medians could be far
+from where more timings would put them."""
 SHORTEST_TIMING_S = 0.02
 """Least seconds one timing covers: passes faster than this (small models) are timed in runs of several, so that
 the clock's resolution and the scheduler's jitter do not make up the figure."""
@@ -82,9 +82,15 @@ def relative_spread(times: list[float]) -> float:
     return (high - low) / statistics.median(times)
 
 
+def median_error(times: list[float]) -> float:
+    """Relative standard error of the median of `times`: 1.2533 σ / √n over the median, σ read robustly from the
+    interquartile range (σ = IQR / 1.349 for normal scatter; one odd timing does not inflate it)."""
+    return 1.2533 * relative_spread(times) / 1.349 / math.sqrt(len(times)) if len(times) > 1 else math.inf
+
+
 def summarise_latency(dense: list[float], pruned: list[float], load: float | None, cores: int) -> dict[str, Any]:
-    """Medians, spreads and speedup of the timed passes, and whether they are reliable: when the passes scatter
-    (`NOISY_SPREAD`), `unreliable` says why and the speedup is not to be shown as one.
+    """Medians, spreads and speedup of the timed passes with the speedup's relative standard error, and whether it
+    is reliable: above `LARGEST_SPEEDUP_ERROR`, `unreliable` says why and the speedup is not to be shown as one.
 
     Args:
         dense: seconds of the dense model's timed passes.
@@ -98,11 +104,13 @@ def summarise_latency(dense: list[float], pruned: list[float], load: float | Non
         "speedup": statistics.median(dense) / statistics.median(pruned), "repeats": len(dense),
         "spread": spread, "load_1min": load, "cores": cores,
     }
-    summary["reliable"] = max(spread.values()) <= NOISY_SPREAD
+    summary["speedup_error"] = math.hypot(median_error(dense), median_error(pruned))
+    summary["reliable"] = summary["speedup_error"] <= LARGEST_SPEEDUP_ERROR
     if not summary["reliable"]:
         busy = f", on a busy machine (1-minute load {load:.1f} on {cores} cores)" if load and load > cores else ""
         summary["unreliable"] = (f"the timed passes vary by {max(spread.values()):.0%} (interquartile range / "
-                                 f"median){busy}; measure again on an idle machine or with more --latency_repeats")
+                                 f"median){busy}, so the speedup could be off by {summary['speedup_error']:.0%} or "
+                                 "more; measure again on an idle machine or with more --latency_repeats")
     return summary
 
 

@@ -24,7 +24,8 @@ def format_summary(report: dict[str, Any]) -> str:
         spread = latency.get("spread", {})
         dense, pruned = (f"{latency[key] * 1e3:.1f}" + (f" ±{spread[key]:.0%}" if key in spread else "")
                          for key in ("dense", "pruned"))
-        speedup = f"{latency['speedup']:.2f}x" if latency.get("reliable", True) else "unreliable"
+        error = f" ±{latency['speedup_error']:.0%}" if "speedup_error" in latency else ""
+        speedup = f"{latency['speedup']:.2f}x{error}" if latency.get("reliable", True) else "unreliable"
         lines.append(_row(f"latency ms (batch {latency['batch']})", dense, pruned, speedup))
     metrics = report.get("metrics", {})
     for task, values in metrics.get("dense", {}).items():

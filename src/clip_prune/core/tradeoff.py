@@ -44,6 +44,7 @@ def _row(report: dict[str, Any], model: str, constraint: float) -> dict[str, Any
         "latency_ms": 1e3 * latency[model] if latency else None,
         "latency_spread": latency.get("spread", {}).get(model),
         "speedup": (latency["speedup"] if pruned else 1.0) if latency else None,
+        "speedup_error": latency.get("speedup_error") if pruned else None,
         "latency_reliable": latency.get("reliable"),
     }
     row |= {name: scores.get("retrieval", {}).get(name) for name in RECALLS}
@@ -80,7 +81,7 @@ def format_tradeoff(rows: list[dict[str, Any]]) -> str:
             "dense" if row["model"] == "dense" else f"{row['constraint']:g}", _cell(row["macs_ratio"], "{:.3f}"),
             _cell(None if row["parameters"] is None else row["parameters"] / 1e6, "{:.3f}"),
             "unreliable" if row["latency_reliable"] is False and row["model"] != "dense"
-            else _cell(speedup, "{:.2f}x"),
+            else _cell(speedup, "{:.2f}x") + ("" if row["speedup_error"] is None else f" ±{row['speedup_error']:.0%}"),
             _cell(row["t2i_R@1"], "{:.1f}"), _cell(row["t2i_R@10"], "{:.1f}"), _cell(row["i2t_R@1"], "{:.1f}"),
             _cell(row["zero_shot_top1"], "{:.1f}"), _cell(row["cosine_to_dense"], "{:.4f}"),
             *(_cell(row.get(f"cascade_{m}_t2i_R@1"), "{:.1f}") for m in cascades),
