@@ -417,7 +417,7 @@ def test_user_errors_print_one_line_and_exit_2_and_runs_print_one_screen(tiny_cl
     assert bad_value.stderr.splitlines()[0] == "clip-prune: error: --options.damping must be >= 0, got -1.0"
     unknown = _cli(*common, "--data.root", str(tiny_coco_root), "--constraint", "half", cwd=tmp_path)
     assert unknown.returncode == 2 and unknown.stderr.startswith("clip-prune: error: --constraint: got half, "
-                                                                 "expected a number\n")
+                                                                 "expected a number or a list such as '[1, 2]'\n")
     assert "usage:" not in unknown.stderr
     shown = _cli(*common, "--data.root", str(tmp_path / "nowhere"), "--debug", cwd=tmp_path)
     assert shown.returncode == 1 and "Traceback" in shown.stderr and "FileNotFoundError: COCO data" in shown.stderr
