@@ -44,3 +44,17 @@ def test_arrows_point_down() -> None:
             ours = {name for name in _imports(path) if name.startswith("clip_prune")}
             wrong = {name for name in ours if not name.startswith(prefixes)}
             assert not wrong, f"{path.relative_to(PACKAGE)} imports {sorted(wrong)}"
+
+
+def test_the_code_cites_only_documents_users_have() -> None:
+    """No reference to a design document outside the repository; every cited section of docs/design.md exists."""
+    import re
+
+    sections = set(re.findall(r"^## (.+)$", (PACKAGE.parents[1] / "docs" / "design.md").read_text(), re.M))
+    for path in PACKAGE.rglob("*"):
+        if path.suffix not in (".py", ".yaml"):
+            continue
+        text = " ".join(path.read_text().split())  # a citation may wrap across lines
+        assert "DESIGN.md" not in text, path
+        for cited in re.findall(r'docs/design\.md,? \(?"([^"]+)"', text):
+            assert cited in sections, f"{path.relative_to(PACKAGE)} cites a missing section {cited!r}"

@@ -1,4 +1,4 @@
-"""Fisher information over head and neuron masks (DESIGN.md, "Fisher information"; arXiv 2204.09656).
+"""Fisher information over head and neuron masks (docs/design.md, "Fisher information"; arXiv 2204.09656).
 
 The statistics are sums over samples, so they are kept as a torchmetrics `Metric` whose
 states reduce by summation across DDP ranks exactly once, when `compute()` is called.

@@ -1,4 +1,4 @@
-"""Latency table of the vision encoder, measured on the run's device (DESIGN.md, "Latency budget";
+"""Latency table of the vision encoder, measured on the run's device (docs/design.md, "Latency budget";
 Kwon et al., arXiv 2204.09656, section 4.3).
 
 One encoder layer's attention is timed with h = 0..H heads and its MLP on a grid of neuron

@@ -1,4 +1,4 @@
-"""Least squares of layer-wise reconstruction (DESIGN.md, "Mask rescaling" and "Weight refit").
+"""Least squares of layer-wise reconstruction (docs/design.md, "Mask rescaling" and "Weight refit").
 
 Each stage of a layer explains a residual R(t) (the teacher's output minus the student's input, D wide)
 by the kept units' inputs z(t) (C columns: the K·d context values of the kept heads or the K activations
@@ -146,7 +146,7 @@ def rescale_columns(moments: Moments, weight: torch.Tensor, bias: torch.Tensor, 
     """Scales [K] of K kept units of `group` columns each (W = W₀·diag(s), bias fixed), in float64.
 
     Solves (AᵀA + λ·mean(diag AᵀA)·I) δ = Aᵀ(R − b₀ − A·s₀), s = s₀ + δ: least squares pulled towards the
-    incoming `scales` s₀, with AᵀA the block sums of (ZᵀZ) ∘ (W₀ᵀW₀) (DESIGN.md, "Mask rescaling").
+    incoming `scales` s₀, with AᵀA the block sums of (ZᵀZ) ∘ (W₀ᵀW₀) (docs/design.md, "Mask rescaling").
 
     Raises:
         SolveError: if the system is not positive definite, or a scale is not finite or exceeds `max_abs_scale`.

@@ -1,4 +1,4 @@
-"""Losses whose mask gradients give the Fisher information (DESIGN.md, "Loss for the Fisher information").
+"""Losses whose mask gradients give the Fisher information (docs/design.md, "Loss for the Fisher information").
 
 The image-text loss itself is the family's (`VisionTower.loss`); here is what is the same for every family:
 gathering embeddings across DDP ranks, and the label-free `distill` loss.

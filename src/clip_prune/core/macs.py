@@ -1,4 +1,4 @@
-"""Analytic MAC model of a vision encoder (DESIGN.md, "FLOP-constrained search"; FLOPs = 2 × MACs).
+"""Analytic MAC model of a vision encoder (docs/design.md, "FLOP-constrained search"; FLOPs = 2 × MACs).
 
 Counts multiply-accumulates of the prunable parts only: per head the q, k, v and output
 projections plus the two attention products, per neuron fc1 and fc2. Patch embedding,

@@ -1,6 +1,6 @@
 """Head and neuron masks on a vision encoder, applied with forward pre-hooks.
 
-transformers 5.x dropped `head_mask` (DESIGN.md, "Facts about transformers 5.x"), so the
+transformers 5.x dropped `head_mask` (docs/design.md, "Facts about transformers 5.x"), so the
 masks multiply the input of `self_attn.out_proj` (the concatenated head outputs,
 (B, T, H·d)) and the input of `mlp.fc2` (the post-activation neurons, (B, T, F)). Both
 hooks work under `eager` and `sdpa` attention and leave the model's modules untouched.
@@ -30,7 +30,7 @@ class VisionMasks:
 
     With `per_sample_grads()` the hooks scale each sample by its own copy of the mask, a
     leaf of shape (B, H) or (B, F) per layer: autograd then yields the per-sample mask
-    gradients g_{n,i} of DESIGN.md ("Fisher information") from the batch's single backward
+    gradients g_{n,i} of docs/design.md ("Fisher information") from the batch's single backward
     pass, and their sum over n is the batch gradient of the shared mask.
     """
 

@@ -1,5 +1,5 @@
-"""One pruning step on Fisher statistics: search → rearrange → reconstruct (DESIGN.md; arXiv 2204.09656),
-and the constraints of iterative pruning (DESIGN.md, "Weight refit": step k of K keeps c^(k/K)).
+"""One pruning step on Fisher statistics: search → rearrange → reconstruct (docs/design.md; arXiv 2204.09656),
+and the constraints of iterative pruning (docs/design.md, "Weight refit": step k of K keeps c^(k/K)).
 
 No Lightning here: the callback gathers the statistics (again after each step, on the model pruned so
 far) and calls `prune_step`; a benchmark can do the same with a plain loop.

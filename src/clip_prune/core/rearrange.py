@@ -1,4 +1,4 @@
-"""Greedy mask rearrangement (DESIGN.md, "Mask rearrangement"; Kwon et al., arXiv 2204.09656).
+"""Greedy mask rearrangement (docs/design.md, "Mask rearrangement"; Kwon et al., arXiv 2204.09656).
 
 Within each layer, swaps pruned and kept units so that the pruned set P has a smaller
 damage 1_Pᵀ G 1_P under the layer's Fisher block G, keeping the count per layer (and so
@@ -83,7 +83,7 @@ def rearrange_mask(mask: torch.Tensor, scores: torch.Tensor, gram: torch.Tensor,
 
 def _greedy_pruned_sets(scores: torch.Tensor, gram: torch.Tensor, num_pruned: torch.Tensor,
                         fixed: torch.Tensor) -> torch.Tensor:
-    """DESIGN.md's greedy pass for layers with 0 < k < N pruned units, all layers in lock-step.
+    """the greedy pass of docs/design.md for layers with 0 < k < N pruned units, all layers in lock-step.
 
     Args:
         scores: [M, N] float64 unit scores of the M layers to rearrange.

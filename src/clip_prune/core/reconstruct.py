@@ -1,4 +1,4 @@
-"""Layer-wise reconstruction of a pruned vision encoder (DESIGN.md, "Mask rescaling" and "Weight refit";
+"""Layer-wise reconstruction of a pruned vision encoder (docs/design.md, "Mask rescaling" and "Weight refit";
 Kwon et al., arXiv 2204.09656).
 
 Layer by layer, first to last, the kept heads and then the kept neurons are fitted by damped least
@@ -304,7 +304,7 @@ def reconstruct(
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     progress: bool = False,
 ) -> Reconstruction:
-    """Reconstruct the kept heads and neurons of `model`'s vision encoder, layer by layer (DESIGN.md).
+    """Reconstruct the kept heads and neurons of `model`'s vision encoder, layer by layer (docs/design.md).
 
     A stage whose solve fails (not positive definite, not finite, out of bounds) is solved again with ten
     times the damping, up to 10⁶ times (from 1e-6 if it is 0; noted in `notes`); only then does it keep its

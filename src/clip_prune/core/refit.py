@@ -1,4 +1,4 @@
-"""Refit output columns (DESIGN.md, "Weight refit"): what weight reconstruction changes in a model.
+"""Refit output columns (docs/design.md, "Weight refit"): what weight reconstruction changes in a model.
 
 Weight reconstruction keeps binary masks and replaces the out_proj columns of the kept heads and the
 fc2 columns of the kept neurons (and, optionally, their biases). These tensors are stored beside

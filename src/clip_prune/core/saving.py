@@ -1,6 +1,6 @@
 """Pruned models that load with `from_pretrained`, and saving, loading and reading their inputs.
 
-DESIGN.md, "Physical pruning and the saved model": a Hugging Face-style directory with
+docs/design.md, "Physical pruning and the saved model": a Hugging Face-style directory with
 safetensors weights, a config recording each layer's head and neuron counts, the
 processor files and the plan (`plan.json`). transformers 5 cannot load per-layer widths
 into `CLIPModel` (nor SigLIP's classes), so each family's config and model classes in `clip_prune.hub`

@@ -1,4 +1,4 @@
-"""Mask search (DESIGN.md, "FLOP-constrained search" and "Latency budget"; Kwon et al., arXiv 2204.09656).
+"""Mask search (docs/design.md, "FLOP-constrained search" and "Latency budget"; Kwon et al., arXiv 2204.09656).
 
 Given importance scores for every head and every MLP neuron of the vision encoder, picks
 how many heads and neurons to keep so that the encoder's MACs stay within a fraction of
@@ -208,7 +208,7 @@ def search_layer_widths(
 ) -> WidthSearchResult:
     """Keep, per layer, the number of heads and neurons that maximises the sum of kept scores within `budget`.
 
-    Costs are per layer and need not be linear (e.g. a fitted latency curve: DESIGN.md, "Latency
+    Costs are per layer and need not be linear (e.g. a fitted latency curve: docs/design.md, "Latency
     budget"), so one global ranking does not solve it. Each layer keeps its top-scored units; the
     count per layer is chosen by dynamic programming over the 2·L parts (a multiple-choice knapsack)
     with the budget cut into `resolution` steps and every cost rounded up to a whole step, so the

@@ -1,4 +1,4 @@
-"""Sensitivity-based head pruning, one layer per round (DESIGN.md, "Sensitivity-based pruning").
+"""Sensitivity-based head pruning, one layer per round (docs/design.md, "Sensitivity-based pruning").
 
 Each round keeps only the most important head of one more layer: the layer whose best head
 ranks highest among the heads of layers not yet reduced.

@@ -1,11 +1,11 @@
 """Physical pruning of a vision encoder: pruning plans and weight slicing.
 
-Follows DESIGN.md, "Physical pruning and the saved model": keep the q/k/v rows and
+Follows docs/design.md, "Physical pruning and the saved model": keep the q/k/v rows and
 out_proj columns of the kept heads and the fc1 rows and fc2 columns of the kept
 neurons, and fold each kept unit's mask scale into its out_proj or fc2 columns, so the
 sliced model computes what the hook-masked model (`model/masking.py`) computes.
 A layer left with no heads (or no neurons) gets a constant module that outputs the
-out_proj (or fc2) bias (DESIGN.md, "Facts about transformers 5.x").
+out_proj (or fc2) bias (docs/design.md, "Facts about transformers 5.x").
 """
 
 from __future__ import annotations
@@ -250,7 +250,7 @@ def count_vision_macs(model: nn.Module, image_size: int | None = None) -> int:
     """MACs (FLOPs / 2) of the vision encoder layers of `model` for one image, counted by running it.
 
     Uses `torch.utils.flop_counter.FlopCounterMode` under the MATH SDPA backend, whose
-    matmuls are counted (the fused CPU kernel is not; DESIGN.md, "Facts about transformers
+    matmuls are counted (the fused CPU kernel is not; docs/design.md, "Facts about transformers
     5.x"). Only the encoder layers are returned, so the count compares with
     `count_encoder_macs`: the patch embedding, layer norms, biases and softmax are left out.
 

@@ -1,7 +1,7 @@
 """What every family's pruned classes share: per-layer widths in the vision config, narrower layers, and constant
 modules for layers left with no heads or neurons.
 
-transformers 5 cannot load per-layer widths into a dense model class (DESIGN.md, "Facts about transformers 5.x"),
+transformers 5 cannot load per-layer widths into a dense model class (docs/design.md, "Facts about transformers 5.x"),
 so each family's pruned model builds the dense structure, then swaps in narrower projections, or constant modules,
 before `from_pretrained` fills in the weights. Part of the remote code of a pruned directory (see
 `clip_prune/hub/__init__.py`), copied beside each family's configuration and modeling files: imports no clip_prune.

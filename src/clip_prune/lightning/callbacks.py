@@ -92,7 +92,7 @@ class PruningCallback(L.Callback):
         statistics: statistics loaded from an earlier run (`--fisher`), used by the first step; None gathers them.
         cascade_top_m: also measure the pruned-then-dense search cascade re-ranking these top M.
         constraint_type: `macs`, or `latency`: the constraint is a fraction of the dense tower's latency by a
-            table measured on the run's device (DESIGN.md, "Latency budget").
+            table measured on the run's device (docs/design.md, "Latency budget").
     """
 
     def __init__(self, run: RunDirectory, constraint: float | Sequence[float] | None, options: PruningOptions,
@@ -351,7 +351,7 @@ class PruningCallback(L.Callback):
 
 
 class SensitivityCallback(L.Callback):
-    """One round of sensitivity pruning per validation pass (DESIGN.md, "Sensitivity-based pruning").
+    """One round of sensitivity pruning per validation pass (docs/design.md, "Sensitivity-based pruning").
 
     Before the pass the module's head mask is set to the current one; after it, the head
     scores under that mask pick the next layer to reduce to its best head, `head_mask_{i}.pt`

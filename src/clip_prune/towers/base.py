@@ -1,7 +1,7 @@
 """The vision-tower adapter: what the pruning core needs to know about one model family.
 
 Every family (CLIP, SigLIP, SigLIP2) keeps the same pre-LN encoder layer, `self_attn.{q,k,v,out_proj}` and
-`mlp.{fc1,fc2}` (DESIGN.md, "Vision-tower families"), so masks, Fisher, search, reconstruction and slicing
+`mlp.{fc1,fc2}` (docs/design.md, "Vision-tower families"), so masks, Fisher, search, reconstruction and slicing
 are family-free. What differs lives in one subclass of `VisionTower` per family: where the tower sits, what
 enters the first layer, which tokens the pooling reads, how many tokens a layer sees, which loss the family
 was trained with, how it scores image-text pairs, and which pruned classes save it. Nothing outside
