@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# How the GPU tables in README.md ("At scale: bench_scale.py" and the latency-budget rows) were made:
+# How the GPU tables in docs/benchmarks.md ("At scale: bench_scale.py") and docs/usage.md (the latency-budget rows) were made:
 # one script for one device-tool call (one H100-class GPU, 16 CPU cores, no network), about 450 s.
 #
 # Run from the repository root with src/ and benchmarks/ on PYTHONPATH. With the device tool, the wheels
