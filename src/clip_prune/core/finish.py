@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from clip_prune.core.latency import timed_call
+from clip_prune.core.latency import interleaved_seconds, timed_call
 from clip_prune.core.macs import count_encoder_macs
 from clip_prune.core.masks import VisionMasks
 from clip_prune.core.outputs import RunFolder
@@ -66,12 +66,7 @@ def measure_latencies(models: list[nn.Module], inputs: torch.Tensor | VisionInpu
         run()
     fastest = min(timed_call(run, device)[0] for run in passes)
     runs_per_timing = max(1, math.ceil(SHORTEST_TIMING_S / max(fastest, 1e-9)))
-    timings: list[list[float]] = [[] for _ in passes]
-    for _ in range(repeats):
-        for run, times in zip(passes, timings, strict=True):
-            seconds = timed_call(lambda run=run: [run() for _ in range(runs_per_timing)], device)[0]
-            times.append(seconds / runs_per_timing)
-    return timings
+    return interleaved_seconds(passes, device, warmup=0, repeats=repeats, calls_per_timing=runs_per_timing)
 
 
 def relative_spread(times: list[float]) -> float:

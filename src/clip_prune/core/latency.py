@@ -204,16 +204,25 @@ def timed_call(run: Callable[[], Result], device: torch.device) -> tuple[float, 
     return time.perf_counter() - start, result
 
 
-def _median_seconds(runs: list[Callable[[], object]], device: torch.device, warmup: int, repeats: int) -> list[float]:
-    """Median seconds of each of `runs`, which take turns within every repeat after `warmup` calls each."""
+def interleaved_seconds(runs: list[Callable[[], object]], device: torch.device, warmup: int, repeats: int,
+                        calls_per_timing: int = 1) -> list[list[float]]:
+    """Seconds of one call of each of `runs`, `repeats` timings each: the runs take turns within every repeat (after
+    `warmup` calls each), so drifts of the machine's speed touch all of them alike; a timing covers
+    `calls_per_timing` calls (fast runs) and gives their mean."""
     for run in runs:
         for _ in range(warmup):
             run()
     times: list[list[float]] = [[] for _ in runs]
     for _ in range(repeats):
         for run, seconds in zip(runs, times, strict=True):
-            seconds.append(timed_call(run, device)[0])
-    return [statistics.median(seconds) for seconds in times]
+            elapsed = timed_call(lambda run=run: [run() for _ in range(calls_per_timing)], device)[0]
+            seconds.append(elapsed / calls_per_timing)
+    return times
+
+
+def _median_seconds(runs: list[Callable[[], object]], device: torch.device, warmup: int, repeats: int) -> list[float]:
+    """Median seconds of each of `runs` (`interleaved_seconds`)."""
+    return [statistics.median(seconds) for seconds in interleaved_seconds(runs, device, warmup, repeats)]
 
 
 def _tower(config: PretrainedConfig, heads: list[int], neurons: list[int], device: torch.device,

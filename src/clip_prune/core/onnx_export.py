@@ -11,7 +11,7 @@ import importlib
 import importlib.util
 import os
 import tempfile
-import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from torch import nn
 from transformers import AutoImageProcessor, PreTrainedModel
 
 from clip_prune.core.finish import summarise_latency
+from clip_prune.core.latency import interleaved_seconds
 from clip_prune.core.saving import load_pruned
 from clip_prune.data.coco import available_cores
 from clip_prune.data.synthetic import synthetic_pixels
@@ -117,19 +118,10 @@ def check_parity(path: Path, model: PreTrainedModel, batches: list[torch.Tensor]
 
 def measure_onnx_latencies(paths: list[Path], pixels: torch.Tensor, repeats: int) -> list[list[float]]:
     """Seconds of each timed onnxruntime run over `pixels`, `repeats` per file, the files taking turns after a
-    warm-up."""
-    sessions = [session(path) for path in paths]
+    warm-up (`interleaved_seconds`)."""
     inputs = {"pixel_values": pixels.float().cpu().numpy()}
-    for runtime in sessions:
-        runtime.run(None, inputs)
-        runtime.run(None, inputs)
-    timings: list[list[float]] = [[] for _ in sessions]
-    for _ in range(repeats):
-        for runtime, times in zip(sessions, timings, strict=True):
-            start = time.perf_counter()
-            runtime.run(None, inputs)
-            times.append(time.perf_counter() - start)
-    return timings
+    runs = [partial(session(path).run, None, inputs) for path in paths]
+    return interleaved_seconds(runs, torch.device("cpu"), warmup=2, repeats=repeats)
 
 
 def export_pruned_onnx(directory: str | Path, output: str | Path, batch_size: int = 8,

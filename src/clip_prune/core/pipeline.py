@@ -70,7 +70,8 @@ class PruningOptions:
     """Keep each layer's widths (heads x head size, neurons) at multiples of this, or dense; 1 leaves them free.
     None: 64 (or 8 where 64 does not divide the head size) on a GPU, where free widths ran slower than the dense
     tower in bf16 on an H200, and under a latency budget, which aligned widths met within 5 % on that GPU and on a
-    CPU where free widths missed it (docs/usage.md, "Latency budget"); 1 for MAC budgets on a CPU and for small models."""
+    CPU where free widths missed it (docs/usage.md, "Latency budget"); 1 for MAC budgets on a CPU and for small
+    models."""
 
     def __post_init__(self) -> None:
         problems = []

@@ -68,10 +68,15 @@ def tradeoff_csv(rows: list[dict[str, Any]]) -> str:
     return text.getvalue()
 
 
+def cascade_names(rows: list[dict[str, Any]]) -> list[str]:
+    """The cascades the rows measured, by M: `M10`, `M50`."""
+    names = {key.split("_")[1] for row in rows for key in row if key.startswith("cascade_M")}
+    return sorted(names, key=lambda name: int(name[1:]))
+
+
 def format_tradeoff(rows: list[dict[str, Any]]) -> str:
     """The console's table: per row MACs, parameters, speedup and the headline recalls."""
-    cascades = sorted({key.split("_")[1] for row in rows for key in row if key.startswith("cascade_M")},
-                      key=lambda m: int(m[1:]))
+    cascades = cascade_names(rows)
     head = ["constraint", "MACs", "params M", "speedup", "t2i R@1", "t2i R@10", "i2t R@1", "zero-shot",
             "cos dense", *(f"{m} t2i R@1" for m in cascades)]
     lines = ["", "clip-prune trade-off", "  " + "".join(f"{name:>12}" for name in head)]
@@ -106,8 +111,7 @@ def plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> str | None:
         return "tradeoff.png needs matplotlib: pip install 'clip-prune[plot]'"
     points = [row for row in rows if row["model"] == "pruned"]
     dense = rows[0]
-    cascades = sorted({key.split("_")[1] for row in points for key in row if key.startswith("cascade_M")},
-                      key=lambda m: int(m[1:]))
+    cascades = cascade_names(points)
     # (the rows' key, the dense row's, label, style): every curve starts at the dense model, a cascade's too (its
     # first stage dense, it is the dense model)
     series = [(name, name, name, "-o") for name in PLOTTED if dense.get(name) is not None]
