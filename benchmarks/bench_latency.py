@@ -145,10 +145,10 @@ def latency_budget_rows(args: argparse.Namespace, config: CLIPVisionConfig) -> t
     The `--multiple-of` rows use a table timed at the widths they may choose (multiples, as the CLI does)."""
     tables = {}
     for multiple in [1] + ([args.multiple_of] if args.multiple_of else []):
-        table, cached = cached_latency_table(config, args.batch_size, torch.device(args.device),
+        table, source = cached_latency_table(config, args.batch_size, torch.device(args.device),
                                              DTYPES[args.dtype][0], attn_implementation=args.attn,
                                              multiple_of=multiple)
-        print(f"latency table (widths at multiples of {multiple}) {'read from the cache' if cached else 'measured'}: "
+        print(f"latency table (widths at multiples of {multiple}) {source.describe()}: "
               f"{table.key['device']}; dense {table.dense_s:.3f} s, empty tower {table.fixed_s:.3f} s, layer scale "
               f"{table.scale:.2f}; attention fit {table.attention_fit}; MLP fit {table.mlp_fit}")
         tables[multiple] = table

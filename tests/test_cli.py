@@ -21,8 +21,10 @@ from transformers import AutoModel, AutoProcessor, BertConfig
 from clip_prune.core import latency
 from clip_prune.core.finish import masked_embeddings
 from clip_prune.core.fisher import fisher_metadata
+from clip_prune.core.latency_budget import Timing
 from clip_prune.core.refit import REFIT_FILE, load_refit, refit_applied
 from clip_prune.core.saving import read_masks
+from clip_prune.lightning import callbacks
 from clip_prune.lightning.cli import main
 from clip_prune.towers import load_model, tower_of
 
@@ -245,6 +247,17 @@ def test_prune_under_a_latency_budget_with_widths_at_multiples(tiny_clip_dir, ti
                                                                monkeypatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(latency, "measure_latency_table", linear_latency_table)  # tests/core times real tables
+    monkeypatch.setattr(latency, "dense_tower_seconds", lambda config, batch, *args, **kwargs:
+                        linear_latency_table(config, batch).dense_s)  # the cached table's check agrees
+    timed = []
+
+    def fake_timer(model, inputs, repeats):  # the tower runs 0.8 of the fraction of heads and neurons it keeps
+        def time_ratio(found):
+            timed.append(found)
+            return Timing(0.8 * (found.head_mask.mean().item() + found.neuron_mask.mean().item()) / 2, 0.01)
+        return time_ratio
+
+    monkeypatch.setattr(callbacks, "candidate_timer", fake_timer)  # tests/core times real candidates
     args = ("--constraint", "0.6", "--constraint_type", "latency", "--options.multiple_of", "8",
             "--options.reconstruct", "none")
     run_prune(tiny_clip_dir, tiny_coco_root, tmp_path / "run", *args)
@@ -252,7 +265,14 @@ def test_prune_under_a_latency_budget_with_widths_at_multiples(tiny_clip_dir, ti
     table = json.loads((tmp_path / "run" / "latency_table.json").read_text())
     assert report["constraint_type"] == "latency" and report["multiple_of"] == 8
     assert len(report["steps"]) == 2  # iterative: 0.6 in two steps, the second among the first's units
-    assert report["latency"]["predicted_ratio"] <= 0.6
+    loop = report["latency"]["budget_loop"]  # only the last step's search is timed: the first is a waypoint
+    assert "latency_budget" not in report["steps"][0] and report["steps"][1]["latency_budget"] == loop
+    assert len(loop["rounds"]) == len(timed) and loop["rounds"][0]["budget"] == 0.6
+    chosen = loop["rounds"][loop["chosen_round"]]
+    assert report["latency"]["measured_ratio"] == chosen["measured_ratio"]
+    assert report["latency"]["predicted_ratio"] == pytest.approx(chosen["table_ratio"])
+    assert loop["met"] == (abs(chosen["measured_ratio"] / 0.6 - 1) <= 0.03)
+    assert report["latency"]["table_source"]["how"] == "measured"
     assert report["latency"]["dense_s"] == pytest.approx(table["dense_latency_s"])
     assert table["key"]["batch_size"] == 4 and table["key"]["tokens"] == 26
     assert all(n % 8 == 0 or n == 37 for n in report["kept"]["neurons_per_layer"])
@@ -260,6 +280,8 @@ def test_prune_under_a_latency_budget_with_widths_at_multiples(tiny_clip_dir, ti
     # A second run reads the cached table: the same table, so the same masks.
     run_prune(tiny_clip_dir, tiny_coco_root, tmp_path / "again", *args)
     assert json.loads((tmp_path / "again" / "latency_table.json").read_text()) == table
+    again = json.loads((tmp_path / "again" / "report.json").read_text())
+    assert again["latency"]["table_source"]["how"] == "cached" and again["latency"]["table_source"]["drift"] == 0
     for name in ("head_mask.pt", "neuron_mask.pt"):
         assert torch.equal(torch.load(tmp_path / "again" / name), torch.load(tmp_path / "run" / name))
 

@@ -40,3 +40,11 @@ def test_summary_shows_the_predicted_latency_of_a_latency_budget() -> None:
     latency = {"predicted_ratio": 0.3993, "batch_size": 64, "device": "cpu"}
     text = format_summary({"kept": {"heads": 3, "neurons": 100}, "latency": latency})
     assert "the table predicts 0.399 of the dense tower (batch 64, cpu)" in text
+
+
+def test_summary_shows_the_measured_latency_of_a_latency_budget_and_its_searches() -> None:
+    rounds = [{"budget": 0.5}, {"budget": 0.58}]
+    latency = {"predicted_ratio": 0.5791, "measured_ratio": 0.4962, "batch_size": 8, "device": "cpu",
+               "budget_loop": {"rounds": rounds}}
+    text = format_summary({"latency": latency})
+    assert "measured 0.496 of the dense tower after 2 searches, the table predicts 0.579 (batch 8, cpu)" in text

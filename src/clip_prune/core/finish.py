@@ -20,11 +20,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from clip_prune.core.latency import interleaved_seconds, timed_call
+from clip_prune.core.latency import interleaved_seconds, timed, timed_call
 from clip_prune.core.macs import count_encoder_macs
 from clip_prune.core.masks import VisionMasks
 from clip_prune.core.outputs import RunFolder
-from clip_prune.core.pipeline import timed
 from clip_prune.core.refit import RefitWeights, refit_applied
 from clip_prune.core.saving import prune_model, write_pruned
 from clip_prune.core.sharing import read_processor

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
@@ -98,6 +98,8 @@ class LatencyTable:
     """Median seconds of the whole dense vision tower."""
     empty_s: float
     """Median seconds of the vision tower with no heads and no neurons in any layer."""
+    conditions: dict[str, object] = field(default_factory=dict)
+    """Under what the table was measured (load average, library versions, time): for a reader judging it."""
     attention_fit: PiecewiseLinear = field(init=False)
     mlp_fit: PiecewiseLinear = field(init=False)
 
@@ -204,6 +206,14 @@ def timed_call(run: Callable[[], Result], device: torch.device) -> tuple[float, 
     return time.perf_counter() - start, result
 
 
+def timed(timings: dict[str, float], stage: str, work: Callable[[], Any]) -> Any:
+    """`work()`, its seconds added to `timings[stage]`."""
+    start = time.perf_counter()
+    result = work()
+    timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+    return result
+
+
 def interleaved_seconds(runs: list[Callable[[], object]], device: torch.device, warmup: int, repeats: int,
                         calls_per_timing: int = 1) -> list[list[float]]:
     """Seconds of one call of each of `runs`, `repeats` timings each: the runs take turns within every repeat (after
@@ -264,6 +274,7 @@ def measure_latency_table(config: PretrainedConfig, batch_size: int, device: tor
         multiple_of: time only neuron counts at multiples of it (and F), the widths the search may choose.
     """
     device = torch.device(device)
+    load = load_average()
     layers, heads, neurons = config.num_hidden_layers, config.num_attention_heads, config.intermediate_size
     tokens = tower_class(config).num_tokens(config)
     hidden = torch.randn(batch_size, tokens, config.hidden_size, device=device, dtype=dtype)
@@ -286,7 +297,7 @@ def measure_latency_table(config: PretrainedConfig, batch_size: int, device: tor
     key = table_key(config, batch_size, device, dtype, attn_implementation, multiple_of)
     return LatencyTable(key=key, num_layers=layers, head_counts=head_counts, attention_s=seconds[: len(head_counts)],
                         neuron_counts=neuron_counts, mlp_s=seconds[len(head_counts):], dense_s=dense_s,
-                        empty_s=empty_s)
+                        empty_s=empty_s, conditions={**measuring_conditions(), "load_1min_before": load})
 
 
 def write_table(table: LatencyTable, path: Path) -> None:
@@ -298,14 +309,81 @@ def read_table(path: Path) -> LatencyTable:
     """A table written by `write_table` (the fits are recomputed from the measurements)."""
     content = json.loads(path.read_text())
     fields = ("key", "num_layers", "head_counts", "attention_s", "neuron_counts", "mlp_s", "dense_s", "empty_s")
-    return LatencyTable(**{name: content[name] for name in fields})
+    return LatencyTable(**{name: content[name] for name in fields}, conditions=content.get("conditions", {}))
+
+
+STALE_TOLERANCE = 0.1
+"""Largest accepted |dense tower timed now / the cached table's − 1| before a cached table is measured again."""
+
+
+@dataclass(frozen=True)
+class TableSource:
+    """Where a run's table came from and how the cached one compared with the machine now."""
+
+    how: Literal["measured", "cached", "re-measured"]
+    """`measured` (no cached table), `cached` (its dense tower timed within `STALE_TOLERANCE` now), or
+    `re-measured` (the cached one was stale)."""
+    dense_s_cached: float | None = None
+    """The cached table's dense tower (seconds), when there was one."""
+    dense_s_now: float | None = None
+    """The dense tower timed now, to check the cached table."""
+
+    @property
+    def drift(self) -> float | None:
+        """dense now / dense cached − 1."""
+        if self.dense_s_cached is None or self.dense_s_now is None:
+            return None
+        return self.dense_s_now / self.dense_s_cached - 1
+
+    def report(self) -> dict[str, object]:
+        return {"how": self.how, "dense_s_cached": self.dense_s_cached, "dense_s_now": self.dense_s_now,
+                "drift": self.drift, "tolerance": STALE_TOLERANCE}
+
+    def describe(self) -> str:
+        if self.how == "cached":
+            return f"read from the cache (its dense tower timed {self.drift:+.1%} now)"
+        if self.how == "re-measured":
+            return (f"measured again: the cached one's dense tower is {self.drift:+.1%} off the machine now "
+                    f"(more than {STALE_TOLERANCE:.0%})")
+        return "measured"
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (None where the system has none)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def measuring_conditions() -> dict[str, object]:
+    """What besides the cache key can change a timing: libraries, load, when."""
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "threads": torch.get_num_threads(), "load_1min": load_average(),
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+@torch.inference_mode()
+def dense_tower_seconds(config: PretrainedConfig, batch_size: int, device: torch.device,
+                        dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa", warmup: int = 1,
+                        repeats: int = 3) -> float:
+    """Median seconds of a random-weight dense tower of `config`'s shape now: the check of a cached table."""
+    layers = config.num_hidden_layers
+    dense = _tower(config, [config.num_attention_heads] * layers, [config.intermediate_size] * layers, device, dtype,
+                   attn_implementation)
+    inputs = tower_of(dense).example_inputs(batch_size)
+    return _median_seconds([lambda: dense(**inputs)], device, warmup, repeats)[0]
 
 
 def cached_latency_table(config: PretrainedConfig, batch_size: int, device: torch.device | str = "cpu",
                          dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
                          cache_dir: Path | None = None, multiple_of: int = 1,
-                         **measure: int) -> tuple[LatencyTable, bool]:
-    """The cached table for this device and model shape, or a new measurement (then cached); and whether cached.
+                         **measure: int) -> tuple[LatencyTable, TableSource]:
+    """The cached table for this device and model shape, or a new measurement (then cached); and where it came from.
+
+    A cached table is checked first: the dense tower is timed now, and a table whose dense tower is more than
+    `STALE_TOLERANCE` off (measured under other load, another clock, other libraries) is measured again. The layer
+    costs of a stale table are not rescaled: load changes small and large matmuls unevenly, so only a new
+    measurement gives the new shape of the costs.
 
     `multiple_of` and `measure` go to `measure_latency_table` (warmup, repeats, mlp_points).
     """
@@ -313,9 +391,15 @@ def cached_latency_table(config: PretrainedConfig, batch_size: int, device: torc
     key = table_key(config, batch_size, device, dtype, attn_implementation, multiple_of)
     digest = hashlib.sha256(json.dumps({**key, **measure}, sort_keys=True).encode()).hexdigest()[:16]
     path = (default_cache_dir() if cache_dir is None else cache_dir) / f"{digest}.json"
+    source = TableSource("measured")
     if path.is_file():
-        return read_table(path), True
+        cached = read_table(path)
+        now = dense_tower_seconds(config, batch_size, device, dtype, attn_implementation)
+        source = TableSource("cached", cached.dense_s, now)
+        if abs(source.drift) <= STALE_TOLERANCE:
+            return cached, source
+        source = TableSource("re-measured", cached.dense_s, now)
     table = measure_latency_table(config, batch_size, device, dtype, attn_implementation, multiple_of=multiple_of,
                                   **measure)
     write_table(table, path)
-    return table, False
+    return table, source

@@ -8,7 +8,6 @@ far) and calls `prune_step`; a benchmark can do the same with a plain loop.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -18,6 +17,8 @@ import torch
 from torch import nn
 
 from clip_prune.core.fisher import FisherStatistics
+from clip_prune.core.latency import timed
+from clip_prune.core.latency_budget import DEFAULT_ROUNDS, DEFAULT_TOLERANCE, BudgetLoop, Timing, meet_latency_budget
 from clip_prune.core.macs import EncoderMacs
 from clip_prune.core.rearrange import rearrange_mask
 from clip_prune.core.reconstruct import Reconstruction, reconstruct
@@ -64,6 +65,11 @@ class PruningOptions:
     last_layer_pooled_only: bool = True
     """At the last layer, reconstruct only the tokens the tower's pooling reads (CLIP: the CLS token; SigLIP's
     attention-pooling head reads all tokens, so there it changes nothing)."""
+    latency_tolerance: float = DEFAULT_TOLERANCE
+    """Under a latency budget: the largest accepted |measured latency ratio / budget − 1| of the saved tower, timed
+    against the dense one on the run's device; the search is corrected and repeated while it misses by more."""
+    latency_rounds: int = DEFAULT_ROUNDS
+    """Under a latency budget: searches at most per requested constraint (1: search once and report the timing)."""
     save: bool = True
     """Slice the weights and save the smaller model into OUTPUT_DIR/pruned."""
     multiple_of: int | None = None
@@ -87,6 +93,10 @@ class PruningOptions:
                             "step's mask): pass --options.steps 1 with it")
         if self.steps is not None and self.steps < 1:
             problems.append(f"--options.steps must be >= 1 (or null for automatic), got {self.steps}")
+        if not 0 < self.latency_tolerance < 1:
+            problems.append(f"--options.latency_tolerance must be in (0, 1), got {self.latency_tolerance}")
+        if self.latency_rounds < 1:
+            problems.append(f"--options.latency_rounds must be >= 1, got {self.latency_rounds}")
         if not 0 < self.step_keep < 1:
             problems.append(f"--options.step_keep must be in (0, 1), got {self.step_keep}")
         if problems:
@@ -138,10 +148,14 @@ class StepResult:
     reconstruction: Reconstruction | None
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds per stage."""
+    budget_loop: BudgetLoop | None = None
+    """Under a latency budget with a timer: each search's table and measured ratio, and the one kept."""
 
     @property
     def warnings(self) -> list[str]:
-        return [] if self.reconstruction is None else self.reconstruction.warnings
+        missed = [] if self.budget_loop is None or self.budget_loop.met else [
+            f"latency budget missed: {self.budget_loop.note}"]
+        return missed + ([] if self.reconstruction is None else self.reconstruction.warnings)
 
     def report(self, constraint: float, macs: EncoderMacs) -> dict[str, Any]:
         """JSON-ready summary of the step."""
@@ -152,15 +166,9 @@ class StepResult:
         }
         if self.reconstruction is not None:
             entry["reconstruction"] = self.reconstruction.report()
+        if self.budget_loop is not None:
+            entry["latency_budget"] = self.budget_loop.report()
         return entry
-
-
-def timed(timings: dict[str, float], stage: str, work: Callable[[], Any]) -> Any:
-    """`work()`, its seconds added to `timings[stage]`."""
-    start = time.perf_counter()
-    result = work()
-    timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
-    return result
 
 
 def prune_step(
@@ -175,6 +183,7 @@ def prune_step(
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     progress: bool = False,
     widths: WidthBudget | None = None,
+    time_ratio: Callable[[WidthSearchResult], Timing] | None = None,
 ) -> StepResult:
     """Search the masks for `constraint` among the `kept` units, rearrange and reconstruct them.
 
@@ -191,13 +200,28 @@ def prune_step(
         progress: show progress bars.
         widths: search each layer's widths within a latency table or at multiples (`WidthBudget`);
             None: the global FLOP-constrained ranking (`search_masks`).
+        time_ratio: under a latency table, the measured latency ratio of a candidate to the dense tower: the search
+            is corrected by it until the candidate measures within `options.latency_tolerance` of the constraint
+            (`meet_latency_budget`); None trusts the table.
     """
     timings: dict[str, float] = {}
     candidates = None if kept is None else (kept[0] != 0, kept[1] != 0)
     searcher = partial(search_masks if widths is None else widths.search,
                        keep_a_head=tower_of(model).pooling_needs_attention())
-    search = timed(timings, "search", lambda: searcher(stats.head_fisher, stats.neuron_fisher, macs,
-                                                        constraint, candidates))
+    def search_within(budget: float) -> SearchResult | WidthSearchResult:
+        return timed(timings, "search", lambda: searcher(stats.head_fisher, stats.neuron_fisher, macs, budget,
+                                                          candidates))
+
+    loop = None
+    if time_ratio is not None and widths is not None and widths.latency is not None:
+        table = widths.latency
+        loop = meet_latency_budget(
+            search_within, lambda found: table.latency_of(found.heads_per_layer, found.neurons_per_layer)
+            / table.dense_latency, lambda found: timed(timings, "latency_check", lambda: time_ratio(found)),
+            constraint, options.latency_tolerance, options.latency_rounds)
+        search = loop.candidate
+    else:
+        search = search_within(constraint)
     head_mask, neuron_mask = search.head_mask, search.neuron_mask
     stage_masks = {"search": (head_mask, neuron_mask)}
     if options.rearrange:
@@ -208,7 +232,7 @@ def prune_step(
         ))
         stage_masks["rearrange"] = (head_mask, neuron_mask)
     if options.reconstruct == "none":
-        return StepResult(head_mask, neuron_mask, {}, search, stage_masks, None, timings)
+        return StepResult(head_mask, neuron_mask, {}, search, stage_masks, None, timings, loop)
     teacher: dict[str, torch.Tensor] = {}
     if options.teacher == "ta":
         if kept is not None:
@@ -224,4 +248,4 @@ def prune_step(
     ))
     stage_masks["reconstruct"] = (result.head_mask, result.neuron_mask)
     return StepResult(result.head_mask.cpu(), result.neuron_mask.cpu(), result.refit, search, stage_masks, result,
-                      timings)
+                      timings, loop)

@@ -50,8 +50,14 @@ def format_summary(report: dict[str, Any]) -> str:
         lines.append(f"  kept {report['kept']['heads']} heads, {report['kept']['neurons']} neurons")
     if "predicted_ratio" in report.get("latency", {}):
         budget = report["latency"]
-        lines.append(f"  latency budget: the table predicts {budget['predicted_ratio']:.3f} of the dense tower "
-                     f"(batch {budget['batch_size']}, {budget['device']})")
+        predicted = f"the table predicts {budget['predicted_ratio']:.3f}"
+        if "measured_ratio" in budget:
+            searches = len(budget["budget_loop"]["rounds"])
+            predicted = (f"measured {budget['measured_ratio']:.3f} of the dense tower after {searches} "
+                         f"search{'es' if searches > 1 else ''}, {predicted}")
+        else:
+            predicted += " of the dense tower"
+        lines.append(f"  latency budget: {predicted} (batch {budget['batch_size']}, {budget['device']})")
     if len(report.get("steps", [])) > 1:
         steps = ", ".join(f"{step['macs_ratio']:.2f} ({step['kept_heads']} h, {step['kept_neurons']} n)"
                           for step in report["steps"])

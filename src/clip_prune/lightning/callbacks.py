@@ -20,7 +20,8 @@ from clip_prune.core.cascade import check_top_m
 from clip_prune.core.evaluation import Evaluator
 from clip_prune.core.finish import PrunedModelSpec, finish_run
 from clip_prune.core.fisher import FisherStatistics, save_fisher
-from clip_prune.core.latency import LatencyTable, cached_latency_table, write_table
+from clip_prune.core.latency import LatencyTable, TableSource, cached_latency_table, write_table
+from clip_prune.core.latency_budget import Timing, candidate_timer
 from clip_prune.core.macs import EncoderMacs, count_encoder_macs
 from clip_prune.core.metrics import METRIC_NAMES
 from clip_prune.core.outputs import RunDirectory, RunFolder, link_or_copy
@@ -43,6 +44,9 @@ from clip_prune.lightning.tensorboard import (
     log_tradeoff,
 )
 from clip_prune.towers import VisionInputs, inputs_to
+
+BUDGET_TIMING_REPEATS = 9
+"""Timings per tower of each candidate of a latency budget (the saved model's report times it again)."""
 
 
 def on_rank_zero(trainer: L.Trainer, work: Callable[[], None]) -> None:
@@ -108,6 +112,8 @@ class PruningCallback(L.Callback):
         """The smallest constraint: where the chain of steps ends."""
         self.constraint_type = constraint_type
         self.widths: WidthBudget | None = None
+        self.table_source: TableSource | None = None
+        """Where rank zero's latency table came from (measured, cached and checked, re-measured)."""
         self._search_prepared = False
         self.options = options
         self.statistics = statistics
@@ -208,6 +214,7 @@ class PruningCallback(L.Callback):
             kept=None if previous is None else (previous.head_mask, previous.neuron_mask),
             all_reduce=lambda t: trainer.strategy.reduce(t, reduce_op="sum") if trainer.world_size > 1 else t,
             progress=trainer.is_global_zero, widths=self.widths,
+            time_ratio=self._candidate_timer(trainer, pl_module) if self._closes_latency_loop(index) else None,
         )
         self.steps.append(result)
         for stage, seconds in result.timings.items():
@@ -218,6 +225,21 @@ class PruningCallback(L.Callback):
             log_masks(trainer, stage if len(self.constraints) == 1 else f"step{index + 1}_{stage}", number, *masks)
         if result.reconstruction is not None:
             log_reconstruction(trainer, index + 1, result.reconstruction.errors)
+
+    def _closes_latency_loop(self, index: int) -> bool:
+        """Whether step `index` reaches a requested latency budget: its search is checked by timing (the steps
+        between two requested budgets are waypoints, left to the table)."""
+        reaches = index == len(self.constraints) - 1 or index in self.points
+        return reaches and self.constraint_type == "latency" and self.widths is not None
+
+    def _candidate_timer(self, trainer: L.Trainer, pl_module: MaskedCLIPModule) -> Callable[[Any], Timing]:
+        """Rank zero times a candidate's pruned tower against the dense one at the table's batch on the run's
+        device; every rank gets its ratio, so all search alike."""
+        timer = None
+        if trainer.is_global_zero:
+            inputs = pl_module.tower.example_inputs(self.widths.latency.key["batch_size"])
+            timer = candidate_timer(pl_module.model, inputs, BUDGET_TIMING_REPEATS)
+        return lambda candidate: trainer.strategy.broadcast(timer(candidate) if timer is not None else None)
 
     def _finish(self, trainer: L.Trainer, pl_module: MaskedCLIPModule, report: dict[str, Any], folder: RunFolder,
                 last: bool = True) -> None:
@@ -285,7 +307,11 @@ class PruningCallback(L.Callback):
             predicted = table.latency_of((last.head_mask != 0).sum(1).tolist(), (last.neuron_mask != 0).sum(1).tolist())
             report["latency"] = {"table": "latency_table.json", "batch_size": table.key["batch_size"],
                                  "device": table.key["device"], "dense_s": table.dense_latency,
-                                 "predicted_s": predicted, "predicted_ratio": predicted / table.dense_latency}
+                                 "predicted_s": predicted, "predicted_ratio": predicted / table.dense_latency,
+                                 "table_source": None if self.table_source is None else self.table_source.report()}
+        if last.budget_loop is not None:
+            report["latency"] |= {"measured_ratio": last.budget_loop.report()["measured_ratio"],
+                                  "budget_loop": last.budget_loop.report()}
         return report
 
     def _latency_table(self, trainer: L.Trainer, pl_module: MaskedCLIPModule, multiple_of: int) -> LatencyTable:
@@ -294,11 +320,11 @@ class PruningCallback(L.Callback):
         if trainer.is_global_zero:
             datamodule = trainer.datamodule
             batch_size = datamodule.hparams.batch_size if datamodule is not None else 8
-            table, cached = cached_latency_table(
+            table, self.table_source = cached_latency_table(
                 pl_module.vision_config, batch_size, pl_module.device, next(pl_module.model.parameters()).dtype,
                 pl_module.model.config._attn_implementation, multiple_of=multiple_of)
-            print(f"clip-prune: latency table {'read from the cache' if cached else 'measured'} "
-                  f"({table.key['device']}, batch {batch_size})", file=sys.stderr)
+            print(f"clip-prune: latency table {self.table_source.describe()} ({table.key['device']}, batch "
+                  f"{batch_size})", file=sys.stderr)
             write_table(table, self.run.file("latency_table.json"))
         return trainer.strategy.broadcast(table)
 
