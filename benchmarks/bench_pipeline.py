@@ -26,16 +26,18 @@ from clip_prune.data.tokenizer import build_word_tokenizer
 from clip_prune.lightning.cli import main as clip_prune
 
 
-def save_vit_b16_clip(path: Path) -> None:
-    """A random CLIP with ViT-B/16's vision tower and CLIP's text tower, saved like a Hub checkpoint."""
+def save_vit_b16_clip(path: Path, image_size: int = 224) -> None:
+    """A random CLIP with ViT-B/16's vision tower and CLIP's text tower, saved like a Hub checkpoint (`image_size`
+    below 224: the same layers on fewer tokens, for a quick try)."""
     tokenizer = build_word_tokenizer(caption_vocabulary(), max_length=77)
     text = {"vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
             "bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id}
-    vision = {"image_size": 224, "patch_size": 16}
+    vision = {"image_size": image_size, "patch_size": 16}
     torch.manual_seed(0)
     CLIPModel(CLIPConfig(text_config=text, vision_config=vision)).save_pretrained(path)
     tokenizer.save_pretrained(path)
-    CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": image_size},
+                       crop_size={"height": image_size, "width": image_size}).save_pretrained(path)
 
 
 @torch.inference_mode()

@@ -48,3 +48,8 @@ def test_summary_shows_the_measured_latency_of_a_latency_budget_and_its_searches
                "budget_loop": {"rounds": rounds}}
     text = format_summary({"latency": latency})
     assert "measured 0.496 of the dense tower after 2 searches, the table predicts 0.579 (batch 8, cpu)" in text
+
+
+def test_summary_shows_where_the_time_before_the_first_batch_went() -> None:
+    text = format_summary({"startup_s": {"imports": 4.04, "model_load": 0.61, "first_batch": 0.3, "total": 4.95}})
+    assert "before the first batch: 5.0s (imports 4.0s, model load 0.6s, first batch 0.3s)" in text

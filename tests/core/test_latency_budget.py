@@ -13,7 +13,7 @@ from test_latency_table import fake_table, tiny_config
 from clip_prune.core import latency
 from clip_prune.core.fisher import FisherStatistics
 from clip_prune.core.latency import STALE_TOLERANCE, cached_latency_table, read_table
-from clip_prune.core.latency_budget import Timing, candidate_timer, meet_latency_budget
+from clip_prune.core.latency_budget import Timing, candidate_timer, meet_latency_budget, paired_ratio
 from clip_prune.core.macs import count_encoder_macs
 from clip_prune.core.pipeline import PruningOptions, prune_step
 from clip_prune.core.search import BudgetTooSmall, WidthBudget
@@ -81,7 +81,20 @@ def test_every_candidate_over_the_budget_keeps_the_fastest() -> None:
 def test_noisy_timings_stop_the_loop_instead_of_chasing_the_noise() -> None:
     time_ratio, calls = scaled_timer(0.8, error=0.2)
     loop = meet_latency_budget(grid_search, lambda ratio: ratio, time_ratio, 0.5)
-    assert not loop.met and len(calls) == 1 and "vary too much" in loop.note and "quieter machine" in loop.note
+    assert not loop.met and len(calls) == 1 and "within the timing's noise" in loop.note
+    assert "quieter machine" in loop.note
+
+
+def test_a_miss_well_beyond_the_timing_noise_is_corrected_even_when_the_noise_exceeds_the_tolerance() -> None:
+    time_ratio, calls = scaled_timer(0.85, error=0.04)  # a 15 % miss, 4 % standard error
+    loop = meet_latency_budget(grid_search, lambda ratio: ratio, time_ratio, 0.5)
+    assert len(calls) == 2 and loop.met
+
+
+def test_timings_in_pairs_cancel_the_machine_s_drift() -> None:
+    dense, pruned = [1.0, 2.0, 1.1, 1.9, 1.0], [0.5, 1.0, 0.55, 0.95, 0.5]  # the machine halves its speed, twice
+    timing = paired_ratio(dense, pruned)
+    assert timing.ratio == pytest.approx(0.5) and timing.error == pytest.approx(0.0)
 
 
 def test_a_correction_that_finds_the_same_widths_stops() -> None:

@@ -9,7 +9,6 @@ candidate's widths, taken as a factor, is divided out (docs/design.md, "Latency 
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -35,6 +34,8 @@ DEFAULT_TOLERANCE = 0.03
 """Largest accepted |measured ratio / budget − 1|."""
 DEFAULT_ROUNDS = 4
 """Searches at most: the first, and three corrected ones."""
+NOISE_MARGIN = 2.0
+"""A miss is corrected only when it exceeds this many standard errors of the measured ratio."""
 
 
 @dataclass(frozen=True)
@@ -102,9 +103,9 @@ def meet_latency_budget(search: Callable[[float], Candidate], table_ratio: Calla
     ratio is within `tolerance` of the constraint (or `rounds` searches were made).
 
     The loop also stops when a corrected budget finds a candidate already timed (the widths are discrete: the
-    search cannot come closer), when it is below what any tower keeps, and when a timing's own error exceeds the
-    tolerance (its correction would follow noise). The kept candidate is the first within the tolerance; failing
-    that, the slowest one under the budget's upper edge, or else the fastest one.
+    search cannot come closer), when it is below what any tower keeps, and when the miss is within
+    `NOISE_MARGIN` standard errors of the timing (its correction would follow noise). The kept candidate is the
+    first within the tolerance; failing that, the slowest one under the budget's upper edge, or else the fastest.
 
     Args:
         search: masks (or any candidate) for a budget, a fraction of the table's dense latency.
@@ -136,9 +137,10 @@ def meet_latency_budget(search: Callable[[float], Candidate], table_ratio: Calla
         history.append(BudgetRound(budget, predicted, timing.ratio, timing.error))
         if within(timing.ratio, constraint, tolerance):
             break
-        if timing.error > tolerance:
-            stop = (f"the timings vary too much to correct the budget by them (the measured ratio's standard error is "
-                    f"{timing.error:.1%}, above the {tolerance:.0%} tolerance): time on a quieter machine")
+        miss = abs(timing.ratio / constraint - 1)
+        if timing.error * NOISE_MARGIN > miss:
+            stop = (f"the miss is within the timing's noise (standard error {timing.error:.1%} of the measured ratio): "
+                    "a correction would follow the noise; time on a quieter machine")
             break
         if len(history) == rounds:
             stop = f"{rounds} searches did not come within {tolerance:.0%}"
@@ -163,6 +165,13 @@ def _choose(history: list[BudgetRound], constraint: float, tolerance: float) -> 
     return min(range(len(history)), key=lambda index: history[index].measured_ratio)
 
 
+def paired_ratio(dense_s: list[float], pruned_s: list[float]) -> Timing:
+    """The median of pruned / dense over timings taken in turns, and its relative standard error: a pair shares the
+    machine's state of the moment, so a drift of its speed cancels in the ratio instead of widening both spreads."""
+    ratios = [pruned / dense for dense, pruned in zip(dense_s, pruned_s, strict=True)]
+    return Timing(statistics.median(ratios), median_error(ratios))
+
+
 def candidate_timer(model: PreTrainedModel, inputs: VisionInputs, repeats: int) -> Callable[[Masked], Timing]:
     """A timer of candidate masks (anything with `head_mask` and `neuron_mask`): the physically pruned tower against
     the dense one over `inputs`, side by side (`measure_latencies`), copies of `model` without its hooks."""
@@ -172,7 +181,6 @@ def candidate_timer(model: PreTrainedModel, inputs: VisionInputs, repeats: int) 
     def time_ratio(candidate: Masked) -> Timing:
         pruned = prune_model(model, candidate.head_mask, candidate.neuron_mask).eval()
         dense_s, pruned_s = measure_latencies([dense, pruned], inputs, repeats)
-        return Timing(statistics.median(pruned_s) / statistics.median(dense_s),
-                      math.hypot(median_error(dense_s), median_error(pruned_s)))
+        return paired_ratio(dense_s, pruned_s)
 
     return time_ratio

@@ -62,6 +62,10 @@ def format_summary(report: dict[str, Any]) -> str:
         steps = ", ".join(f"{step['macs_ratio']:.2f} ({step['kept_heads']} h, {step['kept_neurons']} n)"
                           for step in report["steps"])
         lines.append(f"  {len(report['steps'])} steps, MACs kept: {steps}")
+    if "startup_s" in report:
+        laps = {stage: seconds for stage, seconds in report["startup_s"].items() if stage != "total"}
+        stages = ", ".join(f"{stage.replace('_', ' ')} {seconds:.1f}s" for stage, seconds in laps.items())
+        lines.append(f"  before the first batch: {report['startup_s']['total']:.1f}s ({stages})")
     if "timings_s" in report:
         stages = ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in report["timings_s"].items())
         lines.append(f"  time: {stages}")

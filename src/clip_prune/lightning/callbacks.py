@@ -43,6 +43,7 @@ from clip_prune.lightning.tensorboard import (
     log_sensitivity_round,
     log_tradeoff,
 )
+from clip_prune.startup import STARTUP
 from clip_prune.towers import VisionInputs, inputs_to
 
 BUDGET_TIMING_REPEATS = 9
@@ -134,8 +135,11 @@ class PruningCallback(L.Callback):
         """What to print once the run is written (rank zero)."""
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: MaskedCLIPModule) -> None:
+        if not self.steps:
+            STARTUP.lap("lightning_setup")  # the model on its device, the loop and its DataLoader made
         if not self.steps and self.constraint is not None and not self._search_prepared:
             self._prepare_search(trainer, pl_module)  # refuses an unreachable budget before the first pass
+            STARTUP.lap("latency_table" if self.constraint_type == "latency" else "search_setup")
         self._started = time.perf_counter()
         if self.steps:  # a Fisher pass on the model pruned so far
             last = self.steps[-1]
@@ -174,7 +178,8 @@ class PruningCallback(L.Callback):
 
     def _header(self, pl_module: MaskedCLIPModule, stats: FisherStatistics) -> dict[str, Any]:
         """What every report of the run starts with: the checkpoint and the statistics."""
-        report: dict[str, Any] = {"model": pl_module.hparams.pretrained, "fisher_samples": stats.num_samples}
+        report: dict[str, Any] = {"model": pl_module.hparams.pretrained, "fisher_samples": stats.num_samples,
+                                  "startup_s": STARTUP.report()}
         if self.statistics_source is not None:
             # An interrupted run's staging folder is removed once this run is in place: name the run itself.
             resumed = self.statistics_source.parent.name.startswith(f".{self.run.path.name}.partial-")

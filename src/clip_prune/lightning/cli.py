@@ -42,6 +42,7 @@ from clip_prune.lightning.data import CocoDataModule
 from clip_prune.lightning.module import MaskedCLIPModule
 from clip_prune.lightning.trainer import ClipPruneTrainer
 from clip_prune.lightning.training import CocoTrainingDataModule, ContrastiveTrainingModule
+from clip_prune.startup import STARTUP
 
 PRUNING_VERBS = ("prune", "apply", "evaluate", "sensitivity")
 """Verbs on a CLIP checkpoint (`MaskedCLIPModule`) and COCO captions (`CocoDataModule`)."""
@@ -123,6 +124,7 @@ class ClipPruneCLI(LightningCLI):
         except MisconfigurationException as error:  # Lightning's refusal of the trainer options given
             raise ValueError(f"{error} (check the --trainer.* options)") from error
         progress_on_stderr(trainer)
+        STARTUP.lap("data_and_trainer_init")
         return trainer
 
     def classes_of(self, parser: LightningArgumentParser) -> tuple[type | None, type | None]:
@@ -173,6 +175,7 @@ def main(args: list[str] | None = None) -> None:
     exits with status 2; `--debug` or CLIP_PRUNE_DEBUG=1 raises it with its traceback instead, as internal errors
     are. SIGINT and SIGTERM stop a run with one line that says what was kept, and the shell's status (130, 143).
     """
+    STARTUP.begin()
     argv = list(sys.argv[1:] if args is None else args)
     if "--debug" in argv:
         argv = [arg for arg in argv if arg != "--debug"]

@@ -31,6 +31,7 @@ from clip_prune.data.coco import (
 )
 from clip_prune.data.sampling import GlobalBatchSampler
 from clip_prune.errors import first_line
+from clip_prune.startup import STARTUP
 from clip_prune.towers import tower_class
 
 
@@ -122,9 +123,11 @@ class CocoDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Read, sample and check the calibration split and the evaluation data (before any model work)."""
         if self.calibration is None:
+            STARTUP.lap("run_setup")
             self.calibration = self._calibration_pairs(self.hparams.num_samples)
             self.retrieval_split()
             self.zero_shot_split()
+            STARTUP.lap("data_setup")
 
     def _calibration_pairs(self, count: int) -> ImageItems:
         """`count` image–caption pairs of the calibration split, drawn with the seed and checked."""

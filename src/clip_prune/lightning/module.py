@@ -11,6 +11,7 @@ from clip_prune.core.fisher import FisherInformation
 from clip_prune.core.losses import distill_loss, distill_noise, gather_across_ranks
 from clip_prune.core.masks import VisionMasks, mask_shapes
 from clip_prune.data.sampling import PADDING
+from clip_prune.startup import STARTUP
 from clip_prune.towers import inputs_to, load_model, tower_of
 
 LossName = Literal["contrastive", "distill"]
@@ -37,6 +38,7 @@ class MaskedCLIPModule(L.LightningModule):
         attn_implementation: AttentionName = "sdpa",
         noise_seed: int = 0,
     ) -> None:
+        STARTUP.lap("arguments")
         super().__init__()
         self.save_hyperparameters()
         self.model = load_model(pretrained, attn_implementation)
@@ -47,6 +49,7 @@ class MaskedCLIPModule(L.LightningModule):
         (layers, heads), (_, neurons) = mask_shapes(self.vision_config)
         self.fisher = FisherInformation(layers, heads, neurons)
         self.collect_fisher = True
+        STARTUP.lap("model_load")
 
     def check_loss(self, tokenizer_available: bool) -> None:
         """Refuse, before any pass over the data, a loss this checkpoint cannot compute."""
@@ -96,6 +99,8 @@ class MaskedCLIPModule(L.LightningModule):
         whether the batch holds DDP padding items (`padded`), and with `distill` its noise."""
         if "index" not in batch:
             return batch
+        if STARTUP.running:
+            STARTUP.stop("first_batch")  # DataLoader workers started, the first images decoded
         batch["padded"] = bool((batch["index"] == PADDING).any())
         if self.hparams.loss == "distill":
             batch["distill_noise"] = distill_noise(batch["index"], self.tower.embed_dim, self.hparams.noise_seed)

@@ -36,6 +36,7 @@ from clip_prune.lightning.console import name_validation_bar
 from clip_prune.lightning.data import CocoDataModule
 from clip_prune.lightning.module import MaskedCLIPModule
 from clip_prune.lightning.resume import find_reusable_statistics, statistics_provenance
+from clip_prune.startup import STARTUP
 from clip_prune.towers import inputs_to, tower_of
 
 
@@ -132,6 +133,7 @@ class ClipPruneTrainer(L.Trainer):
             constraint_type: `macs` (analytic MACs) or `latency`: a fraction of the dense tower's latency,
                 measured on the run's device at the data batch size (latency_table.json, cached).
         """
+        STARTUP.lap("cli")
         run = RunDirectory(output_dir, overwrite=overwrite,
                            inputs=(model.hparams.pretrained, fisher, *datamodule.input_paths()))
         callback = PruningCallback(run, constraint, options or PruningOptions(),  # checks the constraint
