@@ -251,7 +251,8 @@ def test_prune_under_a_latency_budget_with_widths_at_multiples(tiny_clip_dir, ti
                         linear_latency_table(config, batch).dense_s)  # the cached table's check agrees
     timed = []
 
-    def fake_timer(model, inputs, repeats):  # the tower runs 0.8 of the fraction of heads and neurons it keeps
+    def fake_timer(model, inputs, repeats, target_error, most_repeats):
+        # The tower runs 0.8 of the fraction of heads and neurons it keeps.
         def time_ratio(found):
             timed.append(found)
             return Timing(0.8 * (found.head_mask.mean().item() + found.neuron_mask.mean().item()) / 2, 0.01)

@@ -18,6 +18,7 @@ from clip_prune.core.least_squares import (
     rescale_columns,
     solve_bounded,
     squared_error,
+    symmetric_gram,
 )
 from clip_prune.core.masks import VisionMasks
 from clip_prune.core.reconstruct import reconstruct
@@ -470,3 +471,11 @@ def test_rejects_bad_inputs(model: CLIPVisionModel, pixel_batches: list[torch.Te
         reconstruct(model, head_mask, neuron_mask, pixel_batches, teacher_head_mask=torch.ones(LAYERS, 3))
     with pytest.raises(ValueError, match="head_mask has shape"):
         reconstruct(model, torch.ones(2, HEADS), neuron_mask, pixel_batches)
+
+
+@pytest.mark.parametrize("columns", [7, 512, 777])
+def test_the_gram_matrix_in_blocks_is_the_full_product(columns: int) -> None:
+    inputs = torch.randn(300, columns, generator=torch.Generator().manual_seed(columns), dtype=torch.float64)
+    gram = symmetric_gram(inputs)
+    torch.testing.assert_close(gram, inputs.T @ inputs)
+    assert columns < 512 or torch.equal(gram[columns // 2:, : columns // 2], gram[: columns // 2, columns // 2:].T)

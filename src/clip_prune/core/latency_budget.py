@@ -44,6 +44,8 @@ class Timing:
 
     ratio: float
     error: float
+    pairs: int = 0
+    """Timed pairs of dense and pruned tower."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,8 @@ class BudgetRound:
     """The candidate's measured latency over the dense tower's, timed side by side."""
     measured_error: float
     """Relative standard error of `measured_ratio`."""
+    timed_pairs: int
+    """Pairs of dense and candidate tower timed."""
 
 
 @dataclass(frozen=True)
@@ -134,7 +138,7 @@ def meet_latency_budget(search: Callable[[float], Candidate], table_ratio: Calla
             break
         timing = time_ratio(candidate)
         candidates.append(candidate)
-        history.append(BudgetRound(budget, predicted, timing.ratio, timing.error))
+        history.append(BudgetRound(budget, predicted, timing.ratio, timing.error, timing.pairs))
         if within(timing.ratio, constraint, tolerance):
             break
         miss = abs(timing.ratio / constraint - 1)
@@ -169,18 +173,27 @@ def paired_ratio(dense_s: list[float], pruned_s: list[float]) -> Timing:
     """The median of pruned / dense over timings taken in turns, and its relative standard error: a pair shares the
     machine's state of the moment, so a drift of its speed cancels in the ratio instead of widening both spreads."""
     ratios = [pruned / dense for dense, pruned in zip(dense_s, pruned_s, strict=True)]
-    return Timing(statistics.median(ratios), median_error(ratios))
+    return Timing(statistics.median(ratios), median_error(ratios), len(ratios))
 
 
-def candidate_timer(model: PreTrainedModel, inputs: VisionInputs, repeats: int) -> Callable[[Masked], Timing]:
+def candidate_timer(model: PreTrainedModel, inputs: VisionInputs, repeats: int, target_error: float,
+                    most_repeats: int) -> Callable[[Masked], Timing]:
     """A timer of candidate masks (anything with `head_mask` and `neuron_mask`): the physically pruned tower against
-    the dense one over `inputs`, side by side (`measure_latencies`), copies of `model` without its hooks."""
+    the dense one over `inputs`, in pairs (`measure_latencies`), copies of `model` without its hooks. Timed `repeats`
+    pairs at a time until the ratio's standard error is at most `target_error` or `most_repeats` pairs were timed:
+    a noisy machine gets more timings, a quiet one no more than needed."""
     head_shape, neuron_shape = mask_shapes(tower_of(model).config)
     dense = prune_model(model, torch.ones(head_shape), torch.ones(neuron_shape)).eval()
 
     def time_ratio(candidate: Masked) -> Timing:
         pruned = prune_model(model, candidate.head_mask, candidate.neuron_mask).eval()
-        dense_s, pruned_s = measure_latencies([dense, pruned], inputs, repeats)
-        return paired_ratio(dense_s, pruned_s)
+        dense_s: list[float] = []
+        pruned_s: list[float] = []
+        while True:
+            more_dense, more_pruned = measure_latencies([dense, pruned], inputs, repeats)
+            dense_s, pruned_s = dense_s + more_dense, pruned_s + more_pruned
+            timing = paired_ratio(dense_s, pruned_s)
+            if timing.error <= target_error or len(dense_s) + repeats > most_repeats:
+                return timing
 
     return time_ratio

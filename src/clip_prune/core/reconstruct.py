@@ -254,19 +254,22 @@ def _reconstruct_layer(run: _Run, index: int, layer: nn.Module, tokens: slice) -
     def activations(mid: torch.Tensor) -> torch.Tensor:
         return mlp.activation_fn(functional.linear(layer.layer_norm2(mid), fc1_weight, fc1_bias))
 
-    moments = None
+    moments, kept_activations = None, []
     for batch, (student, context) in enumerate(zip(run.student_states, contexts, strict=True)):
         run.student_states[batch] = mid = student + _apply(context, head_weight, head_bias)
+        kept_activations.append(activations(mid))
         real = run.token_masks[batch]
-        update = accumulate_moments(_tokens(activations(mid), tokens, real),
+        update = accumulate_moments(_tokens(kept_activations[-1], tokens, real),
                                     _tokens(run.teacher_states[batch] - mid, tokens, real))
         moments = update if moments is None else moments + update
+    del contexts
     neuron_weight, neuron_bias, neuron_errors, neuron_damping = _solve_stage(run, neurons, moments,
                                                                              f"layer {index} neurons")
 
-    # Pass C: the student's layer output under the new neuron columns.
+    # Pass C: the student's layer output under the new neuron columns (the activations of pass B, kept: the MLP's
+    # input does not change between the passes).
     for batch, mid in enumerate(run.student_states):
-        run.student_states[batch] = mid + _apply(activations(mid), neuron_weight, neuron_bias)
+        run.student_states[batch] = mid + _apply(kept_activations[batch], neuron_weight, neuron_bias)
     return torch.cat([head_errors, neuron_errors]), [head_damping, neuron_damping]
 
 
@@ -309,7 +312,8 @@ def reconstruct(
     A stage whose solve fails (not positive definite, not finite, out of bounds) is solved again with ten
     times the damping, up to 10⁶ times (from 1e-6 if it is 0; noted in `notes`); only then does it keep its
     incoming weights, with a warning. Cached on the model's device: the hidden states of teacher and student,
-    2 × (N, T, D), and the kept heads' contexts of the current layer, at most (N, T, D).
+    2 × (N, T, D), the kept heads' contexts of the current layer, at most (N, T, D), then the kept neurons'
+    activations of the current layer, at most (N, T, F), computed once for the moments and the layer's output.
 
     Args:
         model: a dense model of a supported family (`clip_prune.towers`); mask hooks it already carries must be all

@@ -21,7 +21,7 @@ from clip_prune.core.evaluation import Evaluator
 from clip_prune.core.finish import PrunedModelSpec, finish_run
 from clip_prune.core.fisher import FisherStatistics, save_fisher
 from clip_prune.core.latency import LatencyTable, TableSource, cached_latency_table, write_table
-from clip_prune.core.latency_budget import Timing, candidate_timer
+from clip_prune.core.latency_budget import NOISE_MARGIN, Timing, candidate_timer
 from clip_prune.core.macs import EncoderMacs, count_encoder_macs
 from clip_prune.core.metrics import METRIC_NAMES
 from clip_prune.core.outputs import RunDirectory, RunFolder, link_or_copy
@@ -47,7 +47,8 @@ from clip_prune.startup import STARTUP
 from clip_prune.towers import VisionInputs, inputs_to
 
 BUDGET_TIMING_REPEATS = 9
-"""Timings per tower of each candidate of a latency budget (the saved model's report times it again)."""
+"""Timed pairs of dense and candidate tower at a time, until the ratio's error is within the budget's tolerance over
+the noise margin (at most twice as many; the saved model's report times it again)."""
 
 
 def on_rank_zero(trainer: L.Trainer, work: Callable[[], None]) -> None:
@@ -243,7 +244,8 @@ class PruningCallback(L.Callback):
         timer = None
         if trainer.is_global_zero:
             inputs = pl_module.tower.example_inputs(self.widths.latency.key["batch_size"])
-            timer = candidate_timer(pl_module.model, inputs, BUDGET_TIMING_REPEATS)
+            timer = candidate_timer(pl_module.model, inputs, BUDGET_TIMING_REPEATS,
+                                    self.options.latency_tolerance / NOISE_MARGIN, 2 * BUDGET_TIMING_REPEATS)
         return lambda candidate: trainer.strategy.broadcast(timer(candidate) if timer is not None else None)
 
     def _finish(self, trainer: L.Trainer, pl_module: MaskedCLIPModule, report: dict[str, Any], folder: RunFolder,
