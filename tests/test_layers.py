@@ -58,3 +58,12 @@ def test_the_code_cites_only_documents_users_have() -> None:
         assert "DESIGN.md" not in text, path
         for cited in re.findall(r'docs/design\.md,? \(?"([^"]+)"', text):
             assert cited in sections, f"{path.relative_to(PACKAGE)} cites a missing section {cited!r}"
+
+
+def test_loading_a_pruned_model_imports_no_lightning_and_no_torchmetrics() -> None:
+    """`import clip_prune` (the registration a user needs to load a pruned model) costs no more than the model classes
+    it registers: the Fisher pass's torchmetrics (which drags in torch._dynamo) and Lightning stay out."""
+    code = ("import sys, clip_prune; from clip_prune.core.saving import load_pruned; "
+            "print(sorted(name for name in ('lightning', 'torchmetrics') if name in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]"

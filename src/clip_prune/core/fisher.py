@@ -17,6 +17,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torchmetrics import Metric
 
+from clip_prune.core.provenance import made_on_another_model, model_record
+
 FISHER_KEYS = ("head_fisher", "neuron_fisher", "head_gram", "neuron_gram")
 
 
@@ -81,24 +83,6 @@ class FisherInformation(Metric):
             head_fisher=self.head_fisher, neuron_fisher=self.neuron_fisher, head_gram=self.head_gram,
             neuron_gram=self.neuron_gram, num_samples=int(self.num_samples.item()),
         )
-
-
-def resolve_model_path(model_name: str) -> str:
-    """`model_name` as an absolute path when it names a local folder (`./demo/x` and `demo/x` alike), else as given."""
-    local = Path(model_name)
-    return str(local.resolve()) if local.exists() else model_name
-
-
-def model_record(model_name: str) -> dict[str, str]:
-    """The metadata naming the checkpoint a saved file (statistics, refit columns) was made from."""
-    return {"model": model_name, "model_path": resolve_model_path(model_name)}
-
-
-def made_on_another_model(metadata: dict[str, str], model_name: str | None) -> bool:
-    """Whether a file whose metadata holds a `model_record` was made from another checkpoint than `model_name`
-    (False when either is unknown)."""
-    recorded = metadata.get("model_path") or (resolve_model_path(metadata["model"]) if "model" in metadata else None)
-    return model_name is not None and recorded is not None and recorded != resolve_model_path(model_name)
 
 
 def save_fisher(path: Path, stats: FisherStatistics, model_name: str, provenance: dict[str, str] | None = None) -> None:

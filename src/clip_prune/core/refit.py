@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from clip_prune.core.fisher import made_on_another_model, model_record
+from clip_prune.core.provenance import made_on_another_model, model_record
 from clip_prune.towers import tower_of
 
 REFIT_FILE = "refit.safetensors"
