@@ -3,8 +3,9 @@
 A random-weight CLIP with ViT-B/16's vision tower is pruned from real Fisher statistics (synthetic COCO-format
 images) at each budget, first with a freshly measured latency table, then with the cached table made stale on
 purpose (every timing scaled by `--stale-factor`, as if measured on a slower or busier machine). Each saved tower is
-then timed again here, apart from the run, against the dense one (interleaved pairs at the table's batch, median
-ratio), and the ratio to the budget is printed beside what the run measured and what its table predicted:
+then timed again in this process, apart from the run, both loaded from disk as a user would load them (interleaved
+pairs at the table's batch, median ratio), and the ratio to the budget is printed beside what the run measured and
+what its table predicted:
 
     python benchmarks/bench_latency_budget.py                      # budgets 0.75 and 0.5, 4 searches at most
     python benchmarks/bench_latency_budget.py --rounds 1           # the table alone, no timed correction

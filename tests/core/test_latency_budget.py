@@ -61,7 +61,7 @@ def test_within_the_tolerance_at_once_takes_one_search() -> None:
 
 
 def test_the_loop_stops_after_its_round_limit_and_says_by_how_much_it_missed() -> None:
-    time_ratio, calls = scaled_timer(0.7, 1.4, 0.7, 1.4)  # a tower whose speed swings: never within 3 %
+    time_ratio, calls = scaled_timer(0.7, 1.3, 0.75)  # a tower whose speed swings: never within 3 %
     loop = meet_latency_budget(grid_search, lambda ratio: ratio, time_ratio, 0.5, rounds=3)
     assert not loop.met and len(loop.rounds) == 3 == len(calls)
     assert "3 searches did not come within 3%" in loop.note
@@ -204,3 +204,13 @@ def test_a_measured_table_records_under_what_it_was_measured() -> None:
         <= set(conditions)
     assert conditions["torch"] == torch.__version__ and table.key["batch_size"] == 2
     assert table.key["device"].startswith("cpu") and table.key["dtype"] == "torch.float32"
+
+
+def test_the_correction_averages_the_table_error_over_every_timed_candidate() -> None:
+    time_ratio, calls = scaled_timer(1.1, 0.95, 1.0)  # noisy timings of a table that is about right
+    loop = meet_latency_budget(grid_search, lambda ratio: ratio, time_ratio, 0.75)
+    first, second = loop.rounds[:2]
+    assert second.budget == pytest.approx(0.75 / 1.1)
+    # The third budget divides out the mean error of both rounds, not the last round's alone.
+    factor = math.sqrt(first.measured_ratio / first.table_ratio * second.measured_ratio / second.table_ratio)
+    assert loop.rounds[2].budget == pytest.approx(0.75 / factor) and loop.met

@@ -3,12 +3,13 @@
 A latency table predicts a tower's latency from isolated layers; the real tower can run faster or slower than the
 prediction (other kernels at other widths, caches, a table measured under other load). So after the search, the
 candidate is timed against the dense tower and, while the measured ratio misses the budget by more than the
-tolerance, the search is asked again with its budget corrected by what was measured: the table's error at the
-candidate's widths, taken as a factor, is divided out (docs/design.md, "Latency budget").
+tolerance, the search is asked again with its budget corrected by what was measured: the table's error, taken as
+a factor and averaged over the candidates timed, is divided out (docs/design.md, "Latency budget").
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -94,10 +95,12 @@ def within(measured: float, constraint: float, tolerance: float) -> bool:
     return abs(measured / constraint - 1) <= tolerance
 
 
-def corrected_budget(constraint: float, table_ratio: float, measured_ratio: float) -> float:
-    """The budget whose candidate should measure `constraint`: the table's error at the last candidate (measured over
-    predicted) divided out of the constraint, capped at the dense tower."""
-    return min(1.0, constraint * table_ratio / measured_ratio)
+def corrected_budget(constraint: float, rounds: list[BudgetRound]) -> float:
+    """The budget whose candidate should measure `constraint`: the table's error (measured over predicted), taken as
+    one factor for the whole tower and averaged (geometrically) over every candidate timed so far, divided out of the
+    constraint; capped at the dense tower. Averaging keeps one noisy timing from throwing the next search off."""
+    factor = math.exp(statistics.fmean(math.log(entry.measured_ratio / entry.table_ratio) for entry in rounds))
+    return min(1.0, constraint / factor)
 
 
 def meet_latency_budget(search: Callable[[float], Candidate], table_ratio: Callable[[Candidate], float],
@@ -149,7 +152,7 @@ def meet_latency_budget(search: Callable[[float], Candidate], table_ratio: Calla
         if len(history) == rounds:
             stop = f"{rounds} searches did not come within {tolerance:.0%}"
             break
-        budget = corrected_budget(constraint, predicted, timing.ratio)
+        budget = corrected_budget(constraint, history)
     chosen = _choose(history, constraint, tolerance)
     note = None
     if not within(history[chosen].measured_ratio, constraint, tolerance):
