@@ -3,7 +3,7 @@
 For each FLOP constraint c, two pruned copies of one random-weight ViT-B/16 tower: a
 uniform one (every layer keeps round(c·H) heads and round(c·F) neurons) and a random
 one with the same totals spread over the layers at random, so both have the same
-analytic FLOPs (DESIGN.md, "FLOP-constrained search"). Prints the analytic FLOP ratio of
+analytic FLOPs (docs/design.md, "FLOP-constrained search"). Prints the analytic FLOP ratio of
 the encoder, the ideal speedup 1/ratio, the measured speedup and measured/ideal. The models are
 timed round-robin, so load from other processes slows them alike. Example:
 
@@ -11,11 +11,11 @@ timed round-robin, so load from other processes slows them alike. Example:
     python benchmarks/bench_latency.py --device cuda --dtype bfloat16 --batch-size 128 --runs 10 --warmup 3
 
 `--device` and `--dtype` place the models and pixels (default: CPU, float32); every forward is
-timed with `pruning.latency.timed_call`, which synchronises a GPU before and after.
+timed with `clip_prune.core.latency.timed_call`, which synchronises a GPU before and after.
 
 Latency-budget rows (`--latency-constraints`): a latency table is measured for this device and dtype
-at the benchmark's batch (pruning/latency.py, cached), masks are searched within c times the dense
-latency by the table (pruning/search.py) from synthetic log-normal scores with per-layer scales
+at the benchmark's batch (core/latency.py, cached), masks are searched within c times the dense
+latency by the table (core/search.py) from synthetic log-normal scores with per-layer scales
 (a stand-in for Fisher scores: this machine cannot download a trained ViT-B/16), and the pruned
 towers are timed against the dense one. Each latency-budget row is paired with the FLOP-constrained
 masks (search_masks) whose table latency is the same, found by bisection on the FLOP constraint,

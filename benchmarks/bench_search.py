@@ -1,4 +1,4 @@
-"""Time search and rearrangement at ViT-B/16 shapes (DESIGN.md search/rearrangement; arXiv 2204.09656).
+"""Time search and rearrangement at ViT-B/16 shapes (docs/design.md, search and rearrangement; arXiv 2204.09656).
 
 Run: python benchmarks/bench_search.py [--seed 0] [--samples 64] [--threads N]
 """

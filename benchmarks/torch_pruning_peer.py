@@ -12,13 +12,13 @@ dependency group, tp's default mean normalisation), global ranking across layers
 - the hidden size never changes (embeddings, layer norms, out_proj and fc2 outputs are ignored);
   the text tower and projections are outside the pruned module.
 
-The two ratios are set so that the kept MACs of the project's analytic model (`count_encoder_macs`, DESIGN.md
+The two ratios are set so that the kept MACs of the project's analytic model (`count_encoder_macs`, docs/design.md
 "FLOP-constrained search") are at most `constraint` times the dense ones and as close to it as the unit
 sizes allow: heads keep the constraint's fraction, neurons fill the remaining budget, and the counts tp
 actually kept are read back and the neuron request corrected. tp never empties a layer (a layer whose heads
 all rank below the global threshold is kept whole), so it may keep more heads than asked; the excess MACs come
 out of the neurons, and if even the heads do not fit, the nearest other head requests are tried.
-The returned masks are those of the units tp kept, in the format of DESIGN.md "Masks".
+The returned masks are those of the units tp kept, in the format of docs/design.md, "Masks".
 
 Run: python benchmarks/torch_pruning_peer.py [--model demo/clip-tiny-synthetic] [--images demo_data/train2017]
 """
@@ -229,7 +229,7 @@ def _demo_pixels(model_dir: str, images: str | None, batches: int, batch_size: i
 
 
 def _distill_loss_fn(seed: int) -> LossFn:
-    """The project's label-free distillation loss (DESIGN.md "Loss"), fresh sample ids for each batch."""
+    """The project's label-free distillation loss (docs/design.md, the Fisher loss), fresh sample ids per batch."""
     from clip_prune.core.losses import distill_loss
     from clip_prune.towers import image_embeds
 
