@@ -9,6 +9,7 @@ what its table predicted:
 
     python benchmarks/bench_latency_budget.py                      # budgets 0.75 and 0.5, 4 searches at most
     python benchmarks/bench_latency_budget.py --rounds 1           # the table alone, no timed correction
+    python benchmarks/bench_latency_budget.py --accelerator gpu --batch-size 64 --samples 256   # on a GPU
 
 Times on a 2-core CPU: a few minutes per run (the table, three Fisher passes at 0.5, the timed searches).
 """
@@ -44,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8, help="images per batch and per timing (default: 8)")
     parser.add_argument("--pairs", type=int, default=7, help="timed dense/pruned pairs of the check (default: 7)")
     parser.add_argument("--image-size", type=int, default=224, help="ViT-B/16 input size (smaller: a quick try)")
+    parser.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu", help="where the runs and the check run")
     return parser.parse_args(argv)
 
 
@@ -53,6 +55,7 @@ def prune(model: Path, data: Path, output: Path, budget: float, args: argparse.N
     command = [sys.executable, "-m", "clip_prune", "prune", "--model.pretrained", str(model), "--data.root", str(data),
                "--data.num_samples", str(args.samples), "--data.batch_size", str(args.batch_size),
                "--data.num_workers", "1", "--options.reconstruct_samples", str(args.samples),
+               "--trainer.accelerator", args.accelerator,
                "--constraint", str(budget), "--constraint_type", "latency", "--options.latency_rounds",
                str(args.rounds), "--output_dir", str(output), "--trainer.logger", "false",
                "--trainer.enable_progress_bar", "false"]
@@ -63,12 +66,13 @@ def prune(model: Path, data: Path, output: Path, budget: float, args: argparse.N
 
 
 @torch.inference_mode()
-def measured_ratio(model: Path, pruned: Path, batch_size: int, pairs: int) -> float:
+def measured_ratio(model: Path, pruned: Path, batch_size: int, pairs: int, device: torch.device) -> float:
     """The saved tower's latency over the dense one's, timed here in interleaved pairs: the median ratio."""
-    dense, small = tower_of(load_model(str(model)).eval()), tower_of(load_pruned(str(pruned)).eval())
+    dense = tower_of(load_model(str(model)).eval().to(device))
+    small = tower_of(load_pruned(str(pruned)).eval().to(device))
     inputs = dense.example_inputs(batch_size)
     times = interleaved_seconds([lambda: dense.vision(**inputs), lambda: small.vision(**inputs)],
-                                torch.device("cpu"), warmup=1, repeats=pairs)
+                                device, warmup=1, repeats=pairs)
     return statistics.median(p / d for d, p in zip(*times, strict=True))
 
 
@@ -97,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
                 output = root / f"{table}-{budget}"
                 report = prune(root / "model", root / "data", output, budget, args, environment)
                 latency = report["latency"]
-                check = measured_ratio(root / "model", output / "pruned", args.batch_size, args.pairs)
+                check = measured_ratio(root / "model", output / "pruned", args.batch_size, args.pairs,
+                                       torch.device("cuda" if args.accelerator == "gpu" else "cpu"))
                 rows.append((table, latency["table_source"]["how"], budget, latency["predicted_ratio"],
                              latency.get("measured_ratio", float("nan")),
                              len(latency.get("budget_loop", {}).get("rounds", [])), check))
