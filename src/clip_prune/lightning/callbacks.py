@@ -317,8 +317,8 @@ class PruningCallback(L.Callback):
                                  "predicted_s": predicted, "predicted_ratio": predicted / table.dense_latency,
                                  "table_source": None if self.table_source is None else self.table_source.report()}
         if last.budget_loop is not None:
-            report["latency"] |= {"measured_ratio": last.budget_loop.report()["measured_ratio"],
-                                  "budget_loop": last.budget_loop.report()}
+            loop = last.budget_loop.report()
+            report["latency"] |= {"measured_ratio": loop["measured_ratio"], "budget_loop": loop}
         return report
 
     def _latency_table(self, trainer: L.Trainer, pl_module: MaskedCLIPModule, multiple_of: int) -> LatencyTable:
