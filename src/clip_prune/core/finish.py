@@ -8,7 +8,6 @@ and `clip-prune sensitivity` (which saves no model, only its report).
 from __future__ import annotations
 
 import math
-import os
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from clip_prune.core.latency import interleaved_seconds, timed, timed_call
+from clip_prune.core.latency import interleaved_seconds, load_average, timed, timed_call
 from clip_prune.core.macs import count_encoder_macs
 from clip_prune.core.masks import VisionMasks
 from clip_prune.core.outputs import RunFolder
@@ -260,7 +259,7 @@ def measure_costs(dense: nn.Module, pruned: nn.Module, head_mask: torch.Tensor, 
     macs = count_encoder_macs(tower_of(dense).config)
     analytic = macs.of_masks(head_mask, neuron_mask)
     counted_dense, counted_pruned = count_vision_macs(dense), count_vision_macs(pruned)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load = load_average()
     dense_times, pruned_times = measure_latencies([dense, pruned], pixels, latency_repeats)
     parameters = count_parameters(tower_of(dense).vision), count_parameters(tower_of(pruned).vision)
     return {

@@ -153,6 +153,10 @@ class LatencyTable:
         neurons = self.neuron_costs()[0, torch.tensor(neurons_per_layer)].sum()
         return self.fixed_s + float(heads + neurons)
 
+    def ratio_of(self, heads_per_layer: list[int], neurons_per_layer: list[int]) -> float:
+        """The table's latency of a tower keeping these widths over its dense latency."""
+        return self.latency_of(heads_per_layer, neurons_per_layer) / self.dense_latency
+
     @property
     def dense_latency(self) -> float:
         """The table's seconds for the dense tower (the reference of a latency constraint)."""
@@ -245,6 +249,15 @@ def _tower(config: PretrainedConfig, heads: list[int], neurons: list[int], devic
     return model.to(device).eval()
 
 
+def _dense_tower(config: PretrainedConfig, batch_size: int, device: torch.device, dtype: torch.dtype,
+                 attn_implementation: str) -> tuple[PreTrainedModel, dict[str, torch.Tensor]]:
+    """A random-weight dense tower of `config`'s shape and random inputs of `batch_size` images for it."""
+    layers = config.num_hidden_layers
+    dense = _tower(config, [config.num_attention_heads] * layers, [config.intermediate_size] * layers, device, dtype,
+                   attn_implementation)
+    return dense, tower_of(dense).example_inputs(batch_size)
+
+
 def neuron_grid(num_neurons: int, points: int, multiple_of: int = 1) -> list[int]:
     """0 and about `points` counts spread evenly over 1..F, F included; with `multiple_of`, only counts the width
     search can choose (multiples of it, and F), so that the fit sees the speed of aligned matmuls."""
@@ -285,8 +298,7 @@ def measure_latency_table(config: PretrainedConfig, batch_size: int, device: tor
             for n in neuron_counts]
     runs = [lambda module=module: module(hidden) for module in attentions + mlps]
     seconds = _median_seconds(runs, device, warmup, repeats)
-    dense = _tower(config, [heads] * layers, [neurons] * layers, device, dtype, attn_implementation)
-    inputs = tower_of(dense).example_inputs(batch_size)
+    dense, inputs = _dense_tower(config, batch_size, device, dtype, attn_implementation)
     empty = _tower(config, [0] * layers, [0] * layers, device, dtype, attn_implementation)
     towers = [lambda: dense(**inputs), lambda: empty(**inputs)]
     dense_s, empty_s = _median_seconds(towers, device, warmup, repeats)
@@ -367,10 +379,7 @@ def dense_tower_seconds(config: PretrainedConfig, batch_size: int, device: torch
                         dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa", warmup: int = 1,
                         repeats: int = 3) -> float:
     """Median seconds of a random-weight dense tower of `config`'s shape now: the check of a cached table."""
-    layers = config.num_hidden_layers
-    dense = _tower(config, [config.num_attention_heads] * layers, [config.intermediate_size] * layers, device, dtype,
-                   attn_implementation)
-    inputs = tower_of(dense).example_inputs(batch_size)
+    dense, inputs = _dense_tower(config, batch_size, device, dtype, attn_implementation)
     return _median_seconds([lambda: dense(**inputs)], device, warmup, repeats)[0]
 
 

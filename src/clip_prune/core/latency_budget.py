@@ -28,8 +28,11 @@ Candidate = TypeVar("Candidate")
 
 
 class Masked(Protocol):
+    """A candidate `candidate_timer` can time: the masks of a search result."""
+
     head_mask: torch.Tensor
     neuron_mask: torch.Tensor
+
 
 DEFAULT_TOLERANCE = 0.03
 """Largest accepted |measured ratio / budget − 1|."""
@@ -142,9 +145,9 @@ def meet_latency_budget(search: Callable[[float], Candidate], table_ratio: Calla
         timing = time_ratio(candidate)
         candidates.append(candidate)
         history.append(BudgetRound(budget, predicted, timing.ratio, timing.error, timing.pairs))
-        if within(timing.ratio, constraint, tolerance):
-            break
         miss = abs(timing.ratio / constraint - 1)
+        if miss <= tolerance:
+            break
         if timing.error * NOISE_MARGIN > miss:
             stop = (f"the miss is within the timing's noise (standard error {timing.error:.1%} of the measured ratio): "
                     "a correction would follow the noise; time on a quieter machine")

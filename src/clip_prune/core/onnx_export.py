@@ -21,7 +21,7 @@ from torch import nn
 from transformers import AutoImageProcessor, PreTrainedModel
 
 from clip_prune.core.finish import summarise_latency
-from clip_prune.core.latency import interleaved_seconds
+from clip_prune.core.latency import interleaved_seconds, load_average
 from clip_prune.core.saving import load_pruned
 from clip_prune.data.coco import available_cores
 from clip_prune.data.synthetic import synthetic_pixels
@@ -147,7 +147,7 @@ def export_pruned_onnx(directory: str | Path, output: str | Path, batch_size: in
         output_name = export_image_encoder(model, candidate, pixels)
         parity = check_parity(candidate, model, [pixels[:1], pixels])
         export_image_encoder(dense_twin(model), dense_path, pixels)
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        load = load_average()
         dense, pruned = measure_onnx_latencies([dense_path, candidate], pixels, latency_repeats)
         os.replace(candidate, output)
     return {

@@ -216,8 +216,8 @@ def prune_step(
     if time_ratio is not None and widths is not None and widths.latency is not None:
         table = widths.latency
         loop = meet_latency_budget(
-            search_within, lambda found: table.latency_of(found.heads_per_layer, found.neurons_per_layer)
-            / table.dense_latency, lambda found: timed(timings, "latency_check", lambda: time_ratio(found)),
+            search_within, lambda found: table.ratio_of(found.heads_per_layer, found.neurons_per_layer),
+            lambda found: timed(timings, "latency_check", lambda: time_ratio(found)),
             constraint, options.latency_tolerance, options.latency_rounds)
         search = loop.candidate
     else:

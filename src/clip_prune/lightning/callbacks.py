@@ -115,6 +115,7 @@ class PruningCallback(L.Callback):
         self.constraint_type = constraint_type
         self.widths: WidthBudget | None = None
         self.table_source: TableSource | None = None
+        self._timer: Callable[[Any], Timing] | None = None
         """Where rank zero's latency table came from (measured, cached and checked, re-measured)."""
         self._search_prepared = False
         self.options = options
@@ -240,12 +241,13 @@ class PruningCallback(L.Callback):
 
     def _candidate_timer(self, trainer: L.Trainer, pl_module: MaskedCLIPModule) -> Callable[[Any], Timing]:
         """Rank zero times a candidate's pruned tower against the dense one at the table's batch on the run's
-        device; every rank gets its ratio, so all search alike."""
-        timer = None
-        if trainer.is_global_zero:
+        device (its dense copy made once for all the run's budgets); every rank gets its ratio, so all search
+        alike."""
+        if self._timer is None and trainer.is_global_zero:
             inputs = pl_module.tower.example_inputs(self.widths.latency.key["batch_size"])
-            timer = candidate_timer(pl_module.model, inputs, BUDGET_TIMING_REPEATS,
-                                    self.options.latency_tolerance / NOISE_MARGIN, 2 * BUDGET_TIMING_REPEATS)
+            self._timer = candidate_timer(pl_module.model, inputs, BUDGET_TIMING_REPEATS,
+                                          self.options.latency_tolerance / NOISE_MARGIN, 2 * BUDGET_TIMING_REPEATS)
+        timer = self._timer
         return lambda candidate: trainer.strategy.broadcast(timer(candidate) if timer is not None else None)
 
     def _finish(self, trainer: L.Trainer, pl_module: MaskedCLIPModule, report: dict[str, Any], folder: RunFolder,
