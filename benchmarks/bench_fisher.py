@@ -22,8 +22,8 @@ import time
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from clip_prune.core.fisher import FisherInformation
-from clip_prune.core.masks import VisionMasks, mask_shapes
+from clip_prune.core.pruning.fisher import FisherInformation
+from clip_prune.core.pruning.masks import VisionMasks, mask_shapes
 from clip_prune.lightning.module import distill_loss
 
 

@@ -11,11 +11,11 @@ timed round-robin, so load from other processes slows them alike. Example:
     python benchmarks/bench_latency.py --device cuda --dtype bfloat16 --batch-size 128 --runs 10 --warmup 3
 
 `--device` and `--dtype` place the models and pixels (default: CPU, float32); every forward is
-timed with `clip_prune.core.latency.timed_call`, which synchronises a GPU before and after.
+timed with `clip_prune.core.pruning.latency_table.timed_call`, which synchronises a GPU before and after.
 
 Latency-budget rows (`--latency-constraints`): a latency table is measured for this device and dtype
-at the benchmark's batch (core/latency.py, cached), masks are searched within c times the dense
-latency by the table (core/search.py) from synthetic log-normal scores with per-layer scales
+at the benchmark's batch (core/pruning/latency_table.py, cached), masks are searched within c times the dense
+latency by the table (core/pruning/search.py) from synthetic log-normal scores with per-layer scales
 (a stand-in for Fisher scores: this machine cannot download a trained ViT-B/16), and the pruned
 towers are timed against the dense one. Each latency-budget row is paired with the FLOP-constrained
 masks (search_masks) whose table latency is the same, found by bisection on the FLOP constraint,
@@ -32,11 +32,12 @@ from functools import partial
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from clip_prune.core.latency import LatencyTable, cached_latency_table, timed_call
-from clip_prune.core.macs import count_encoder_macs
-from clip_prune.core.masks import mask_shapes
-from clip_prune.core.saving import prune_model
-from clip_prune.core.search import search_layer_latency, search_masks
+from clip_prune.core.deploy.saving import prune_model
+from clip_prune.core.pruning.costs import count_encoder_macs
+from clip_prune.core.pruning.latency_table import LatencyTable, cached_latency_table
+from clip_prune.core.pruning.masks import mask_shapes
+from clip_prune.core.pruning.search import search_layer_latency, search_masks
+from clip_prune.core.timing import timed_call
 
 DTYPES = {"float32": (torch.float32, "fp32"), "bfloat16": (torch.bfloat16, "bf16"), "float16": (torch.float16, "fp16")}
 

@@ -30,8 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_pipeline import save_vit_b16_clip  # noqa: E402
 
-from clip_prune.core.latency import interleaved_seconds  # noqa: E402
-from clip_prune.core.saving import load_pruned  # noqa: E402
+from clip_prune.core.deploy.saving import load_pruned  # noqa: E402
+from clip_prune.core.pruning.latency_table import interleaved_seconds  # noqa: E402
 from clip_prune.data.synthetic import write_synthetic_coco  # noqa: E402
 from clip_prune.towers import load_model, tower_of  # noqa: E402
 

@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from clip_prune.core.fisher import FisherStatistics
-from clip_prune.core.macs import count_encoder_macs
-from clip_prune.core.pipeline import PruningOptions, prune_step
-from clip_prune.core.refit import RefitWeights, refit_applied
+from clip_prune.core.pruning.costs import count_encoder_macs
+from clip_prune.core.pruning.fisher import FisherStatistics
+from clip_prune.core.pruning.refit import RefitWeights, refit_applied
+from clip_prune.core.pruning.step import PruningOptions, prune_step
 from clip_prune.lightning.data import CocoDataModule
 from clip_prune.lightning.module import MaskedCLIPModule
 from clip_prune.towers import image_embeds, inputs_to, tower_of

@@ -14,10 +14,10 @@ import time
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from clip_prune.core.macs import count_encoder_macs
-from clip_prune.core.pipeline import PruningOptions
-from clip_prune.core.reconstruct import reconstruct
-from clip_prune.core.search import search_masks
+from clip_prune.core.pruning.costs import count_encoder_macs
+from clip_prune.core.pruning.reconstruct import reconstruct
+from clip_prune.core.pruning.search import search_masks
+from clip_prune.core.pruning.step import PruningOptions
 
 TARGET_RATIO = 3.0
 

@@ -11,9 +11,9 @@ import time
 import torch
 from transformers import CLIPVisionConfig
 
-from clip_prune.core.macs import count_encoder_macs
-from clip_prune.core.rearrange import pruned_damage, rearrange_mask
-from clip_prune.core.search import search_masks
+from clip_prune.core.pruning.costs import count_encoder_macs
+from clip_prune.core.pruning.rearrange import pruned_damage, rearrange_mask
+from clip_prune.core.pruning.search import search_masks
 
 SEARCH_TARGET_S = 1.0
 REARRANGE_TARGET_S = 10.0

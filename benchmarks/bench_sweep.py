@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from clip_prune.core.tradeoff import point_folder
+from clip_prune.core.run.tradeoff import point_folder
 
 REPO = Path(__file__).resolve().parents[1]
 COMPARED = ("macs_ratio", "t2i_R@1", "t2i_R@10", "i2t_R@1", "zero_shot_top1", "cosine_to_dense")

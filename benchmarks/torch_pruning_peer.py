@@ -38,8 +38,8 @@ import torch_pruning as tp
 from torch import nn
 from transformers import CLIPModel, CLIPVisionModel
 
-from clip_prune.core.macs import EncoderMacs, count_encoder_macs
-from clip_prune.core.masks import VisionMasks
+from clip_prune.core.pruning.costs import EncoderMacs, count_encoder_macs
+from clip_prune.core.pruning.masks import VisionMasks
 from clip_prune.towers import tower_of
 
 LossFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
@@ -230,7 +230,7 @@ def _demo_pixels(model_dir: str, images: str | None, batches: int, batch_size: i
 
 def _distill_loss_fn(seed: int) -> LossFn:
     """The project's label-free distillation loss (docs/design.md, the Fisher loss), fresh sample ids per batch."""
-    from clip_prune.core.losses import distill_loss
+    from clip_prune.core.pruning.losses import distill_loss
     from clip_prune.towers import image_embeds
 
     counter = itertools.count()

@@ -32,7 +32,7 @@ from transformers import (
     SiglipVisionModel,
 )
 
-from clip_prune.core.latency import LatencyTable, neuron_grid, table_key
+from clip_prune.core.pruning.latency_table import LatencyTable, neuron_grid, table_key
 from clip_prune.data.tokenizer import build_word_tokenizer
 from clip_prune.towers import tower_of
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformers import CLIPVisionModel
 
-import clip_prune.core.finish
-from clip_prune.core.finish import PrunedModelSpec, finish_run, save_pruned_model
-from clip_prune.core.outputs import RunDirectory
-from clip_prune.core.refit import head_columns, load_refit, save_refit
-from clip_prune.core.saving import load_pruned, prune_model
+import clip_prune.core.run.finish
+from clip_prune.core.deploy.saving import load_pruned, prune_model
+from clip_prune.core.pruning.refit import head_columns, load_refit, save_refit
+from clip_prune.core.run.finish import PrunedModelSpec, finish_run, save_pruned_model
+from clip_prune.core.run.outputs import RunDirectory
 from clip_prune.files import MANIFEST
 from clip_prune.towers import image_embeds
 
@@ -63,7 +63,7 @@ def test_the_equivalence_check_fails_when_the_slicing_drops_the_refit(tiny_visio
     model = CLIPVisionModel.from_pretrained(tiny_vision_dir).eval()
     head_mask, neuron_mask, refit = _masks_and_refit(model)
     pixels = torch.randn(4, 3, 30, 30, generator=torch.Generator().manual_seed(1))
-    monkeypatch.setattr(clip_prune.core.finish, "prune_model",
+    monkeypatch.setattr(clip_prune.core.run.finish, "prune_model",
                         lambda dense, heads, neurons, _: prune_model(dense, heads, neurons))
     with pytest.raises(RuntimeError, match="differ from the masked model"):
         save_pruned_model(model, head_mask, neuron_mask, tmp_path / "out", str(tiny_vision_dir), pixels,

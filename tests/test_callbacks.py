@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from clip_prune.core.fisher import FisherStatistics
-from clip_prune.core.macs import count_encoder_macs
-from clip_prune.core.outputs import RunDirectory
-from clip_prune.core.pipeline import PruningOptions, prune_step
+from clip_prune.core.pruning.costs import count_encoder_macs
+from clip_prune.core.pruning.fisher import FisherStatistics
+from clip_prune.core.pruning.step import PruningOptions, prune_step
+from clip_prune.core.run.outputs import RunDirectory
 from clip_prune.lightning.callbacks import PruningCallback
 from clip_prune.lightning.module import MaskedCLIPModule
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import write_tiny_coco
 
-from clip_prune.core.fisher import fisher_metadata
+from clip_prune.core.pruning.fisher import fisher_metadata
 from clip_prune.lightning.callbacks import PruningCallback
 from clip_prune.lightning.cli import main
 

@@ -181,8 +181,8 @@ def test_a_latency_budget_below_the_fixed_parts_is_refused_before_the_fisher_pas
     from conftest import linear_latency_table
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(workspace.root.parent / "cache"))
-    monkeypatch.setattr("clip_prune.core.latency.measure_latency_table", linear_latency_table)
-    monkeypatch.setattr("clip_prune.core.fisher.FisherInformation.update",
+    monkeypatch.setattr("clip_prune.core.pruning.latency_table.measure_latency_table", linear_latency_table)
+    monkeypatch.setattr("clip_prune.core.pruning.fisher.FisherInformation.update",
                         lambda *args: pytest.fail("the Fisher pass ran"))
     outcome = run(workspace.prune("--output_dir", str(workspace.root / "run"), "--constraint", "0.1",
                                   "--constraint_type", "latency"), capsys)
@@ -205,7 +205,7 @@ def test_masks_without_a_head_are_refused_before_any_data_is_read(workspace, cap
 def test_the_spread_rule_tells_a_tower_without_heads_from_one_with_a_single_head() -> None:
     from conftest import build_tiny_model
 
-    from clip_prune.core.finish import MIN_SPREAD_RATIO, image_dependence, masked_embeddings
+    from clip_prune.core.run.finish import MIN_SPREAD_RATIO, image_dependence, masked_embeddings
     from clip_prune.towers import image_embeds
 
     model = build_tiny_model("clip")
@@ -354,7 +354,7 @@ def test_a_read_only_or_full_disk_is_one_line_and_leaves_nothing(code, workspace
     def refuse(self: object, name: str, content: object) -> None:
         raise OSError(code, os.strerror(code), str(workspace.root / "run" / name))
 
-    monkeypatch.setattr("clip_prune.core.outputs.RunDirectory.write_json", refuse)
+    monkeypatch.setattr("clip_prune.core.run.outputs.RunDirectory.write_json", refuse)
     before = workspace.snapshot()
     outcome = run(workspace.prune("--output_dir", str(workspace.root / "run")), capsys)
     expected = {errno.EROFS: "the file system is read-only", errno.ENOSPC: "the disk is full"}[code]
@@ -380,7 +380,8 @@ def test_an_image_too_large_to_decode_is_a_bad_image_like_any_other(workspace, c
 
 
 def test_export_without_the_onnx_extra_is_one_line(workspace, capsys, monkeypatch) -> None:
-    monkeypatch.setattr("clip_prune.core.onnx_export.ONNX_PACKAGES", ("onnx", "onnx_package_that_is_not_installed"))
+    monkeypatch.setattr("clip_prune.core.deploy.onnx_export.ONNX_PACKAGES",
+                        ("onnx", "onnx_package_that_is_not_installed"))
     outcome = run(["export-onnx", "--pruned", str(workspace.root / "run")], capsys)
     assert_refused(outcome, "ONNX export needs onnx_package_that_is_not_installed",
                    "pip install 'clip-prune[onnx]'")

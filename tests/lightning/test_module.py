@@ -6,7 +6,7 @@ import lightning as L
 import pytest
 import torch
 
-from clip_prune.core.fisher import FISHER_KEYS
+from clip_prune.core.pruning.fisher import FISHER_KEYS
 from clip_prune.lightning.data import CocoDataModule
 from clip_prune.lightning.module import MaskedCLIPModule, distill_loss, distill_noise
 

@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPConfig, CLIPModel
 
-from clip_prune.core.metrics import retrieval_recall
+from clip_prune.core.run.metrics import retrieval_recall
 from clip_prune.data.coco import read_coco_captions
 from clip_prune.data.synthetic import write_synthetic_coco
 from clip_prune.lightning.cli import ClipPruneCLI, main, run_cli

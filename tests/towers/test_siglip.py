@@ -10,7 +10,7 @@ from conftest import build_tiny_model, tiny_vision_inputs
 from PIL import Image
 from transformers import Siglip2ImageProcessor, SiglipModel
 
-from clip_prune.core.saving import prune_model
+from clip_prune.core.deploy.saving import prune_model
 from clip_prune.data.coco import CaptionCollator, text_length_limit
 from clip_prune.data.tokenizer import build_word_tokenizer
 from clip_prune.towers import FAMILIES, supported_model_types, tower_class, tower_of

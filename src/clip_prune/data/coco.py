@@ -3,7 +3,7 @@
 The layout is MS-COCO's: `root/train2017/*.jpg` with `root/annotations/captions_train2017.json`,
 and the same for `val2017`. The calibration split feeds Lightning's *validation* loop (where
 the Fisher information is gathered, docs/design.md "Shape"); the evaluation split, every image with
-all its captions, feeds `clip_prune.core.evaluation`.
+all its captions, feeds `clip_prune.core.run.evaluation`.
 """
 
 from __future__ import annotations

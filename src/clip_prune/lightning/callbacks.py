@@ -16,21 +16,23 @@ from typing import Any, Literal
 import lightning as L
 import torch
 
-from clip_prune.core.cascade import check_top_m
-from clip_prune.core.evaluation import Evaluator
-from clip_prune.core.finish import PrunedModelSpec, finish_run
-from clip_prune.core.fisher import FisherStatistics, save_fisher
-from clip_prune.core.latency import LatencyTable, TableSource, cached_latency_table, write_table
-from clip_prune.core.latency_budget import NOISE_MARGIN, Timing, candidate_timer
-from clip_prune.core.macs import EncoderMacs, count_encoder_macs
-from clip_prune.core.metrics import METRIC_NAMES
-from clip_prune.core.outputs import RunDirectory, RunFolder, link_or_copy
-from clip_prune.core.pipeline import PruningOptions, StepResult, prune_step
-from clip_prune.core.refit import REFIT_FILE, refit_applied, save_refit
-from clip_prune.core.search import SearchResult, WidthBudget, check_reachable
-from clip_prune.core.sensitivity import choose_head, keep_single_head
-from clip_prune.core.slicing import plan_from_masks, write_plan
-from clip_prune.core.tradeoff import format_tradeoff, plot_tradeoff, point_folder, tradeoff_csv, tradeoff_rows
+from clip_prune.core.deploy.slicing import plan_from_masks, write_plan
+from clip_prune.core.pruning.costs import EncoderMacs, count_encoder_macs
+from clip_prune.core.pruning.fisher import FisherStatistics, save_fisher
+from clip_prune.core.pruning.latency_budget import NOISE_MARGIN
+from clip_prune.core.pruning.latency_table import LatencyTable, TableSource, cached_latency_table, write_table
+from clip_prune.core.pruning.refit import REFIT_FILE, refit_applied, save_refit
+from clip_prune.core.pruning.search import SearchResult, WidthBudget, check_reachable
+from clip_prune.core.pruning.sensitivity import choose_head, keep_single_head
+from clip_prune.core.pruning.step import PruningOptions, StepResult, prune_step
+from clip_prune.core.run.cascade import check_top_m
+from clip_prune.core.run.evaluation import Evaluator
+from clip_prune.core.run.finish import PrunedModelSpec, finish_run
+from clip_prune.core.run.latency_check import candidate_timer
+from clip_prune.core.run.metrics import METRIC_NAMES
+from clip_prune.core.run.outputs import RunDirectory, RunFolder, link_or_copy
+from clip_prune.core.run.tradeoff import format_tradeoff, plot_tradeoff, point_folder, tradeoff_csv, tradeoff_rows
+from clip_prune.core.timing import Timing
 from clip_prune.data.sampling import PADDING
 from clip_prune.lightning.module import MaskedCLIPModule
 from clip_prune.lightning.resume import statistics_provenance

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
-from clip_prune.core.evaluation import Evaluator
+from clip_prune.core.run.evaluation import Evaluator
 from clip_prune.data.coco import (
     CaptionCollator,
     CaptionedImage,

@@ -7,9 +7,9 @@ from typing import Any, Literal
 import lightning as L
 import torch
 
-from clip_prune.core.fisher import FisherInformation
-from clip_prune.core.losses import distill_loss, distill_noise, gather_across_ranks
-from clip_prune.core.masks import VisionMasks, mask_shapes
+from clip_prune.core.pruning.fisher import FisherInformation
+from clip_prune.core.pruning.losses import distill_loss, distill_noise, gather_across_ranks
+from clip_prune.core.pruning.masks import VisionMasks, mask_shapes
 from clip_prune.data.sampling import PADDING
 from clip_prune.startup import STARTUP
 from clip_prune.towers import inputs_to, load_model, tower_of

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from clip_prune.core.fisher import fisher_metadata
-from clip_prune.core.outputs import RunDirectory
-from clip_prune.core.provenance import resolve_model_path
+from clip_prune.core.pruning.fisher import fisher_metadata
+from clip_prune.core.pruning.provenance import resolve_model_path
+from clip_prune.core.run.outputs import RunDirectory
 from clip_prune.lightning.data import CocoDataModule
 from clip_prune.lightning.module import MaskedCLIPModule
 

@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer import Trainer
 
-from clip_prune.core.fisher import FisherStatistics
+from clip_prune.core.pruning.fisher import FisherStatistics
 
 CELL = 16
 """Pixels per head in the heat maps, so a 12×12 map is readable."""

@@ -18,17 +18,17 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import SaveConfigCallback
 
-from clip_prune.core.cascade import check_top_m
-from clip_prune.core.finish import PrunedModelSpec, check_keeps_a_path, finish_run
-from clip_prune.core.fisher import load_fisher
-from clip_prune.core.masks import mask_shapes
-from clip_prune.core.onnx_export import export_pruned_onnx, require_onnxruntime
-from clip_prune.core.outputs import RunDirectory, write_json_atomically
-from clip_prune.core.pipeline import PruningOptions
-from clip_prune.core.refit import REFIT_FILE, load_refit
-from clip_prune.core.saving import load_pruned, read_masks
-from clip_prune.core.slicing import mask_value_notes
-from clip_prune.core.summary import format_summary
+from clip_prune.core.deploy.onnx_export import export_pruned_onnx, require_onnxruntime
+from clip_prune.core.deploy.saving import load_pruned, read_masks
+from clip_prune.core.deploy.slicing import mask_value_notes
+from clip_prune.core.pruning.fisher import load_fisher
+from clip_prune.core.pruning.masks import mask_shapes
+from clip_prune.core.pruning.refit import REFIT_FILE, load_refit
+from clip_prune.core.pruning.step import PruningOptions
+from clip_prune.core.run.cascade import check_top_m
+from clip_prune.core.run.finish import PrunedModelSpec, check_keeps_a_path, finish_run
+from clip_prune.core.run.outputs import RunDirectory, write_json_atomically
+from clip_prune.core.run.summary import format_summary
 from clip_prune.data.synthetic import synthetic_inputs, write_synthetic_coco
 from clip_prune.files import check_file_free, record_written
 from clip_prune.lightning.callbacks import PruningCallback, SensitivityCallback

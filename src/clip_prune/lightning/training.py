@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
 
-from clip_prune.core.metrics import retrieval_recall
+from clip_prune.core.run.metrics import retrieval_recall
 from clip_prune.data.coco import CaptionedImage, ImageItems, check_images, read_coco_captions
 from clip_prune.data.pixels import PixelLoader
 from clip_prune.data.synthetic import caption_vocabulary

@@ -1,0 +1,204 @@
+"""The end of a pruned run: masks → a physically smaller model on disk, verified against the masked model,
+measured and evaluated, and the run's report (`finish_run`).
+
+Shared by `clip-prune prune` (which saves into `DIR/pruned/`), `clip-prune apply` (into its output directory)
+and `clip-prune sensitivity` (which saves no model, only its report).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from clip_prune.core.deploy.saving import prune_model, write_pruned
+from clip_prune.core.deploy.sharing import read_processor
+from clip_prune.core.deploy.slicing import count_vision_macs, plan_from_masks
+from clip_prune.core.pruning.costs import count_encoder_macs
+from clip_prune.core.pruning.masks import VisionMasks
+from clip_prune.core.pruning.refit import RefitWeights, refit_applied
+from clip_prune.core.run.outputs import RunFolder
+from clip_prune.core.run.summary import format_summary
+from clip_prune.core.timing import load_average, measure_latencies, summarise_latency, timed
+from clip_prune.data.coco import available_cores
+from clip_prune.towers import VisionInputs, as_inputs, image_embeds, tower_of
+
+EQUIVALENCE_TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+"""Largest accepted |masked − pruned| of image embeddings, relative to the largest |embedding| (at least 1),
+per dtype: slicing reorders sums, so the two agree to the dtype's rounding (float32 measured ≤ 1e-5)."""
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(parameter.numel() for parameter in module.parameters())
+
+
+@torch.no_grad()
+def masked_embeddings(model: PreTrainedModel, head_mask: torch.Tensor, neuron_mask: torch.Tensor,
+                      pixels: torch.Tensor | VisionInputs) -> torch.Tensor:
+    """Image embeddings of the dense model under hook masks: the reference the pruned model must match."""
+    masks = VisionMasks(model, head_mask, neuron_mask)
+    try:
+        return image_embeds(model, pixels)
+    finally:
+        masks.remove()
+
+
+@dataclass(frozen=True)
+class PrunedModelSpec:
+    """What `finish_run` saves: the dense model, the masks (and refit columns) to cut it with, where, and how to
+    check and time it."""
+
+    model: PreTrainedModel
+    """The dense model (left unchanged)."""
+    head_mask: torch.Tensor
+    """[L, H] head scales, 0 = pruned."""
+    neuron_mask: torch.Tensor
+    """[L, F] neuron scales, 0 = pruned."""
+    pretrained: str
+    """Checkpoint whose image processor and tokenizer are saved alongside."""
+    pixels: torch.Tensor | VisionInputs
+    """[B, 3, S, S] images on the model's device for the equivalence check and the latency, or the tower's inputs
+    (`VisionTower.input_names`: SigLIP2's patches, patch mask and grid)."""
+    refit: RefitWeights | None = None
+    """Refit columns of the kept units (`weights` reconstruction)."""
+    latency_repeats: int = 15
+    """Timed forward passes per model."""
+    folder: str = "pruned"
+    """Where in the run directory the model goes ("" for the run directory itself)."""
+
+
+def finish_run(run: RunFolder, report: dict[str, Any], model: PrunedModelSpec | None = None,
+               evaluate: Callable[[nn.Module], dict[str, Any]] | None = None,
+               timings: dict[str, float] | None = None) -> str:
+    """Finish a pruned run (on the rank that writes it): save the pruned model (sliced, verified, measured), evaluate
+    it, write `report.json`; return the summary to print once the run is in place.
+
+    Args:
+        run: the run directory (or a folder of it) being written (its `writing()` block moves it into place
+            afterwards).
+        report: what the run has to report so far; the saved model's checks and costs and its metrics are added.
+        model: the model to save, or None (a statistics-only `prune`, `sensitivity`).
+        evaluate: the dense vs pruned metrics of a pruned model (needs `model`); None without evaluation data.
+        timings: seconds per stage so far, to which "save" and "evaluate" are added and which the report
+            gives with their total; None reports no timings.
+    """
+    def stage(name: str, work: Callable[[], Any]) -> Any:
+        return work() if timings is None else timed(timings, name, work)
+
+    if model is not None:
+        pruned, measured = stage("save", lambda: save_pruned_model(
+            model.model, model.head_mask, model.neuron_mask, run.file(model.folder), model.pretrained, model.pixels,
+            model.latency_repeats, model.refit))
+        report |= measured
+        if evaluate is not None:
+            report["metrics"] = stage("evaluate", lambda: evaluate(pruned))
+    if timings is not None:
+        report["timings_s"] = {**timings, "total": sum(timings.values())}
+    run.write_json("report.json", report)
+    return "\n".join(filter(None, [format_summary(report), f"clip-prune: wrote {run.path}"]))
+
+
+def save_pruned_model(model: PreTrainedModel, head_mask: torch.Tensor, neuron_mask: torch.Tensor,
+                      directory: Path, pretrained: str, pixels: torch.Tensor | VisionInputs, latency_repeats: int = 15,
+                      refit: RefitWeights | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Slice `model` by the masks, check it against the masked model, save it to `directory`; return it and a report.
+
+    The reference of the check is the dense model under hook masks with the refit columns written into
+    its weights: it shares no code with the slicing.
+
+    Args:
+        model: the dense model (left unchanged).
+        head_mask: [L, H] scales, 0 = pruned.
+        neuron_mask: [L, F] scales, 0 = pruned.
+        directory: folder to write the Hugging Face files into (created if missing; not staged: callers write
+            it inside a staged run directory).
+        pretrained: checkpoint whose image processor and tokenizer are saved alongside.
+        pixels: [B, 3, S, S] images on the model's device for the equivalence check and latency, or the tower's
+            inputs (`VisionTower.input_names`: SigLIP2's patches, patch mask and grid).
+        latency_repeats: timed forward passes per model.
+        refit: refit columns of the kept units (`weights` reconstruction); None or empty for none.
+    """
+    head_mask, neuron_mask, refit = head_mask.float().cpu(), neuron_mask.float().cpu(), refit or {}
+    pixels = as_inputs(pixels)
+    device = pixels["pixel_values"].device
+    check_keeps_a_path(model, head_mask)
+    pruned = prune_model(model, head_mask, neuron_mask, refit).eval()
+    with refit_applied(model, head_mask, neuron_mask, refit):
+        reference = masked_embeddings(model, head_mask.to(device), neuron_mask.to(device), pixels)
+    with torch.no_grad():
+        difference = (image_embeds(pruned, pixels) - reference).abs().max().item()
+        dependence = image_dependence(image_embeds(model, pixels), reference)
+    tolerance = EQUIVALENCE_TOLERANCE[reference.dtype] * max(1.0, reference.abs().max().item())
+    if not difference <= tolerance:
+        raise RuntimeError(
+            f"the pruned model's image embeddings differ from the masked model's by {difference:.3g} "
+            f"(tolerance {tolerance:.3g} in {reference.dtype}); this is a bug in clip-prune, please report it"
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    write_pruned(pruned, directory, plan_from_masks(head_mask, neuron_mask), processor=read_processor(pretrained))
+    return pruned, {
+        "equivalence": {"max_abs_diff": difference, "tolerance": tolerance, "dtype": str(reference.dtype),
+                        "samples": len(pixels["pixel_values"])},
+        "image_dependence": dependence,
+        **measure_costs(model, pruned, head_mask, neuron_mask, pixels, latency_repeats),
+    }
+
+
+MIN_SPREAD_RATIO = 1e-3
+"""Least spread of the pruned model's image embeddings across images, relative to the dense model's, that a saved
+model must keep: an embedding that hardly varies with the image retrieves nothing. A CLIP left without heads
+spreads about 1e-6 of the dense model's (float rounding); pruned models that still retrieve keep far more."""
+
+
+def check_keeps_a_path(model: PreTrainedModel, head_mask: torch.Tensor) -> None:
+    """Refuse masks that leave no attention head where the pooled token learns of the image only through attention
+    (`VisionTower.pooling_needs_attention`): the model's embedding would be the same for every image."""
+    if tower_of(model).pooling_needs_attention() and not bool((head_mask != 0).any()):
+        raise ValueError("the masks keep no attention head, so the pruned tower's embedding would be the same for "
+                         "every image (its pooled token sees the patches only through attention); keep at least one "
+                         "head: raise --constraint, or use masks that keep one")
+
+
+def embedding_spread(embeds: torch.Tensor) -> float:
+    """Mean distance of the unit-length embeddings [B, E] from their mean: 0 when every image embeds alike."""
+    unit = torch.nn.functional.normalize(embeds.detach().double(), dim=-1)
+    return float((unit - unit.mean(dim=0)).norm(dim=-1).mean())
+
+
+def image_dependence(dense: torch.Tensor, pruned: torch.Tensor) -> dict[str, float | None]:
+    """How much the pruned model's embeddings [B, E] still vary with the image, against the dense model's; refuse a
+    model whose embedding hardly depends on its input (`MIN_SPREAD_RATIO`)."""
+    dense_spread, pruned_spread = embedding_spread(dense), embedding_spread(pruned)
+    ratio = pruned_spread / dense_spread if dense_spread > 0 else None  # one image, or identical ones: no measure
+    if ratio is not None and ratio < MIN_SPREAD_RATIO:
+        raise ValueError(f"the pruned model's image embeddings hardly depend on the image: across {len(pruned)} "
+                         f"images they spread {ratio:.2g} of the dense model's (at least {MIN_SPREAD_RATIO:g} needed); "
+                         "prune less: raise --constraint, or use masks that keep more")
+    return {"dense_spread": dense_spread, "pruned_spread": pruned_spread, "ratio": ratio}
+
+
+def measure_costs(dense: nn.Module, pruned: nn.Module, head_mask: torch.Tensor, neuron_mask: torch.Tensor,
+                  pixels: torch.Tensor | VisionInputs, latency_repeats: int) -> dict[str, Any]:
+    """Analytic and counted MACs, parameters and measured latency of the dense and pruned vision towers."""
+    pixels = as_inputs(pixels)
+    macs = count_encoder_macs(tower_of(dense).config)
+    analytic = macs.of_masks(head_mask, neuron_mask)
+    counted_dense, counted_pruned = count_vision_macs(dense), count_vision_macs(pruned)
+    load = load_average()
+    dense_times, pruned_times = measure_latencies([dense, pruned], pixels, latency_repeats)
+    parameters = count_parameters(tower_of(dense).vision), count_parameters(tower_of(pruned).vision)
+    return {
+        "macs": {"dense": macs.dense, "pruned": analytic, "ratio": analytic / macs.dense,
+                  "unit": "encoder MACs per image (analytic)"},
+        "macs_counted": {"dense": counted_dense, "pruned": counted_pruned, "ratio": counted_pruned / counted_dense,
+                          "unit": "encoder MACs per image (torch.utils.flop_counter)"},
+        "parameters": {"dense": parameters[0], "pruned": parameters[1], "ratio": parameters[1] / parameters[0],
+                       "unit": "vision tower"},
+        "latency_s": {**summarise_latency(dense_times, pruned_times, load, available_cores()),
+                      "batch": len(pixels["pixel_values"]), "device": str(pixels["pixel_values"].device)},
+    }
