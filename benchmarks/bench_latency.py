@@ -32,8 +32,8 @@ from functools import partial
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from clip_prune.core.deploy.saving import prune_model
-from clip_prune.core.pruning.costs import count_encoder_macs
+from clip_prune.core.deploy.saving import cut_pruned_model
+from clip_prune.core.pruning.costs import mac_costs
 from clip_prune.core.pruning.latency_table import LatencyTable, cached_latency_table
 from clip_prune.core.pruning.masks import mask_shapes
 from clip_prune.core.pruning.search import search_layer_latency, search_masks
@@ -154,7 +154,7 @@ def latency_budget_rows(args: argparse.Namespace, config: CLIPVisionConfig) -> t
               f"{table.scale:.2f}; attention fit {table.attention_fit}; MLP fit {table.mlp_fit}")
         tables[multiple] = table
     scores = synthetic_scores(config, args.seed)
-    macs = count_encoder_macs(config)
+    macs = mac_costs(config)
     head_dim = config.hidden_size // config.num_attention_heads
     masks, notes = {}, {}
     for constraint in args.latency_constraints:
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     dense = CLIPVisionModel._from_config(config, attn_implementation=args.attn).to(device, dtype).eval()
     pixel_values = torch.randn(args.batch_size, 3, args.image_size, args.image_size).to(device, dtype)
     budget_masks, budget_notes = latency_budget_rows(args, config) if args.latency_constraints else ({}, {})
-    macs = count_encoder_macs(config)
+    macs = mac_costs(config)
     generator = torch.Generator().manual_seed(args.seed)
 
     rows = {("dense", 1.0): (torch.ones(mask_shapes(config)[0]), torch.ones(mask_shapes(config)[1]))}
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
         rows[("uniform", constraint)] = uniform
         rows[("random", constraint)] = random_masks(*uniform, generator)
     rows |= budget_masks
-    models = {key: dense if key[0] == "dense" else prune_model(dense, *masks) for key, masks in rows.items()}
+    models = {key: dense if key[0] == "dense" else cut_pruned_model(dense, *masks) for key, masks in rows.items()}
     load_before = os.getloadavg()[0]
     seconds = interleaved_seconds(models, pixel_values, args.warmup, args.runs)
 

@@ -24,10 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from clip_prune.core.pruning.costs import count_encoder_macs
+from clip_prune.core.pruning.costs import mac_costs
 from clip_prune.core.pruning.fisher import FisherStatistics
+from clip_prune.core.pruning.options import PruningOptions
 from clip_prune.core.pruning.refit import RefitWeights, refit_applied
-from clip_prune.core.pruning.step import PruningOptions, prune_step
+from clip_prune.core.pruning.step import prune_step
 from clip_prune.lightning.data import CocoDataModule
 from clip_prune.lightning.module import MaskedCLIPModule
 from clip_prune.towers import image_embeds, inputs_to, tower_of
@@ -77,7 +78,7 @@ class Bench:
         self.batches = [{name: value for name, value in batch.items() if name not in ("pixel_mean", "pixel_std")}
                         | inputs_to(tower.vision_inputs(batch), "cpu") for batch in self.data.val_dataloader()]
         self.pixels = [batch["pixel_values"] for batch in self.batches]
-        self.macs = count_encoder_macs(self.module.vision_config)
+        self.macs = mac_costs(self.module.vision_config)
         self.evaluator = self.data.evaluator(torch.device("cpu"), progress=False)
         self.images = DataLoader(self.data.retrieval_split().images, batch_size=args.batch_size)
         self.dense_embeddings = self._embeddings()

@@ -14,10 +14,10 @@ import time
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from clip_prune.core.pruning.costs import count_encoder_macs
+from clip_prune.core.pruning.costs import mac_costs
+from clip_prune.core.pruning.options import PruningOptions
 from clip_prune.core.pruning.reconstruct import reconstruct
 from clip_prune.core.pruning.search import search_masks
-from clip_prune.core.pruning.step import PruningOptions
 
 TARGET_RATIO = 3.0
 
@@ -36,7 +36,7 @@ def _parse_args(args: list[str] | None = None) -> argparse.Namespace:
 
 def _random_masks(config: CLIPVisionConfig, constraint: float, generator: torch.Generator):
     """Masks of a FLOP-constrained search on random scores: about `constraint` of each layer survives."""
-    macs = count_encoder_macs(config)
+    macs = mac_costs(config)
     # Scores scaled by the MAC ratio so heads and neurons compete evenly per MAC (a near-uniform mix).
     head_scores = torch.rand(macs.num_layers, macs.num_heads, generator=generator) * (
         macs.per_head / macs.per_neuron

@@ -11,7 +11,7 @@ import time
 import torch
 from transformers import CLIPVisionConfig
 
-from clip_prune.core.pruning.costs import count_encoder_macs
+from clip_prune.core.pruning.costs import mac_costs
 from clip_prune.core.pruning.rearrange import pruned_damage, rearrange_mask
 from clip_prune.core.pruning.search import search_masks
 
@@ -50,7 +50,7 @@ def main(args: list[str] | None = None) -> None:
     if options.threads is not None:
         torch.set_num_threads(options.threads)
     generator = torch.Generator().manual_seed(options.seed)
-    macs = count_encoder_macs(CLIPVisionConfig(image_size=224, patch_size=16))
+    macs = mac_costs(CLIPVisionConfig(image_size=224, patch_size=16))
     shape = (macs.num_layers, macs.num_heads, macs.num_neurons)
     print(f"ViT-B/16 L, H, F = {shape}, torch threads {torch.get_num_threads()}")
     head_gram = _random_gram(macs.num_layers, macs.num_heads, options.samples, generator)

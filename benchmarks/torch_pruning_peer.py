@@ -12,7 +12,7 @@ dependency group, tp's default mean normalisation), global ranking across layers
 - the hidden size never changes (embeddings, layer norms, out_proj and fc2 outputs are ignored);
   the text tower and projections are outside the pruned module.
 
-The two ratios are set so that the kept MACs of the project's analytic model (`count_encoder_macs`, docs/design.md
+The two ratios are set so that the kept MACs of the project's analytic model (`mac_costs`, docs/design.md
 "FLOP-constrained search") are at most `constraint` times the dense ones and as close to it as the unit
 sizes allow: heads keep the constraint's fraction, neurons fill the remaining budget, and the counts tp
 actually kept are read back and the neuron request corrected. tp never empties a layer (a layer whose heads
@@ -38,7 +38,7 @@ import torch_pruning as tp
 from torch import nn
 from transformers import CLIPModel, CLIPVisionModel
 
-from clip_prune.core.pruning.costs import EncoderMacs, count_encoder_macs
+from clip_prune.core.pruning.costs import MacCosts, mac_costs
 from clip_prune.core.pruning.masks import VisionMasks
 from clip_prune.towers import tower_of
 
@@ -58,7 +58,7 @@ class TorchPruningResult:
     pruned_vision: CLIPVisionModel
     """The vision tower physically pruned by tp (a copy; the input model is untouched)."""
     macs: int
-    """Kept encoder MACs per image by `count_encoder_macs`."""
+    """Kept encoder MACs per image by `mac_costs`."""
     budget: int
     """floor(constraint · dense MACs)."""
 
@@ -85,7 +85,7 @@ def torch_pruning_prune(model: nn.Module, pixel_batches: Sequence[torch.Tensor],
     work.eval()
     grads = _taylor_gradients(work, pixel_batches, loss_fn)
     tower = tower_of(work).vision
-    macs = count_encoder_macs(tower.config)
+    macs = mac_costs(tower.config)
     budget = math.floor(constraint * macs.dense)
     example = pixel_batches[0][:1]
 
@@ -135,13 +135,13 @@ def _taylor_gradients(work: nn.Module, pixel_batches: Sequence[torch.Tensor],
             if param.grad is not None}
 
 
-def _neurons_that_fit(macs: EncoderMacs, budget: int, heads: int) -> int:
+def _neurons_that_fit(macs: MacCosts, budget: int, heads: int) -> int:
     """MLP neurons that fit in the budget next to `heads` heads, clipped to [0, L·F]."""
     room = (budget - heads * macs.per_head) // macs.per_neuron
     return int(min(max(room, 0), macs.num_layers * macs.num_neurons))
 
 
-def _initial_heads(macs: EncoderMacs, budget: int, constraint: float) -> int:
+def _initial_heads(macs: MacCosts, budget: int, constraint: float) -> int:
     """Heads to ask for first: the constraint's fraction of them (tp's usual single ratio), if they fit."""
     return int(min(round(constraint * macs.num_layers * macs.num_heads), budget // macs.per_head))
 
@@ -270,7 +270,7 @@ def main(args: list[str] | None = None) -> None:
     model = CLIPModel.from_pretrained(options.model).eval()
     reference = {name: value.clone() for name, value in model.state_dict().items()}
     pixel_batches = _demo_pixels(options.model, options.images, options.batches, options.batch_size, options.seed)
-    macs = count_encoder_macs(model.vision_model.config)
+    macs = mac_costs(model.vision_model.config)
     print(f"L, H, F = {macs.num_layers}, {macs.num_heads}, {macs.num_neurons}; dense encoder MACs {macs.dense:,}")
     for constraint in options.constraints:
         result = torch_pruning_prune(model, pixel_batches, _distill_loss_fn(options.seed), constraint)

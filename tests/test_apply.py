@@ -1,4 +1,4 @@
-"""`save_pruned_model`: the sliced model with refit columns is checked against the masked model; the check can fail."""
+"""`export_pruned`: the sliced model with refit columns is checked against the masked model; the check can fail."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import torch
 from transformers import CLIPVisionModel
 
 import clip_prune.core.run.finish
-from clip_prune.core.deploy.saving import load_pruned, prune_model
-from clip_prune.core.pruning.refit import head_columns, load_refit, save_refit
-from clip_prune.core.run.finish import PrunedModelSpec, finish_run, save_pruned_model
+from clip_prune.core.deploy.saving import cut_pruned_model, load_pruned
+from clip_prune.core.pruning.masks import head_columns
+from clip_prune.core.pruning.refit import load_refit, save_refit
+from clip_prune.core.run.finish import PrunedModelSpec, export_pruned, finish_run
 from clip_prune.core.run.outputs import RunDirectory
 from clip_prune.files import MANIFEST
 from clip_prune.towers import image_embeds
@@ -27,7 +28,7 @@ def _masks_and_refit(model: CLIPVisionModel) -> tuple[torch.Tensor, torch.Tensor
     head_dim = config.hidden_size // config.num_attention_heads
     refit = {}
     for layer in range(config.num_hidden_layers):
-        columns = len(head_columns(head_mask[layer], head_dim))
+        columns = len(head_columns(head_mask[layer].nonzero().flatten(), head_dim))
         refit[f"layers.{layer}.self_attn.out_proj.weight"] = torch.randn(config.hidden_size, columns,
                                                                          generator=generator)
         refit[f"layers.{layer}.mlp.fc2.weight"] = torch.randn(config.hidden_size, int(neuron_mask[layer].sum()),
@@ -41,7 +42,7 @@ def test_save_with_refit_equals_the_masked_model_and_reloads(tiny_vision_dir: Pa
     head_mask, neuron_mask, refit = _masks_and_refit(model)
     pixels = torch.randn(4, 3, 30, 30, generator=torch.Generator().manual_seed(1))
     before = {name: value.clone() for name, value in model.state_dict().items()}
-    pruned, report = save_pruned_model(model, head_mask, neuron_mask, tmp_path / "out", str(tiny_vision_dir),
+    pruned, report = export_pruned(model, head_mask, neuron_mask, tmp_path / "out", str(tiny_vision_dir),
                                        pixels, latency_repeats=1, refit=refit)
     assert report["equivalence"]["max_abs_diff"] <= report["equivalence"]["tolerance"]
     assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())  # dense untouched
@@ -63,10 +64,10 @@ def test_the_equivalence_check_fails_when_the_slicing_drops_the_refit(tiny_visio
     model = CLIPVisionModel.from_pretrained(tiny_vision_dir).eval()
     head_mask, neuron_mask, refit = _masks_and_refit(model)
     pixels = torch.randn(4, 3, 30, 30, generator=torch.Generator().manual_seed(1))
-    monkeypatch.setattr(clip_prune.core.run.finish, "prune_model",
-                        lambda dense, heads, neurons, _: prune_model(dense, heads, neurons))
+    monkeypatch.setattr(clip_prune.core.run.finish, "cut_pruned_model",
+                        lambda dense, heads, neurons, _: cut_pruned_model(dense, heads, neurons))
     with pytest.raises(RuntimeError, match="differ from the masked model"):
-        save_pruned_model(model, head_mask, neuron_mask, tmp_path / "out", str(tiny_vision_dir), pixels,
+        export_pruned(model, head_mask, neuron_mask, tmp_path / "out", str(tiny_vision_dir), pixels,
                           latency_repeats=1, refit=refit)
     assert not (tmp_path / "out").exists()
 

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import torch
 
-from clip_prune.core.pruning.costs import count_encoder_macs
+from clip_prune.core.pruning.costs import mac_costs
 from clip_prune.core.pruning.fisher import FisherStatistics
-from clip_prune.core.pruning.step import PruningOptions, prune_step
+from clip_prune.core.pruning.options import PruningOptions
+from clip_prune.core.pruning.step import prune_step
 from clip_prune.core.run.outputs import RunDirectory
 from clip_prune.lightning.callbacks import PruningCallback
 from clip_prune.lightning.module import MaskedCLIPModule
@@ -23,7 +24,7 @@ def test_a_failed_later_fisher_pass_leaves_the_dense_model(tiny_clip_dir: Path, 
                              torch.einsum("nli,nlj->lij", grads[0], grads[0]),
                              torch.einsum("nli,nlj->lij", grads[1], grads[1]), 8)
     pixels = [torch.randn(4, 3, 30, 30, generator=generator)]
-    step = prune_step(module.model, stats, count_encoder_macs(config), 0.6, PruningOptions(), pixels)
+    step = prune_step(module.model, stats, mac_costs(config), 0.6, PruningOptions(), pixels)
     dense = {name: value.clone() for name, value in module.model.state_dict().items()}
     callback = PruningCallback(RunDirectory(tmp_path / "run"), 0.4, PruningOptions())
     callback.steps.append(step)

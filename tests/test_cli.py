@@ -18,10 +18,11 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModel, AutoProcessor, BertConfig
 
-from clip_prune.core.pruning import latency_table as latency
 from clip_prune.core.deploy.saving import read_masks
+from clip_prune.core.file_names import REFIT_FILE
+from clip_prune.core.pruning import latency_table as latency
 from clip_prune.core.pruning.fisher import fisher_metadata
-from clip_prune.core.pruning.refit import REFIT_FILE, load_refit, refit_applied
+from clip_prune.core.pruning.refit import load_refit, refit_applied
 from clip_prune.core.run.finish import masked_embeddings
 from clip_prune.core.timing import Timing
 from clip_prune.lightning import callbacks

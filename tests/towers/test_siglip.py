@@ -10,7 +10,7 @@ from conftest import build_tiny_model, tiny_vision_inputs
 from PIL import Image
 from transformers import Siglip2ImageProcessor, SiglipModel
 
-from clip_prune.core.deploy.saving import prune_model
+from clip_prune.core.deploy.saving import cut_pruned_model
 from clip_prune.data.coco import CaptionCollator, text_length_limit
 from clip_prune.data.tokenizer import build_word_tokenizer
 from clip_prune.towers import FAMILIES, supported_model_types, tower_class, tower_of
@@ -118,7 +118,7 @@ def test_siglip2_padding_changes_nothing_for_the_real_patches(pruned: bool) -> N
     if pruned:
         head_mask, neuron_mask = torch.ones(3, 4), torch.ones(3, 37)
         head_mask[0, 1:], neuron_mask[1, ::2] = 0, 0
-        model = prune_model(model, head_mask, neuron_mask)
+        model = cut_pruned_model(model, head_mask, neuron_mask)
     processor = Siglip2ImageProcessor(patch_size=16, max_num_patches=256)
     wide = Image.new("RGB", (70, 20), (200, 40, 40))  # 8 x 28 patches of the 256
     wide.paste((20, 40, 200), (30, 0, 50, 20))

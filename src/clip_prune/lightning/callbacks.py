@@ -17,14 +17,23 @@ import lightning as L
 import torch
 
 from clip_prune.core.deploy.slicing import plan_from_masks, write_plan
-from clip_prune.core.pruning.costs import EncoderMacs, count_encoder_macs
+from clip_prune.core.file_names import (
+    FISHER_FILE,
+    HEAD_MASK_FILE,
+    LATENCY_TABLE_FILE,
+    NEURON_MASK_FILE,
+    PLAN_FILE,
+    REFIT_FILE,
+)
+from clip_prune.core.pruning.costs import MacCosts, mac_costs
 from clip_prune.core.pruning.fisher import FisherStatistics, save_fisher
 from clip_prune.core.pruning.latency_budget import NOISE_MARGIN
 from clip_prune.core.pruning.latency_table import LatencyTable, TableSource, cached_latency_table, write_table
-from clip_prune.core.pruning.refit import REFIT_FILE, refit_applied, save_refit
+from clip_prune.core.pruning.options import PruningOptions, requested_constraints
+from clip_prune.core.pruning.refit import refit_applied, save_refit
 from clip_prune.core.pruning.search import SearchResult, WidthBudget, check_reachable
 from clip_prune.core.pruning.sensitivity import choose_head, keep_single_head
-from clip_prune.core.pruning.step import PruningOptions, StepResult, prune_step
+from clip_prune.core.pruning.step import StepResult, prune_step
 from clip_prune.core.run.cascade import check_top_m
 from clip_prune.core.run.evaluation import Evaluator
 from clip_prune.core.run.finish import PrunedModelSpec, finish_run
@@ -68,18 +77,6 @@ def on_rank_zero(trainer: L.Trainer, work: Callable[[], None]) -> None:
         raise RuntimeError("clip-prune failed on rank 0; its error is reported there")
 
 
-def check_constraints(constraint: float | Sequence[float]) -> list[float]:
-    """The requested constraints from the largest down, each refused outside (0, 1] before any work starts."""
-    given = list(constraint) if isinstance(constraint, Sequence) else [constraint]
-    if not given:
-        raise ValueError("--constraint [] names no constraint: give one (0.6) or several ('[0.75, 0.5, 0.3]')")
-    for value in given:
-        if not (isinstance(value, int | float) and 0 < value <= 1):
-            raise ValueError(f"--constraint must be in (0, 1] (the fraction of the encoder's MACs to keep, e.g. "
-                             f"0.75), got {value}")
-    return sorted(set(given), reverse=True)
-
-
 class PruningCallback(L.Callback):
     """Turns the Fisher statistics of each validation pass into a pruning step, and the last step into a run.
 
@@ -106,7 +103,7 @@ class PruningCallback(L.Callback):
     def __init__(self, run: RunDirectory, constraint: float | Sequence[float] | None, options: PruningOptions,
                  statistics: FisherStatistics | None = None, cascade_top_m: list[int] | None = None,
                  constraint_type: Literal["macs", "latency"] = "macs") -> None:
-        points = [] if constraint is None else check_constraints(constraint)
+        points = [] if constraint is None else requested_constraints(constraint, constraint_type)
         self.cascade_top_m = check_top_m(cascade_top_m)
         if self.cascade_top_m and (constraint is None or not options.save):
             raise ValueError("--cascade_top_m needs the saved pruned model: give --constraint and keep "
@@ -159,7 +156,7 @@ class PruningCallback(L.Callback):
         first = not self.steps
         stats = self.statistics if first and self.statistics is not None else pl_module.fisher.compute()
         if first and trainer.is_global_zero:
-            target = self.run.file("fisher.safetensors")
+            target = self.run.file(FISHER_FILE)
             if self.statistics_source is None:
                 save_fisher(target, stats, pl_module.hparams.pretrained,
                             statistics_provenance(pl_module, trainer.datamodule, trainer.world_size))
@@ -209,7 +206,7 @@ class PruningCallback(L.Callback):
         if self.constraint_type == "latency" or multiple > 1:
             table = self._latency_table(trainer, pl_module, multiple) if self.constraint_type == "latency" else None
             self.widths = WidthBudget(head_dim, multiple, table)
-        check_reachable(self.constraint, count_encoder_macs(config), pl_module.tower.pooling_needs_attention(),
+        check_reachable(self.constraint, mac_costs(config), pl_module.tower.pooling_needs_attention(),
                         self.widths)  # the smallest constraint: the others are reached on the way
         self._search_prepared = True
 
@@ -218,7 +215,7 @@ class PruningCallback(L.Callback):
         index = len(self.steps)
         previous = self.steps[-1] if self.steps else None
         result = prune_step(
-            pl_module.model, stats, count_encoder_macs(pl_module.vision_config), self.constraints[index],
+            pl_module.model, stats, mac_costs(pl_module.vision_config), self.constraints[index],
             self.options, self._calibration_batches(trainer, pl_module),
             kept=None if previous is None else (previous.head_mask, previous.neuron_mask),
             all_reduce=lambda t: trainer.strategy.reduce(t, reduce_op="sum") if trainer.world_size > 1 else t,
@@ -258,7 +255,7 @@ class PruningCallback(L.Callback):
         evaluate the pruned model, report); `last`: no Fisher pass follows, so the masks' hooks may go."""
         model = evaluate = None
         if self.steps:
-            report |= self._write_masks(folder, count_encoder_macs(pl_module.vision_config),
+            report |= self._write_masks(folder, mac_costs(pl_module.vision_config),
                                         pl_module.hparams.pretrained)
             if self.options.save:
                 model = self._model_to_save(trainer, pl_module, last)
@@ -286,15 +283,15 @@ class PruningCallback(L.Callback):
         self.summary = "\n".join([format_tradeoff(rows), f"  one run per constraint in {folders}; the trade-off in "
                                   f"{', '.join(report['tradeoff'])}", summary])
 
-    def _write_masks(self, folder: RunFolder, macs: EncoderMacs, model_name: str) -> dict[str, Any]:
+    def _write_masks(self, folder: RunFolder, macs: MacCosts, model_name: str) -> dict[str, Any]:
         """Write the masks, refit columns and plan of the steps so far into `folder`; return the report's pruning
         part."""
         last = self.steps[-1]
-        folder.save_tensor("head_mask.pt", last.head_mask)
-        folder.save_tensor("neuron_mask.pt", last.neuron_mask)
+        folder.save_tensor(HEAD_MASK_FILE, last.head_mask)
+        folder.save_tensor(NEURON_MASK_FILE, last.neuron_mask)
         if last.refit:
             save_refit(folder.file(REFIT_FILE), last.refit, model_name)
-        write_plan(plan_from_masks(last.head_mask, last.neuron_mask), folder.file("plan.json"))
+        write_plan(plan_from_masks(last.head_mask, last.neuron_mask), folder.file(PLAN_FILE))
         pruned = macs.of_masks(last.head_mask, last.neuron_mask)
         return {
             "constraint": self.constraints[len(self.steps) - 1],
@@ -316,7 +313,7 @@ class PruningCallback(L.Callback):
         table = None if self.widths is None else self.widths.latency
         if table is not None:
             predicted = table.latency_of((last.head_mask != 0).sum(1).tolist(), (last.neuron_mask != 0).sum(1).tolist())
-            report["latency"] = {"table": "latency_table.json", "batch_size": table.key["batch_size"],
+            report["latency"] = {"table": LATENCY_TABLE_FILE, "batch_size": table.key["batch_size"],
                                  "device": table.key["device"], "dense_s": table.dense_latency,
                                  "predicted_s": predicted, "predicted_ratio": predicted / table.dense_latency,
                                  "table_source": None if self.table_source is None else self.table_source.report()}
@@ -336,7 +333,7 @@ class PruningCallback(L.Callback):
                 pl_module.model.config._attn_implementation, multiple_of=multiple_of)
             print(f"clip-prune: latency table {self.table_source.describe()} ({table.key['device']}, batch "
                   f"{batch_size})", file=sys.stderr)
-            write_table(table, self.run.file("latency_table.json"))
+            write_table(table, self.run.file(LATENCY_TABLE_FILE))
         return trainer.strategy.broadcast(table)
 
     def _model_to_save(self, trainer: L.Trainer, pl_module: MaskedCLIPModule, last: bool) -> PrunedModelSpec:
@@ -439,7 +436,7 @@ class SensitivityCallback(L.Callback):
         layer, head = choose_head(scores, self.reduced)
         self.reduced.add(layer)
         self.head_mask = keep_single_head(self.head_mask, layer, head)
-        macs = count_encoder_macs(pl_module.vision_config)
+        macs = mac_costs(pl_module.vision_config)
         neuron_mask = torch.ones(macs.num_layers, macs.num_neurons)
         entry: dict[str, Any] = {"round": len(self.rounds), "layer": layer, "head": head,
                                  "score": float(scores[layer, head]),
@@ -449,7 +446,7 @@ class SensitivityCallback(L.Callback):
         self.rounds.append(entry)
         self.finished = "stopped" in entry or len(self.reduced) == macs.num_layers
         if self.finished:
-            on_rank_zero(trainer, lambda: self.run.save_tensor("neuron_mask.pt", neuron_mask))
+            on_rank_zero(trainer, lambda: self.run.save_tensor(NEURON_MASK_FILE, neuron_mask))
 
     def _finish_round(self, trainer: L.Trainer, pl_module: MaskedCLIPModule, entry: dict[str, Any]) -> None:
         """Rank zero: write the round's mask, measure it, decide the early stop."""

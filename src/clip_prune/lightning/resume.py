@@ -14,13 +14,14 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
+from clip_prune.core.file_names import FISHER_FILE
 from clip_prune.core.pruning.fisher import fisher_metadata
 from clip_prune.core.pruning.provenance import resolve_model_path
 from clip_prune.core.run.outputs import RunDirectory
 from clip_prune.lightning.data import CocoDataModule
 from clip_prune.lightning.module import MaskedCLIPModule
 
-FISHER_FILE = "fisher.safetensors"
+FISHER_FILE = FISHER_FILE
 
 _DIFFERENCES = {
     "model_path": "it was gathered on another model ({recorded}, this run: {expected})",

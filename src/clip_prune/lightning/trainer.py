@@ -20,11 +20,11 @@ from lightning.pytorch.cli import SaveConfigCallback
 
 from clip_prune.core.deploy.onnx_export import export_pruned_onnx, require_onnxruntime
 from clip_prune.core.deploy.saving import load_pruned, read_masks
-from clip_prune.core.deploy.slicing import mask_value_notes
+from clip_prune.core.file_names import CONFIG_FILE, FISHER_FILE, REFIT_FILE, REPORT_FILE
 from clip_prune.core.pruning.fisher import load_fisher
-from clip_prune.core.pruning.masks import mask_shapes
-from clip_prune.core.pruning.refit import REFIT_FILE, load_refit
-from clip_prune.core.pruning.step import PruningOptions
+from clip_prune.core.pruning.masks import mask_shapes, mask_value_notes
+from clip_prune.core.pruning.options import PruningOptions
+from clip_prune.core.pruning.refit import load_refit
 from clip_prune.core.run.cascade import check_top_m
 from clip_prune.core.run.finish import PrunedModelSpec, check_keeps_a_path, finish_run
 from clip_prune.core.run.outputs import RunDirectory, write_json_atomically
@@ -77,7 +77,7 @@ def verification_inputs(datamodule: CocoDataModule, image_size: int | None,
 
 def check_refit_present(refit_file: Path) -> None:
     """Refuse masks of a `weights` run without their refit columns: they alone would save a worse model."""
-    report = refit_file.parent / "report.json"
+    report = refit_file.parent / REPORT_FILE
     if refit_file.is_file() or not report.is_file():
         return
     try:
@@ -95,7 +95,7 @@ def save_resolved_config(trainer: L.Trainer, run: RunDirectory) -> None:
     """Write the run's resolved configuration (all defaults filled in) as `config.yaml` beside its outputs."""
     saver = next((callback for callback in trainer.callbacks if isinstance(callback, SaveConfigCallback)), None)
     if saver is not None and trainer.is_global_zero:
-        run.file("config.yaml").write_text(saver.parser.dump(saver.config, skip_none=False))
+        run.file(CONFIG_FILE).write_text(saver.parser.dump(saver.config, skip_none=False))
 
 
 class ClipPruneTrainer(L.Trainer):
@@ -152,7 +152,7 @@ class ClipPruneTrainer(L.Trainer):
             # The loop still runs (for the callback's hooks and the calibration data); one batch suffices.
             self.limit_val_batches = 1
         self.callbacks.append(callback)
-        with run.writing(keep="fisher.safetensors") if self.is_global_zero else nullcontext():
+        with run.writing(keep=FISHER_FILE) if self.is_global_zero else nullcontext():
             save_resolved_config(self, run)
             while not callback.finished:  # one validation pass (Fisher statistics) per pruning step
                 name_validation_bar(self, "Fisher pass" if model.collect_fisher else "Calibration batch")

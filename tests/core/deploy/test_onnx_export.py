@@ -9,7 +9,7 @@ from conftest import save_tiny_model, tiny_vision_inputs
 from transformers import AutoModel
 
 from clip_prune.core.deploy.saving import load_pruned
-from clip_prune.core.run.finish import save_pruned_model
+from clip_prune.core.run.finish import export_pruned
 from clip_prune.lightning.cli import main
 
 onnxruntime = pytest.importorskip(
@@ -33,7 +33,7 @@ def pruned_dir(request, tmp_path_factory) -> Path:
     neuron_mask[2] = 0
     directory = tmp_path_factory.mktemp("pruned") / request.param
     pixels = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
-    save_pruned_model(dense, head_mask, neuron_mask, directory, str(pretrained), pixels, latency_repeats=1)
+    export_pruned(dense, head_mask, neuron_mask, directory, str(pretrained), pixels, latency_repeats=1)
     return directory
 
 
@@ -88,7 +88,7 @@ def test_siglip2_export_is_refused_with_the_reason(tmp_path) -> None:
     model = AutoModel.from_pretrained(pretrained).eval()
     inputs = tiny_vision_inputs(model)
     heads, neurons = torch.ones(3, 4), torch.ones(3, 37)
-    save_pruned_model(model, heads, neurons, tmp_path / "pruned", str(pretrained), inputs, latency_repeats=1)
+    export_pruned(model, heads, neurons, tmp_path / "pruned", str(pretrained), inputs, latency_repeats=1)
     with pytest.raises(ValueError, match="siglip2 model.*pixel_attention_mask.*does not take yet"):
         main(["export-onnx", "--pruned", str(tmp_path / "pruned")])
     assert not (tmp_path / "pruned" / "onnx").exists()

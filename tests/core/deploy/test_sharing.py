@@ -19,7 +19,7 @@ from transformers import (
     pipeline,
 )
 
-from clip_prune.core.run.finish import save_pruned_model
+from clip_prune.core.run.finish import export_pruned
 from clip_prune.towers import load_model, tower_of
 
 IMAGE_SIZE = 30  # tests/conftest.py's tiny checkpoints
@@ -71,7 +71,7 @@ def head_and_neuron_masks() -> tuple[torch.Tensor, torch.Tensor]:
 
 def save(pretrained: Path, directory: Path) -> torch.nn.Module:
     dense = load_model(str(pretrained)).eval()
-    pruned, _ = save_pruned_model(dense, *head_and_neuron_masks(), directory, str(pretrained),
+    pruned, _ = export_pruned(dense, *head_and_neuron_masks(), directory, str(pretrained),
                                   tiny_vision_inputs(dense, seed=0), latency_repeats=1)
     return pruned
 

@@ -20,24 +20,19 @@ from transformers import (
 )
 
 import clip_prune
-from clip_prune.core.deploy.saving import (
-    PLAN_FILE,
-    load_pruned,
-    prune_model,
-    read_masks,
-    save_pruned,
-)
+from clip_prune.core.deploy.saving import cut_pruned_model, load_pruned, read_masks, save_pruned
 from clip_prune.core.deploy.slicing import (
     LayerPlan,
-    count_vision_macs,
     masks_from_plan,
     plan_from_masks,
     read_plan,
     slice_vision_tower,
     write_plan,
 )
-from clip_prune.core.pruning.costs import count_encoder_macs
+from clip_prune.core.file_names import PLAN_FILE
+from clip_prune.core.pruning.costs import mac_costs
 from clip_prune.core.pruning.masks import VisionMasks
+from clip_prune.core.run.costs import counted_vision_macs
 from clip_prune.files import MANIFEST
 from clip_prune.hub import (
     ConstantAttention,
@@ -152,7 +147,7 @@ def test_pruned_model_matches_masked_model(model_kind: str, mask_kind: str, attn
     x = inputs_of(model)
     expected = masked_outputs(model, head_mask, neuron_mask, x)
     dense = image_outputs(model, x)
-    pruned = prune_model(model, head_mask, neuron_mask)
+    pruned = cut_pruned_model(model, head_mask, neuron_mask)
 
     assert type(pruned) is tower_of(model).pruned_classes[model.config.model_type]
     assert pruned.config._attn_implementation == attn
@@ -211,7 +206,7 @@ def test_plan_from_masks_and_json_round_trip(tmp_path: Path) -> None:
 def test_save_and_reload(model_kind: str, tmp_path: Path) -> None:
     model = build(model_kind)
     head_mask, neuron_mask = masks("both_empty")
-    pruned = prune_model(model, head_mask, neuron_mask)
+    pruned = cut_pruned_model(model, head_mask, neuron_mask)
     plan = plan_from_masks(head_mask, neuron_mask)
     processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
                                    crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
@@ -247,7 +242,7 @@ def test_save_and_reload(model_kind: str, tmp_path: Path) -> None:
 
 def test_save_refuses_a_non_empty_directory_unless_overwrite(tmp_path: Path) -> None:
     head_mask, neuron_mask = masks("binary")
-    pruned = prune_model(build("vision"), head_mask, neuron_mask)
+    pruned = cut_pruned_model(build("vision"), head_mask, neuron_mask)
     plan = plan_from_masks(head_mask, neuron_mask)
     output = tmp_path / "pruned"
     output.mkdir()
@@ -272,9 +267,9 @@ def test_save_refuses_a_non_empty_directory_unless_overwrite(tmp_path: Path) -> 
 def test_save_rejects_wrong_inputs(tmp_path: Path) -> None:
     head_mask, neuron_mask = masks("binary")
     model = build("vision")
-    with pytest.raises(TypeError, match="needs a pruned model from prune_model"):
+    with pytest.raises(TypeError, match="needs a pruned model from cut_pruned_model"):
         save_pruned(model, tmp_path / "out", plan_from_masks(head_mask, neuron_mask))
-    pruned = prune_model(model, head_mask, neuron_mask)
+    pruned = cut_pruned_model(model, head_mask, neuron_mask)
     with pytest.raises(ValueError, match="the plan does not match the model"):
         save_pruned(pruned, tmp_path / "out", plan_from_masks(*masks("no_heads")))
 
@@ -329,11 +324,11 @@ def test_pruned_model_from_config_is_initialised(model_kind: str) -> None:
 def test_counted_macs_match_the_analytic_model(model_kind: str, mask_kind: str) -> None:
     model = build(model_kind)
     head_mask, neuron_mask = masks(mask_kind)
-    macs = count_encoder_macs(tower_of(model).vision.config)
+    macs = mac_costs(tower_of(model).vision.config)
     assert macs.tokens == {"clip": 226, "siglip": 25, "siglip_vision": 25, "siglip2": 256}[model_kind]
-    assert count_vision_macs(model) == macs.dense
-    pruned = prune_model(model, head_mask, neuron_mask)
-    assert count_vision_macs(pruned) == macs.of_masks(head_mask, neuron_mask)
+    assert counted_vision_macs(model) == macs.dense
+    pruned = cut_pruned_model(model, head_mask, neuron_mask)
+    assert counted_vision_macs(pruned) == macs.of_masks(head_mask, neuron_mask)
     if model_kind != "clip":  # below, the whole tower: SigLIP's pooling head adds its own attention and MLP
         return
 
@@ -350,16 +345,16 @@ def test_counted_macs_match_the_analytic_model(model_kind: str, mask_kind: str) 
 def test_counted_macs_at_another_image_size() -> None:
     model = build("vision")
     head_mask, neuron_mask = masks("rescaled")
-    pruned = prune_model(model, head_mask, neuron_mask)
-    macs = count_encoder_macs(vision_config(image_size=20))
-    assert count_vision_macs(pruned, image_size=20) == macs.of_masks(head_mask, neuron_mask)
+    pruned = cut_pruned_model(model, head_mask, neuron_mask)
+    macs = mac_costs(vision_config(image_size=20))
+    assert counted_vision_macs(pruned, image_size=20) == macs.of_masks(head_mask, neuron_mask)
 
 
 def test_bad_masks_are_rejected() -> None:
     model = build("vision")
     head_mask, neuron_mask = masks("binary")
     with pytest.raises(ValueError, match=r"head_mask has shape \[3, 5\] but the model needs \[3, 4\]"):
-        prune_model(model, torch.ones(3, 5), neuron_mask)
+        cut_pruned_model(model, torch.ones(3, 5), neuron_mask)
     with pytest.raises(ValueError, match=r"neuron_mask has shape \[2, 37\] but the model needs \[3, 37\]"):
         slice_vision_tower(copy.deepcopy(model), head_mask, neuron_mask[:2])
     with pytest.raises(ValueError, match="head_mask has 3 layers but neuron_mask has 2"):
@@ -367,13 +362,13 @@ def test_bad_masks_are_rejected() -> None:
     nan_mask = head_mask.clone()
     nan_mask[0, 0] = float("nan")
     with pytest.raises(ValueError, match="head_mask contains NaN or infinite values"):
-        prune_model(model, nan_mask, neuron_mask)
+        cut_pruned_model(model, nan_mask, neuron_mask)
     with pytest.raises(ValueError, match="neuron_mask must be 2-D"):
         plan_from_masks(head_mask, neuron_mask[0])
     with pytest.raises(ValueError, match="prune every head and every neuron of every layer"):
-        prune_model(model, torch.zeros_like(head_mask), torch.zeros_like(neuron_mask))
+        cut_pruned_model(model, torch.zeros_like(head_mask), torch.zeros_like(neuron_mask))
     with pytest.raises(TypeError, match="expected a transformers model with a config, got Linear"):
-        prune_model(torch.nn.Linear(2, 2), head_mask, neuron_mask)
+        cut_pruned_model(torch.nn.Linear(2, 2), head_mask, neuron_mask)
     sliced = slice_vision_tower(copy.deepcopy(model), head_mask, neuron_mask)
     with pytest.raises(ValueError, match="encoder layer 0 is already pruned"):
         slice_vision_tower(sliced, head_mask, neuron_mask)
@@ -429,7 +424,7 @@ def test_original_tool_masks(vit_b16: CLIPVisionModel, constraint: str, kept_hea
 
     x = pixels(batch=1, size=64)
     expected = masked_outputs(vit_b16, head_mask, neuron_mask, x)
-    pruned = prune_model(vit_b16, head_mask, neuron_mask)
+    pruned = cut_pruned_model(vit_b16, head_mask, neuron_mask)
     assert pruned.config.heads_per_layer == [len(layer.heads) for layer in plan]
     actual = image_outputs(pruned, x)
     # scales up to |33| make the outputs larger than the tiny model's: compare relative to their size
@@ -437,5 +432,5 @@ def test_original_tool_masks(vit_b16: CLIPVisionModel, constraint: str, kept_hea
         scale = expected[name].abs().max().item()
         error = (actual[name] - expected[name]).abs().max().item()
         assert error <= 1e-5 * max(scale, 1.0), f"{name}: max abs error {error:.3g} (scale {scale:.3g})"
-    macs = count_encoder_macs(vit_b16.config)
-    assert count_vision_macs(pruned) == macs.of_masks(head_mask, neuron_mask)
+    macs = mac_costs(vit_b16.config)
+    assert counted_vision_macs(pruned) == macs.of_masks(head_mask, neuron_mask)

@@ -11,12 +11,13 @@ from conftest import build_tiny_model, linear_latency_table, tiny_vision_inputs
 from test_latency_table import fake_table, tiny_config
 
 from clip_prune.core.pruning import latency_table as latency
-from clip_prune.core.pruning.costs import count_encoder_macs
+from clip_prune.core.pruning.costs import mac_costs
 from clip_prune.core.pruning.fisher import FisherStatistics
 from clip_prune.core.pruning.latency_budget import meet_latency_budget
 from clip_prune.core.pruning.latency_table import STALE_TOLERANCE, cached_latency_table, read_table
+from clip_prune.core.pruning.options import PruningOptions
 from clip_prune.core.pruning.search import BudgetTooSmall, WidthBudget
-from clip_prune.core.pruning.step import PruningOptions, prune_step
+from clip_prune.core.pruning.step import prune_step
 from clip_prune.core.run.latency_check import candidate_timer
 from clip_prune.core.timing import Timing, paired_ratio
 
@@ -124,7 +125,7 @@ def test_the_loop_report_lists_every_round() -> None:
 
 def test_a_pruning_step_under_a_latency_budget_keeps_the_candidate_that_measures_within_it() -> None:
     table = fake_table()
-    macs = count_encoder_macs(tiny_config())
+    macs = mac_costs(tiny_config())
     generator = torch.Generator().manual_seed(0)
     stats = FisherStatistics(torch.rand(3, 4, generator=generator), torch.rand(3, 37, generator=generator),
                              None, None, num_samples=8)

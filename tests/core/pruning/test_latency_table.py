@@ -17,8 +17,8 @@ from clip_prune.core.pruning.latency_table import (
     read_table,
     write_table,
 )
+from clip_prune.core.pruning.options import ALIGNED_WIDTH_MULTIPLES, PruningOptions
 from clip_prune.core.pruning.search import BudgetTooSmall, search_layer_latency
-from clip_prune.core.pruning.step import ALIGNED_WIDTH_MULTIPLES, PruningOptions
 
 
 def tiny_config() -> CLIPVisionConfig:

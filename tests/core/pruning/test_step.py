@@ -6,9 +6,10 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from clip_prune.core.pruning.costs import count_encoder_macs
+from clip_prune.core.pruning.costs import mac_costs
 from clip_prune.core.pruning.fisher import FisherStatistics
-from clip_prune.core.pruning.step import PruningOptions, prune_step
+from clip_prune.core.pruning.options import PruningOptions
+from clip_prune.core.pruning.step import prune_step
 
 
 @pytest.mark.parametrize(("constraint", "steps"), [(1.0, 1), (0.75, 1), (0.6, 2), (0.5, 3), (0.2, 6), (0.1, 9)])
@@ -49,7 +50,7 @@ def test_a_later_step_keeps_a_subset_of_the_earlier_steps_units() -> None:
     config = CLIPVisionConfig(image_size=30, patch_size=6, hidden_size=32, num_hidden_layers=3,
                               num_attention_heads=4, intermediate_size=37)
     model = CLIPVisionModel(config).eval()
-    macs = count_encoder_macs(config)
+    macs = mac_costs(config)
     generator = torch.Generator().manual_seed(1)
     pixels = [torch.randn(4, 3, 30, 30, generator=generator)]
     options = PruningOptions()

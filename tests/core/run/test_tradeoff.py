@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from clip_prune.core.deploy.saving import load_pruned, read_masks
-from clip_prune.core.pruning.refit import REFIT_FILE, load_refit, refit_applied
-from clip_prune.core.pruning.step import PruningOptions
+from clip_prune.core.file_names import REFIT_FILE
+from clip_prune.core.pruning.options import PruningOptions
+from clip_prune.core.pruning.refit import load_refit, refit_applied
 from clip_prune.core.run.finish import masked_embeddings
 from clip_prune.lightning.cli import main
 from clip_prune.towers import load_model, tower_of

@@ -24,20 +24,12 @@ from transformers import (
 from transformers.initialization import no_init_weights
 
 from clip_prune.core.deploy.sharing import write_remote_code
-from clip_prune.core.deploy.slicing import (
-    LayerPlan,
-    check_masks,
-    plan_from_masks,
-    slice_vision_tower,
-    write_plan,
-)
-from clip_prune.core.pruning.masks import mask_shapes
+from clip_prune.core.deploy.slicing import LayerPlan, plan_from_masks, slice_vision_tower, write_plan
+from clip_prune.core.file_names import HEAD_MASK_FILE, NEURON_MASK_FILE, PLAN_FILE
+from clip_prune.core.pruning.masks import check_masks, mask_shapes
 from clip_prune.core.pruning.refit import RefitWeights, write_refit
 from clip_prune.files import atomic_directory
 from clip_prune.towers import FAMILIES, tower_of
-
-PLAN_FILE = "plan.json"
-"""Name of the pruning plan inside a saved pruned-model directory."""
 
 
 def register_pruned_models() -> None:
@@ -54,7 +46,7 @@ def register_pruned_models() -> None:
                 AutoModelForZeroShotImageClassification.register(pruned.config_class, pruned, exist_ok=True)
 
 
-def prune_model(model: PreTrainedModel, head_mask: torch.Tensor, neuron_mask: torch.Tensor,
+def cut_pruned_model(model: PreTrainedModel, head_mask: torch.Tensor, neuron_mask: torch.Tensor,
                 refit: RefitWeights | None = None) -> PreTrainedModel:
     """A physically pruned copy of `model`, which saves and reloads with `from_pretrained`.
 
@@ -68,7 +60,7 @@ def prune_model(model: PreTrainedModel, head_mask: torch.Tensor, neuron_mask: to
     """
     tower = tower_of(model)
     if model.config.model_type not in tower.pruned_classes:
-        raise TypeError(f"prune_model needs a dense model, got a {model.config.model_type!r} one")
+        raise TypeError(f"cut_pruned_model needs a dense model, got a {model.config.model_type!r} one")
     check_masks(head_mask, neuron_mask, mask_shapes(tower.config))
     plan = plan_from_masks(head_mask, neuron_mask)
     config = tower.pruned_config(model.config, [len(layer.heads) for layer in plan],
@@ -99,7 +91,7 @@ def save_pruned(model: PreTrainedModel, output_dir: str | Path, plan: list[Layer
     `output_dir`, so an interrupted save leaves no half-written model behind.
 
     Args:
-        model: the pruned model (`prune_model`'s output or a loaded one).
+        model: the pruned model (`cut_pruned_model`'s output or a loaded one).
         output_dir: directory to create; its parents are created as needed.
         plan: the pruning plan the model was cut with (`plan_from_masks`).
         processor: a processor, image processor or tokenizer to save alongside, or None.
@@ -110,11 +102,11 @@ def save_pruned(model: PreTrainedModel, output_dir: str | Path, plan: list[Layer
     """
     output = Path(output_dir).resolve()
     with atomic_directory(output, overwrite) as staging:
-        write_pruned(model, staging, plan, processor)  # checks the plan first: a mismatch leaves nothing behind
+        write_pruned_files(model, staging, plan, processor)  # checks the plan first: a mismatch leaves nothing behind
     return output
 
 
-def write_pruned(model: PreTrainedModel, folder: Path, plan: list[LayerPlan], processor: Any = None) -> None:
+def write_pruned_files(model: PreTrainedModel, folder: Path, plan: list[LayerPlan], processor: Any = None) -> None:
     """Write `model`, its remote code, `plan.json` and the processor files into the existing `folder` (not
     atomically: `save_pruned` stages it, a run directory stages the whole run)."""
     _check_plan(model, plan)
@@ -128,7 +120,7 @@ def write_pruned(model: PreTrainedModel, folder: Path, plan: list[LayerPlan], pr
 def _check_plan(model: PreTrainedModel, plan: list[LayerPlan]) -> None:
     """Refuse a dense model, or a plan other than the one `model` was cut with."""
     if not is_pruned(model):
-        raise TypeError(f"saving needs a pruned model from prune_model, got {type(model).__name__}")
+        raise TypeError(f"saving needs a pruned model from cut_pruned_model, got {type(model).__name__}")
     config = tower_of(model).vision.config
     if ([len(layer.heads) for layer in plan] != list(config.heads_per_layer)
             or [len(layer.neurons) for layer in plan] != list(config.neurons_per_layer)):
@@ -197,8 +189,8 @@ def read_masks(location: str | Path,
     else:
         if not path.is_dir():
             raise FileNotFoundError(f"mask directory {path} does not exist")
-        folder, head_path = path, path / "head_mask.pt"
-    neuron_path = folder / "neuron_mask.pt"
+        folder, head_path = path, path / HEAD_MASK_FILE
+    neuron_path = folder / NEURON_MASK_FILE
     if not head_path.is_file():
         present = sorted(path.name for path in folder.iterdir())
         raise FileNotFoundError(f"{folder} has no head_mask.pt (found: {present or 'nothing'})")

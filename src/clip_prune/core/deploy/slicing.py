@@ -16,10 +16,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
-from clip_prune.core.pruning.masks import mask_shapes
+from clip_prune.core.pruning.masks import check_masks, head_columns, mask_shapes
 from clip_prune.hub.pruned_layers import ConstantAttention, ConstantMLP
 from clip_prune.towers import tower_of
 
@@ -44,69 +42,6 @@ class LayerPlan:
                 f"{len(self.head_scales)} head_scales and {len(self.neurons)} neurons with "
                 f"{len(self.neuron_scales)} neuron_scales"
             )
-
-
-def check_masks(head_mask: torch.Tensor, neuron_mask: torch.Tensor,
-                shapes: tuple[tuple[int, int], tuple[int, int]] | None = None) -> None:
-    """Raise one ValueError listing every problem with `head_mask` [L, H] and `neuron_mask` [L, F].
-
-    Args:
-        head_mask: per-head scales, 0 = pruned.
-        neuron_mask: per-neuron scales, 0 = pruned.
-        shapes: the ([L, H], [L, F]) shapes the model needs (`mask_shapes`); None checks only
-            that both masks are 2-D with the same number of layers.
-    """
-    problems = []
-    for name, mask in (("head_mask", head_mask), ("neuron_mask", neuron_mask)):
-        if not isinstance(mask, torch.Tensor):
-            problems.append(f"{name} must be a tensor, got {type(mask).__name__}")
-        elif mask.dim() != 2:
-            problems.append(f"{name} must be 2-D (layers x units), got shape {list(mask.shape)}")
-        elif not torch.isfinite(mask).all():
-            problems.append(f"{name} contains NaN or infinite values; recompute or repair the mask")
-    if problems:
-        raise ValueError("invalid masks:\n  " + "\n  ".join(problems))
-    if shapes is not None:
-        named = (("head_mask", head_mask, shapes[0]), ("neuron_mask", neuron_mask, shapes[1]))
-        for name, mask, shape in named:
-            if tuple(mask.shape) != tuple(shape):
-                problems.append(
-                    f"{name} has shape {list(mask.shape)} but the model needs {list(shape)}: "
-                    "were the masks made for another model (check --model.pretrained)?"
-                )
-    elif head_mask.shape[0] != neuron_mask.shape[0]:
-        problems.append(
-            f"head_mask has {head_mask.shape[0]} layers but neuron_mask has {neuron_mask.shape[0]}"
-        )
-    if not problems and not (head_mask != 0).any() and not (neuron_mask != 0).any():
-        problems.append(
-            "the masks prune every head and every neuron of every layer, which leaves no encoder; "
-            "use a larger FLOP constraint"
-        )
-    if problems:
-        raise ValueError("invalid masks:\n  " + "\n  ".join(problems))
-
-
-def mask_value_notes(head_mask: torch.Tensor, neuron_mask: torch.Tensor, binary: bool) -> list[str]:
-    """Refuse mask values the masks' kind cannot hold; describe the unusual ones it may.
-
-    Args:
-        head_mask: [L, H] per-head values, 0 = pruned.
-        neuron_mask: [L, F] per-neuron values, 0 = pruned.
-        binary: the masks come with refit columns (a `weights` reconstruction), so they hold 0 and 1 only.
-            Scale masks (`scales`, the original tool's) may hold any kept value, negative ones too: a least-squares
-            scale below zero turns a unit's output round, which the solve may find best.
-    """
-    named = (("head_mask", head_mask), ("neuron_mask", neuron_mask))
-    if binary:
-        odd = [name for name, mask in named if not bool(((mask == 0) | (mask == 1)).all())]
-        if odd:
-            raise ValueError(f"{' and '.join(odd)} hold values other than 0 and 1, but the refit columns beside them "
-                             "belong to binary masks (a `weights` reconstruction): were the mask files replaced?")
-        return []
-    return [f"{name} holds {int((mask < 0).sum())} negative scales (down to {float(mask.min()):.3g}): kept units whose "
-            "output the reconstruction turned round (the original tool writes such masks); applied as they are"
-            for name, mask in named if bool((mask < 0).any())]
 
 
 def plan_from_masks(head_mask: torch.Tensor, neuron_mask: torch.Tensor) -> list[LayerPlan]:
@@ -182,7 +117,7 @@ def _slice_attention(attention: nn.Module, layer: LayerPlan) -> nn.Module:
     device = attention.out_proj.weight.device
     head_dim = attention.head_dim
     heads = torch.tensor(layer.heads, device=device)
-    rows = (heads[:, None] * head_dim + torch.arange(head_dim, device=device)).flatten()
+    rows = head_columns(heads, head_dim)
     scales = torch.tensor(layer.head_scales, dtype=torch.float64, device=device).repeat_interleave(head_dim)
     attention.q_proj = _slice_rows(attention.q_proj, rows)
     attention.k_proj = _slice_rows(attention.k_proj, rows)
@@ -225,7 +160,7 @@ def slice_vision_tower(model: nn.Module, head_mask: torch.Tensor, neuron_mask: t
 
     Works on any supported family, full (the text tower is left alone) or vision-only
     (`clip_prune.towers`). The config is not changed, so the sliced model cannot be
-    saved and reloaded as it is: `saving.prune_model` wraps this in a model class whose
+    saved and reloaded as it is: `saving.cut_pruned_model` wraps this in a model class whose
     config records the per-layer widths.
 
     Args:
@@ -244,32 +179,3 @@ def slice_vision_tower(model: nn.Module, head_mask: torch.Tensor, neuron_mask: t
         layer.self_attn = _slice_attention(layer.self_attn, layer_plan)
         layer.mlp = _slice_mlp(layer.mlp, layer_plan)
     return model
-
-
-def count_vision_macs(model: nn.Module, image_size: int | None = None) -> int:
-    """MACs (FLOPs / 2) of the vision encoder layers of `model` for one image, counted by running it.
-
-    Uses `torch.utils.flop_counter.FlopCounterMode` under the MATH SDPA backend, whose
-    matmuls are counted (the fused CPU kernel is not; docs/design.md, "Facts about transformers
-    5.x"). Only the encoder layers are returned, so the count compares with
-    `count_encoder_macs`: the patch embedding, layer norms, biases and softmax are left out.
-
-    Args:
-        model: a model of a supported family, dense or pruned, with or without text tower.
-        image_size: side of the square input image in pixels; the config's image_size if None
-            (another size interpolates the position embeddings). SigLIP2 takes none: it counts the config's
-            `num_patches` patches.
-    """
-    tower = tower_of(model)
-    vision, config = tower.vision, tower.config
-    resize = {"interpolate_pos_encoding": True} if image_size not in (None, getattr(config, "image_size", None)) else {}
-    counter = FlopCounterMode(display=False)
-    with sdpa_kernel(SDPBackend.MATH), counter, torch.no_grad():
-        vision(**tower.example_inputs(1, image_size), **resize)
-    # FlopCounterMode names modules after the root's class: "<Class>.encoder".
-    counts = counter.get_flop_counts()
-    encoder = f"{type(vision).__name__}.encoder"
-    assert encoder in counts, f"FlopCounterMode saw no module {encoder}, only {sorted(counts)[:5]}..."
-    flop_count = sum(counts[encoder].values())
-    assert flop_count % 2 == 0, "matmul FLOPs are counted as 2 per multiply-accumulate"
-    return flop_count // 2

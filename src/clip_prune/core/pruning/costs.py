@@ -16,7 +16,7 @@ from clip_prune.towers import tower_class
 
 
 @dataclass(frozen=True)
-class EncoderMacs:
+class MacCosts:
     """Per-unit MAC costs of one vision encoder at its configured image size."""
 
     num_layers: int
@@ -46,12 +46,12 @@ class EncoderMacs:
         return self.of_counts(int((head_mask != 0).sum()), int((neuron_mask != 0).sum()))
 
 
-def count_encoder_macs(config: PretrainedConfig) -> EncoderMacs:
+def mac_costs(config: PretrainedConfig) -> MacCosts:
     """Per-head and per-neuron MACs of the vision encoder described by the vision `config`."""
     hidden = config.hidden_size
     head_dim = hidden // config.num_attention_heads
     tokens = tower_class(config).num_tokens(config)
-    return EncoderMacs(
+    return MacCosts(
         num_layers=config.num_hidden_layers,
         num_heads=config.num_attention_heads,
         num_neurons=config.intermediate_size,

@@ -133,3 +133,74 @@ def _checked(mask: torch.Tensor | None, shape: tuple[int, int], name: str, devic
     if not torch.isfinite(mask).all():
         raise ValueError(f"{name} contains NaN or infinite values")
     return mask.detach().to(device=device, dtype=torch.float32)
+
+
+def head_columns(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Indices of the attention output's input columns (q, k, v output rows) of `heads`, the kept heads' indices
+    (of a mask row: `row.nonzero().flatten()`)."""
+    return (heads[:, None] * head_dim + torch.arange(head_dim, device=heads.device)).flatten()
+
+
+
+def check_masks(head_mask: torch.Tensor, neuron_mask: torch.Tensor,
+                shapes: tuple[tuple[int, int], tuple[int, int]] | None = None) -> None:
+    """Raise one ValueError listing every problem with `head_mask` [L, H] and `neuron_mask` [L, F].
+
+    Args:
+        head_mask: per-head scales, 0 = pruned.
+        neuron_mask: per-neuron scales, 0 = pruned.
+        shapes: the ([L, H], [L, F]) shapes the model needs (`mask_shapes`); None checks only
+            that both masks are 2-D with the same number of layers.
+    """
+    problems = []
+    for name, mask in (("head_mask", head_mask), ("neuron_mask", neuron_mask)):
+        if not isinstance(mask, torch.Tensor):
+            problems.append(f"{name} must be a tensor, got {type(mask).__name__}")
+        elif mask.dim() != 2:
+            problems.append(f"{name} must be 2-D (layers x units), got shape {list(mask.shape)}")
+        elif not torch.isfinite(mask).all():
+            problems.append(f"{name} contains NaN or infinite values; recompute or repair the mask")
+    if problems:
+        raise ValueError("invalid masks:\n  " + "\n  ".join(problems))
+    if shapes is not None:
+        named = (("head_mask", head_mask, shapes[0]), ("neuron_mask", neuron_mask, shapes[1]))
+        for name, mask, shape in named:
+            if tuple(mask.shape) != tuple(shape):
+                problems.append(
+                    f"{name} has shape {list(mask.shape)} but the model needs {list(shape)}: "
+                    "were the masks made for another model (check --model.pretrained)?"
+                )
+    elif head_mask.shape[0] != neuron_mask.shape[0]:
+        problems.append(
+            f"head_mask has {head_mask.shape[0]} layers but neuron_mask has {neuron_mask.shape[0]}"
+        )
+    if not problems and not (head_mask != 0).any() and not (neuron_mask != 0).any():
+        problems.append(
+            "the masks prune every head and every neuron of every layer, which leaves no encoder; "
+            "use a larger FLOP constraint"
+        )
+    if problems:
+        raise ValueError("invalid masks:\n  " + "\n  ".join(problems))
+
+
+def mask_value_notes(head_mask: torch.Tensor, neuron_mask: torch.Tensor, binary: bool) -> list[str]:
+    """Refuse mask values the masks' kind cannot hold; describe the unusual ones it may.
+
+    Args:
+        head_mask: [L, H] per-head values, 0 = pruned.
+        neuron_mask: [L, F] per-neuron values, 0 = pruned.
+        binary: the masks come with refit columns (a `weights` reconstruction), so they hold 0 and 1 only.
+            Scale masks (`scales`, the original tool's) may hold any kept value, negative ones too: a least-squares
+            scale below zero turns a unit's output round, which the solve may find best.
+    """
+    named = (("head_mask", head_mask), ("neuron_mask", neuron_mask))
+    if binary:
+        odd = [name for name, mask in named if not bool(((mask == 0) | (mask == 1)).all())]
+        if odd:
+            raise ValueError(f"{' and '.join(odd)} hold values other than 0 and 1, but the refit columns beside them "
+                             "belong to binary masks (a `weights` reconstruction): were the mask files replaced?")
+        return []
+    return [f"{name} holds {int((mask < 0).sum())} negative scales (down to {float(mask.min()):.3g}): kept units whose "
+            "output the reconstruction turned round (the original tool writes such masks); applied as they are"
+            for name, mask in named if bool((mask < 0).any())]
+

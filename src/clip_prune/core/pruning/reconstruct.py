@@ -32,7 +32,6 @@ from torch import nn
 from torch.nn import functional
 from tqdm.auto import tqdm
 
-from clip_prune.core.deploy.slicing import check_masks
 from clip_prune.core.pruning.least_squares import (
     Moments,
     SolveError,
@@ -42,8 +41,8 @@ from clip_prune.core.pruning.least_squares import (
     solve_bounded,
     squared_error,
 )
-from clip_prune.core.pruning.masks import VisionMasks, mask_shapes
-from clip_prune.core.pruning.refit import RefitWeights, head_columns
+from clip_prune.core.pruning.masks import VisionMasks, check_masks, head_columns, mask_shapes
+from clip_prune.core.pruning.refit import RefitWeights
 from clip_prune.towers import VisionInputs, as_inputs, tower_of
 
 Method = Literal["weights", "scales"]
@@ -230,7 +229,7 @@ def _reconstruct_layer(run: _Run, index: int, layer: nn.Module, tokens: slice) -
     kept_heads = run.head_mask[index].nonzero().flatten()
     kept_neurons = run.neuron_mask[index].nonzero().flatten()
     heads = _Stage("heads", index, attention.out_proj, f"layers.{index}.self_attn.out_proj", kept_heads,
-                   head_columns(run.head_mask[index], attention.head_dim), run.head_mask[index, kept_heads])
+                   head_columns(kept_heads, attention.head_dim), run.head_mask[index, kept_heads])
     neurons = _Stage("neurons", index, mlp.fc2, f"layers.{index}.mlp.fc2", kept_neurons, kept_neurons,
                      run.neuron_mask[index, kept_neurons])
 

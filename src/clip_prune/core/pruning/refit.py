@@ -20,22 +20,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from clip_prune.core.pruning.masks import head_columns
 from clip_prune.core.pruning.provenance import made_on_another_model, model_record
 from clip_prune.towers import tower_of
-
-REFIT_FILE = "refit.safetensors"
-"""Name of the refit columns beside the masks in a run directory."""
 
 RefitWeights = dict[str, torch.Tensor]
 """`layers.{i}.self_attn.out_proj.{weight,bias}` and `layers.{i}.mlp.fc2.{weight,bias}` → refit tensor."""
 
+
 _KEY = re.compile(r"layers\.(\d+)\.(self_attn\.out_proj|mlp\.fc2)\.(weight|bias)")
-
-
-def head_columns(head_row: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """Indices of the out_proj input columns of the kept heads of one layer (`head_row` [H], 0 = pruned)."""
-    heads = head_row.nonzero().flatten()
-    return (heads[:, None] * head_dim + torch.arange(head_dim, device=heads.device)).flatten()
 
 
 def _targets(model: nn.Module, head_mask: torch.Tensor, neuron_mask: torch.Tensor,
@@ -52,7 +45,8 @@ def _targets(model: nn.Module, head_mask: torch.Tensor, neuron_mask: torch.Tenso
         layer = layers[index]
         if module_path == "self_attn.out_proj":
             linear = layer.self_attn.out_proj
-            columns = head_columns(head_mask[index].to(linear.weight.device), layer.self_attn.head_dim)
+            kept = head_mask[index].to(linear.weight.device).nonzero().flatten()
+            columns = head_columns(kept, layer.self_attn.head_dim)
         else:
             linear = layer.mlp.fc2
             columns = neuron_mask[index].to(linear.weight.device).nonzero().flatten()

@@ -13,10 +13,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Literal
 
 import torch
 
-from clip_prune.core.pruning.costs import EncoderMacs
+from clip_prune.core.pruning.costs import MacCosts
 from clip_prune.core.pruning.latency_table import LatencyTable
 
 
@@ -38,15 +39,30 @@ class SearchResult:
     """[number of candidate heads + 1] float64, best objective for each number of kept heads (0..L·H
     without candidates); -inf where the heads alone exceed the budget."""
     macs: int
-    """MACs per image of the encoder that the masks keep (prunable parts only, see `EncoderMacs`)."""
+    """MACs per image of the encoder that the masks keep (prunable parts only, see `MacCosts`)."""
     budget: float
     """MACs per image allowed: constraint · dense MACs."""
+
+
+ConstraintType = Literal["macs", "latency"]
+"""What a constraint is a fraction of: the encoder's analytic MACs, or the dense tower's latency on the device."""
+
+
+def constraint_in_range(constraint: object) -> bool:
+    """Whether `constraint` is a number in (0, 1]."""
+    return isinstance(constraint, int | float) and not isinstance(constraint, bool) and 0 < constraint <= 1
+
+
+def constraint_problem(constraint: object, constraint_type: ConstraintType) -> str:
+    """What is wrong with a constraint outside (0, 1], and what to give instead."""
+    whole = "the encoder's MACs" if constraint_type == "macs" else "the dense tower's latency"
+    return f"--constraint must be in (0, 1] (the fraction of {whole} to keep, e.g. 0.75), got {constraint}"
 
 
 def search_masks(
     head_scores: torch.Tensor,
     neuron_scores: torch.Tensor,
-    macs: EncoderMacs,
+    macs: MacCosts,
     constraint: float,
     candidates: tuple[torch.Tensor, torch.Tensor] | None = None,
     keep_a_head: bool = False,
@@ -119,15 +135,10 @@ def search_masks(
 
 
 def _check_inputs(
-    head_scores: torch.Tensor, neuron_scores: torch.Tensor, macs: EncoderMacs, constraint: float
+    head_scores: torch.Tensor, neuron_scores: torch.Tensor, macs: MacCosts, constraint: float
 ) -> None:
     """Raise one ValueError listing every problem with the inputs of `search_masks`."""
-    problems = []
-    if not 0 < constraint <= 1:
-        problems.append(
-            f"constraint must be in (0, 1] (the fraction of the dense encoder's MACs to keep), got "
-            f"{constraint}; set --constraint to e.g. 0.6"
-        )
+    problems = [] if constraint_in_range(constraint) else [constraint_problem(constraint, "macs")]
     expected = {
         "head_scores": (head_scores, (macs.num_layers, macs.num_heads), "[L, H]"),
         "neuron_scores": (neuron_scores, (macs.num_layers, macs.num_neurons), "[L, F]"),
@@ -378,7 +389,7 @@ def _check_width_inputs(head_scores: torch.Tensor, neuron_scores: torch.Tensor, 
         raise ValueError("; ".join(problems))
 
 
-def search_layer_macs(head_scores: torch.Tensor, neuron_scores: torch.Tensor, macs: EncoderMacs, constraint: float,
+def search_layer_macs(head_scores: torch.Tensor, neuron_scores: torch.Tensor, macs: MacCosts, constraint: float,
                       head_dim: int, multiple_of: int = 1,
                       candidates: tuple[torch.Tensor, torch.Tensor] | None = None,
                       keep_a_head: bool = False) -> WidthSearchResult:
@@ -418,9 +429,9 @@ def search_layer_latency(head_scores: torch.Tensor, neuron_scores: torch.Tensor,
         candidates: ([L, H], [L, F]) masks of the units that may be kept; None: every unit.
         keep_a_head: keep at least one head (see `search_layer_widths`).
     """
-    if not 0 < constraint <= 1:
-        raise ValueError(f"the latency constraint must be in (0, 1], got {constraint}; set --constraint to e.g. 0.6")
-    macs = EncoderMacs(table.num_layers, table.num_heads, table.num_neurons, tokens=0, per_head=0, per_neuron=0)
+    if not constraint_in_range(constraint):
+        raise ValueError(constraint_problem(constraint, "latency"))
+    macs = MacCosts(table.num_layers, table.num_heads, table.num_neurons, tokens=0, per_head=0, per_neuron=0)
     return WidthBudget(head_dim, multiple_of, table).search(head_scores, neuron_scores, macs, constraint, candidates,
                                                             keep_a_head)
 
@@ -436,7 +447,7 @@ class WidthBudget:
     latency: LatencyTable | None = None
     """The run's latency table: the constraint is a fraction of its dense latency; None: of the MACs."""
 
-    def costs(self, macs: EncoderMacs) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    def costs(self, macs: MacCosts) -> tuple[torch.Tensor, torch.Tensor, float, float]:
         """Per layer the cost of keeping 0..H heads [L, H + 1] and 0..F neurons [L, F + 1], the cost no width changes
         and the dense tower's, in the budget's unit (MACs, or seconds by the latency table)."""
         if self.latency is not None:
@@ -447,12 +458,12 @@ class WidthBudget:
         neuron_costs = (torch.arange(macs.num_neurons + 1, dtype=torch.float64) * macs.per_neuron).expand(layers, -1)
         return head_costs, neuron_costs, 0.0, float(macs.dense)
 
-    def counts(self, macs: EncoderMacs) -> tuple[list[int], list[int]]:
+    def counts(self, macs: MacCosts) -> tuple[list[int], list[int]]:
         """The head and neuron counts a layer may keep."""
         return (allowed_widths(macs.num_heads, self.head_dim, self.multiple_of),
                 allowed_widths(macs.num_neurons, 1, self.multiple_of))
 
-    def smallest_constraint(self, macs: EncoderMacs, keep_a_head: bool) -> float:
+    def smallest_constraint(self, macs: MacCosts, keep_a_head: bool) -> float:
         """The least constraint any widths meet: the fixed cost, the narrowest choice of every layer and, with
         `keep_a_head`, one layer's narrowest attention."""
         head_costs, neuron_costs, fixed, dense = self.costs(macs)
@@ -464,7 +475,7 @@ class WidthBudget:
             cheapest += float((head_costs[:, positive].min(dim=1).values - narrowest).min())
         return cheapest / dense
 
-    def search(self, head_scores: torch.Tensor, neuron_scores: torch.Tensor, macs: EncoderMacs, constraint: float,
+    def search(self, head_scores: torch.Tensor, neuron_scores: torch.Tensor, macs: MacCosts, constraint: float,
                candidates: tuple[torch.Tensor, torch.Tensor] | None = None,
                keep_a_head: bool = False) -> WidthSearchResult:
         """The per-layer search (`search_layer_widths`) of `constraint` times the dense cost, with these settings.
@@ -488,7 +499,7 @@ class WidthBudget:
             raise BudgetTooSmall(constraint, max(smallest, constraint), _essentials(self, keep_a_head)) from error
 
 
-def check_reachable(constraint: float, macs: EncoderMacs, keep_a_head: bool, widths: WidthBudget | None = None) -> None:
+def check_reachable(constraint: float, macs: MacCosts, keep_a_head: bool, widths: WidthBudget | None = None) -> None:
     """Refuse, before any statistics are gathered, a constraint below the least that any masks meet: the parts no
     pruning removes (latency), the narrowest allowed widths and, with `keep_a_head`, one head.
 

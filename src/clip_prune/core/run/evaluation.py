@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from clip_prune.core.pruning.costs import count_encoder_macs
 from clip_prune.core.run.cascade import Shortlists, cascade_macs, cascade_recall, check_top_m, shortlist_images
+from clip_prune.core.run.costs import analytic_macs_per_image
 from clip_prune.core.run.metrics import retrieval_recall, zero_shot_accuracy
 from clip_prune.core.timing import timed_call
 from clip_prune.data.coco import ImageItems, RetrievalSplit, ZeroShotSplit, text_length_limit
@@ -119,7 +119,7 @@ class Evaluator:
         subsets = [lists.reranked_images().cpu() for lists in shortlists]
         timings = time_encodings(dense, pruned, self.retrieval.images, subsets, self.batch_size, self.num_workers,
                                  self.device, self.progress)
-        dense_macs, pruned_macs = encoder_macs_per_image(dense), encoder_macs_per_image(pruned)
+        dense_macs, pruned_macs = analytic_macs_per_image(dense), analytic_macs_per_image(pruned)
         results = []
         for lists, subset, reranking_s, embeds in zip(shortlists, subsets, timings.subset_s, timings.subset_embeds,
                                                       strict=True):
@@ -176,15 +176,6 @@ def cosine_to_dense(dense: torch.Tensor, pruned: torch.Tensor) -> dict[str, floa
     return {"mean": float(cosines.mean()), "min": float(cosines.min()), "images": len(cosines)}
 
 
-def encoder_macs_per_image(model: PreTrainedModel) -> int:
-    """Analytic encoder MACs of one image through `model`'s vision tower (dense, or with its pruned widths)."""
-    config = tower_of(model).vision.config
-    macs = count_encoder_macs(config)
-    if getattr(config, "heads_per_layer", None) is not None:  # a pruned model's config records its widths
-        return macs.of_counts(sum(config.heads_per_layer), sum(config.neurons_per_layer))
-    return macs.dense
-
-
 @dataclass(frozen=True)
 class EncodingTimes:
     """Seconds of image-encoder forward passes over a gallery, summed over its batches."""
@@ -237,4 +228,3 @@ def time_encodings(dense: PreTrainedModel, pruned: PreTrainedModel, images: Imag
             if job >= 2:
                 embeds[job - 2].append(F.normalize(outputs[job].float(), dim=-1))
     return EncodingTimes(seconds[0], seconds[1], seconds[2:], [torch.cat(parts) for parts in embeds])
-

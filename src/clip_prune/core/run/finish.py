@@ -16,25 +16,21 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from clip_prune.core.deploy.saving import prune_model, write_pruned
+from clip_prune.core.deploy.saving import cut_pruned_model, write_pruned_files
 from clip_prune.core.deploy.sharing import read_processor
-from clip_prune.core.deploy.slicing import count_vision_macs, plan_from_masks
-from clip_prune.core.pruning.costs import count_encoder_macs
+from clip_prune.core.deploy.slicing import plan_from_masks
+from clip_prune.core.file_names import REPORT_FILE
 from clip_prune.core.pruning.masks import VisionMasks
 from clip_prune.core.pruning.refit import RefitWeights, refit_applied
+from clip_prune.core.run.costs import measure_costs
 from clip_prune.core.run.outputs import RunFolder
 from clip_prune.core.run.summary import format_summary
-from clip_prune.core.timing import load_average, measure_latencies, summarise_latency, timed
-from clip_prune.data.coco import available_cores
+from clip_prune.core.timing import timed
 from clip_prune.towers import VisionInputs, as_inputs, image_embeds, tower_of
 
 EQUIVALENCE_TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 """Largest accepted |masked − pruned| of image embeddings, relative to the largest |embedding| (at least 1),
 per dtype: slicing reorders sums, so the two agree to the dtype's rounding (float32 measured ≤ 1e-5)."""
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(parameter.numel() for parameter in module.parameters())
 
 
 @torch.no_grad()
@@ -61,9 +57,9 @@ class PrunedModelSpec:
     """[L, F] neuron scales, 0 = pruned."""
     pretrained: str
     """Checkpoint whose image processor and tokenizer are saved alongside."""
-    pixels: torch.Tensor | VisionInputs
-    """[B, 3, S, S] images on the model's device for the equivalence check and the latency, or the tower's inputs
-    (`VisionTower.input_names`: SigLIP2's patches, patch mask and grid)."""
+    inputs: torch.Tensor | VisionInputs
+    """The tower's inputs on the model's device for the equivalence check and the latency (`VisionTower.input_names`:
+    pixels [B, 3, S, S], or SigLIP2's patches, patch mask and grid), or pixels alone."""
     refit: RefitWeights | None = None
     """Refit columns of the kept units (`weights` reconstruction)."""
     latency_repeats: int = 15
@@ -91,19 +87,19 @@ def finish_run(run: RunFolder, report: dict[str, Any], model: PrunedModelSpec | 
         return work() if timings is None else timed(timings, name, work)
 
     if model is not None:
-        pruned, measured = stage("save", lambda: save_pruned_model(
-            model.model, model.head_mask, model.neuron_mask, run.file(model.folder), model.pretrained, model.pixels,
+        pruned, measured = stage("save", lambda: export_pruned(
+            model.model, model.head_mask, model.neuron_mask, run.file(model.folder), model.pretrained, model.inputs,
             model.latency_repeats, model.refit))
         report |= measured
         if evaluate is not None:
             report["metrics"] = stage("evaluate", lambda: evaluate(pruned))
     if timings is not None:
         report["timings_s"] = {**timings, "total": sum(timings.values())}
-    run.write_json("report.json", report)
+    run.write_json(REPORT_FILE, report)
     return "\n".join(filter(None, [format_summary(report), f"clip-prune: wrote {run.path}"]))
 
 
-def save_pruned_model(model: PreTrainedModel, head_mask: torch.Tensor, neuron_mask: torch.Tensor,
+def export_pruned(model: PreTrainedModel, head_mask: torch.Tensor, neuron_mask: torch.Tensor,
                       directory: Path, pretrained: str, pixels: torch.Tensor | VisionInputs, latency_repeats: int = 15,
                       refit: RefitWeights | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Slice `model` by the masks, check it against the masked model, save it to `directory`; return it and a report.
@@ -127,7 +123,7 @@ def save_pruned_model(model: PreTrainedModel, head_mask: torch.Tensor, neuron_ma
     pixels = as_inputs(pixels)
     device = pixels["pixel_values"].device
     check_keeps_a_path(model, head_mask)
-    pruned = prune_model(model, head_mask, neuron_mask, refit).eval()
+    pruned = cut_pruned_model(model, head_mask, neuron_mask, refit).eval()
     with refit_applied(model, head_mask, neuron_mask, refit):
         reference = masked_embeddings(model, head_mask.to(device), neuron_mask.to(device), pixels)
     with torch.no_grad():
@@ -140,7 +136,7 @@ def save_pruned_model(model: PreTrainedModel, head_mask: torch.Tensor, neuron_ma
             f"(tolerance {tolerance:.3g} in {reference.dtype}); this is a bug in clip-prune, please report it"
         )
     directory.mkdir(parents=True, exist_ok=True)
-    write_pruned(pruned, directory, plan_from_masks(head_mask, neuron_mask), processor=read_processor(pretrained))
+    write_pruned_files(pruned, directory, plan_from_masks(head_mask, neuron_mask), processor=read_processor(pretrained))
     return pruned, {
         "equivalence": {"max_abs_diff": difference, "tolerance": tolerance, "dtype": str(reference.dtype),
                         "samples": len(pixels["pixel_values"])},
@@ -180,25 +176,3 @@ def image_dependence(dense: torch.Tensor, pruned: torch.Tensor) -> dict[str, flo
                          f"images they spread {ratio:.2g} of the dense model's (at least {MIN_SPREAD_RATIO:g} needed); "
                          "prune less: raise --constraint, or use masks that keep more")
     return {"dense_spread": dense_spread, "pruned_spread": pruned_spread, "ratio": ratio}
-
-
-def measure_costs(dense: nn.Module, pruned: nn.Module, head_mask: torch.Tensor, neuron_mask: torch.Tensor,
-                  pixels: torch.Tensor | VisionInputs, latency_repeats: int) -> dict[str, Any]:
-    """Analytic and counted MACs, parameters and measured latency of the dense and pruned vision towers."""
-    pixels = as_inputs(pixels)
-    macs = count_encoder_macs(tower_of(dense).config)
-    analytic = macs.of_masks(head_mask, neuron_mask)
-    counted_dense, counted_pruned = count_vision_macs(dense), count_vision_macs(pruned)
-    load = load_average()
-    dense_times, pruned_times = measure_latencies([dense, pruned], pixels, latency_repeats)
-    parameters = count_parameters(tower_of(dense).vision), count_parameters(tower_of(pruned).vision)
-    return {
-        "macs": {"dense": macs.dense, "pruned": analytic, "ratio": analytic / macs.dense,
-                  "unit": "encoder MACs per image (analytic)"},
-        "macs_counted": {"dense": counted_dense, "pruned": counted_pruned, "ratio": counted_pruned / counted_dense,
-                          "unit": "encoder MACs per image (torch.utils.flop_counter)"},
-        "parameters": {"dense": parameters[0], "pruned": parameters[1], "ratio": parameters[1] / parameters[0],
-                       "unit": "vision tower"},
-        "latency_s": {**summarise_latency(dense_times, pruned_times, load, available_cores()),
-                      "batch": len(pixels["pixel_values"]), "device": str(pixels["pixel_values"].device)},
-    }

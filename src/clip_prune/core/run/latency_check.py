@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from transformers import PreTrainedModel
 
-from clip_prune.core.deploy.saving import prune_model
+from clip_prune.core.deploy.saving import cut_pruned_model
 from clip_prune.core.pruning.latency_budget import Masked
 from clip_prune.core.pruning.masks import mask_shapes
 from clip_prune.core.timing import Timing, measure_latencies, paired_ratio
@@ -21,10 +21,10 @@ def candidate_timer(model: PreTrainedModel, inputs: VisionInputs, repeats: int, 
     pairs at a time until the ratio's standard error is at most `target_error` or `most_repeats` pairs were timed:
     a noisy machine gets more timings, a quiet one no more than needed."""
     head_shape, neuron_shape = mask_shapes(tower_of(model).config)
-    dense = prune_model(model, torch.ones(head_shape), torch.ones(neuron_shape)).eval()
+    dense = cut_pruned_model(model, torch.ones(head_shape), torch.ones(neuron_shape)).eval()
 
     def time_ratio(candidate: Masked) -> Timing:
-        pruned = prune_model(model, candidate.head_mask, candidate.neuron_mask).eval()
+        pruned = cut_pruned_model(model, candidate.head_mask, candidate.neuron_mask).eval()
         dense_s: list[float] = []
         pruned_s: list[float] = []
         while True:
