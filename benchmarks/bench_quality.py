@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from clip_prune.core.pruning.chain import prune_in_steps
 from clip_prune.core.pruning.costs import mac_costs
 from clip_prune.core.pruning.fisher import FisherStatistics
 from clip_prune.core.pruning.options import PruningOptions
 from clip_prune.core.pruning.refit import RefitWeights, refit_applied
-from clip_prune.core.pruning.step import prune_step
 from clip_prune.lightning.data import CocoDataModule
 from clip_prune.lightning.module import MaskedCLIPModule
 from clip_prune.towers import image_embeds, inputs_to, tower_of
@@ -158,14 +158,10 @@ def _top_per_layer(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 
 def run_pipeline(bench: Bench, stats: FisherStatistics, constraint: float, options: PruningOptions
                  ) -> tuple[torch.Tensor, torch.Tensor, RefitWeights, int]:
-    """The pipeline in `options.step_constraints(constraint)` steps; returns the masks, refit and the step count."""
-    kept, result = None, None
-    for index, step_constraint in enumerate(options.step_constraints(constraint)):
-        if index:
-            stats = bench.fisher(result.head_mask, result.neuron_mask, result.refit)
-        result = prune_step(bench.module.model, stats, bench.macs, step_constraint, options, bench.pixels, kept=kept)
-        kept = (result.head_mask, result.neuron_mask)
-    return result.head_mask, result.neuron_mask, result.refit, index + 1
+    """The CLI's loop in `options.step_constraints(constraint)` steps; returns the masks, refit and the step count."""
+    steps = list(prune_in_steps(bench.module.model, stats, options.step_constraints(constraint), options,
+                                bench.pixels, lambda step: bench.fisher(step.head_mask, step.neuron_mask, step.refit)))
+    return steps[-1].head_mask, steps[-1].neuron_mask, steps[-1].refit, len(steps)
 
 
 def _row(constraint: float, name: str, scores: dict[str, float], seconds: float) -> str:

@@ -40,6 +40,7 @@ from bench_pipeline import save_vit_b16_clip
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
 
+from clip_prune.core.pruning.fisher_pass import mask_loss
 from clip_prune.data.pixels import PixelLoader
 from clip_prune.data.synthetic import caption_vocabulary
 from clip_prune.lightning.data import CocoDataModule
@@ -162,7 +163,7 @@ def baseline_seconds(args: argparse.Namespace, model_dir: Path, datamodule: Coco
     for batch in datamodule.val_dataloader():
         batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
         with autocast:
-            loss = module.mask_loss(batch, slice(None))  # no DDP padding items
+            loss = mask_loss(module.model, batch, module.hparams.loss, module.hparams.noise_seed)  # no DDP padding
         torch.autograd.grad(loss, shared)
     synchronize()
     backward = time.perf_counter() - start

@@ -13,8 +13,9 @@ import clip_prune.core.run.finish
 from clip_prune.core.deploy.saving import cut_pruned_model, load_pruned
 from clip_prune.core.pruning.masks import head_columns
 from clip_prune.core.pruning.refit import load_refit, save_refit
-from clip_prune.core.run.finish import PrunedModelSpec, export_pruned, finish_run
+from clip_prune.core.run.finish import PrunedModelSpec, export_pruned, export_to
 from clip_prune.core.run.outputs import RunDirectory
+from clip_prune.core.run.report import write_report
 from clip_prune.files import MANIFEST
 from clip_prune.towers import image_embeds
 
@@ -72,24 +73,24 @@ def test_the_equivalence_check_fails_when_the_slicing_drops_the_refit(tiny_visio
     assert not (tmp_path / "out").exists()
 
 
-def test_finish_run_saves_evaluates_and_reports_in_one_place(tiny_vision_dir: Path, tmp_path: Path) -> None:
+def test_export_and_report_write_the_model_and_one_report(tiny_vision_dir: Path, tmp_path: Path) -> None:
     model = CLIPVisionModel.from_pretrained(tiny_vision_dir).eval()
     head_mask, neuron_mask, refit = _masks_and_refit(model)
     pixels = torch.randn(2, 3, 30, 30, generator=torch.Generator().manual_seed(1))
-    run, timings, seen = RunDirectory(tmp_path / "run"), {"fisher": 1.0}, []
+    run, timings = RunDirectory(tmp_path / "run"), {"fisher": 1.0, "save": 2.0}
     with run.writing():
-        summary = finish_run(run, {"model": "tiny"}, PrunedModelSpec(model, head_mask, neuron_mask,
-                                                                     str(tiny_vision_dir), pixels, refit, 1),
-                             evaluate=lambda pruned: seen.append(pruned) or {"dense": {}}, timings=timings)
+        _, measured = export_to(run, PrunedModelSpec(model, head_mask, neuron_mask, str(tiny_vision_dir), pixels,
+                                                     refit, 1))
+        summary = write_report(run, {"model": "tiny", **measured}, timings)
     report = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert report["model"] == "tiny" and report["metrics"] == {"dense": {}} and len(seen) == 1
+    assert report["model"] == "tiny"
     assert report["equivalence"]["max_abs_diff"] <= report["equivalence"]["tolerance"]
-    assert list(report["timings_s"]) == ["fisher", "save", "evaluate", "total"]
+    assert report["timings_s"] == {"fisher": 1.0, "save": 2.0, "total": 3.0}
     assert (tmp_path / "run" / "pruned" / "model.safetensors").is_file()
     assert summary.startswith("\nclip-prune summary") and summary.endswith(f"clip-prune: wrote {tmp_path / 'run'}")
     # Nothing to save (a sensitivity run, statistics only): only the report.
     bare = RunDirectory(tmp_path / "bare")
     with bare.writing():
-        assert finish_run(bare, {"fisher_samples": 3}) == (f"  Fisher statistics of 3 samples\n"
-                                                           f"clip-prune: wrote {tmp_path / 'bare'}")
+        assert write_report(bare, {"fisher_samples": 3}) == (f"  Fisher statistics of 3 samples\n"
+                                                             f"clip-prune: wrote {tmp_path / 'bare'}")
     assert sorted(path.name for path in (tmp_path / "bare").iterdir()) == [MANIFEST, "report.json"]

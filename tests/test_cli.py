@@ -458,7 +458,7 @@ def test_user_errors_print_one_line_and_exit_2_and_runs_print_one_screen(tiny_cl
 
 def test_internal_errors_keep_their_traceback(tiny_clip_dir, tiny_coco_root, tmp_path, monkeypatch) -> None:
     monkeypatch.delenv("CLIP_PRUNE_DEBUG")
-    monkeypatch.setattr("clip_prune.lightning.callbacks.prune_step", lambda *args, **kwargs: int("not a number"))
+    monkeypatch.setattr("clip_prune.core.pruning.chain.prune_step", lambda *args, **kwargs: int("not a number"))
     with pytest.raises(ValueError, match="invalid literal"):
         run_prune(tiny_clip_dir, tiny_coco_root, tmp_path / "run", "--constraint", "0.6")
     with pytest.raises(SystemExit) as caught:

@@ -11,7 +11,6 @@ import pytest
 from conftest import write_tiny_coco
 
 from clip_prune.core.pruning.fisher import fisher_metadata
-from clip_prune.lightning.callbacks import PruningCallback
 from clip_prune.lightning.cli import main
 
 CONFIG = Path(__file__).parents[1] / "configs" / "tiny.yaml"
@@ -26,7 +25,8 @@ def interrupted_prune(model_dir: Path, data_root: Path, output_dir: Path, monkey
                       *extra: str) -> Path:
     """A run stopped after its Fisher pass (as by Ctrl-C in the search); returns the statistics it left."""
     with monkeypatch.context() as patch:
-        patch.setattr(PruningCallback, "_step", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt()))
+        patch.setattr("clip_prune.core.pruning.chain.prune_step",
+                      lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt()))
         with pytest.raises((KeyboardInterrupt, SystemExit)):
             prune(model_dir, data_root, output_dir, *extra)
     [staging] = output_dir.parent.glob(f".{output_dir.name}.partial-*")

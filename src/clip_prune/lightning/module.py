@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any, Literal
 
 import lightning as L
 import torch
 
-from clip_prune.core.pruning.fisher import FisherInformation
-from clip_prune.core.pruning.losses import distill_loss, distill_noise, gather_across_ranks
+from clip_prune.core.pruning.fisher import FisherInformation, FisherStatistics
+from clip_prune.core.pruning.fisher_pass import accumulate_fisher
+from clip_prune.core.pruning.losses import distill_noise
 from clip_prune.core.pruning.masks import VisionMasks, mask_shapes
+from clip_prune.core.pruning.refit import refit_applied
+from clip_prune.core.pruning.step import StepResult
 from clip_prune.data.sampling import PADDING
 from clip_prune.startup import STARTUP
-from clip_prune.towers import inputs_to, load_model, tower_of
+from clip_prune.towers import load_model, tower_of
 
 LossName = Literal["contrastive", "distill"]
 AttentionName = Literal["sdpa", "eager"]
@@ -48,7 +53,7 @@ class MaskedCLIPModule(L.LightningModule):
         self.masks = VisionMasks(self.model)
         (layers, heads), (_, neurons) = mask_shapes(self.vision_config)
         self.fisher = FisherInformation(layers, heads, neurons)
-        self.collect_fisher = True
+        self._gathers_fisher = True
         STARTUP.lap("model_load")
 
     def check_loss(self, tokenizer_available: bool) -> None:
@@ -71,28 +76,27 @@ class MaskedCLIPModule(L.LightningModule):
         """The config of the vision tower."""
         return self.tower.config
 
-    def mask_loss(self, batch: dict[str, torch.Tensor], real: torch.Tensor | slice) -> torch.Tensor:
-        """The loss whose gradients w.r.t. the masks give the Fisher information.
+    @contextmanager
+    def passing_as(self, step: StepResult | None, gather_fisher: bool = True) -> Iterator[None]:
+        """Within the block, validation passes see the model as `step` left it (its masks hooked in, its refit columns
+        in the weights; None: dense) and gather Fisher statistics afresh, or none (`gather_fisher` False: a pass that
+        only feeds the callbacks the calibration images). Afterwards the model is dense again: it stays the teacher
+        of every step."""
+        self.fisher.reset()
+        self._gathers_fisher = gather_fisher
+        with ExitStack() as pruned:
+            if step is not None:
+                self.masks.set(step.head_mask, step.neuron_mask)
+                pruned.enter_context(refit_applied(self.model, step.head_mask, step.neuron_mask, step.refit))
+            try:
+                yield
+            finally:
+                self.masks.set(torch.ones_like(self.masks.head_mask), torch.ones_like(self.masks.neuron_mask))
+                self._gathers_fisher = True
 
-        Args:
-            batch: the calibration batch.
-            real: [B] False for DDP padding items, which the loss leaves out (`slice(None)`: none).
-
-        Under DDP the contrastive loss is the global batch's (every rank's images and captions, the
-        same on every rank), so each sample meets the negatives it would meet in one process.
-        """
-        # uint8 pixels are normalised here, on the device (`inputs_to`; the batch is already there)
-        inputs = inputs_to(self.tower.vision_inputs(batch), self.device, self.model.dtype)
-        image_embeds = self.tower.image_embeds(inputs)[real]
-        match self.hparams.loss:
-            case "contrastive":
-                with torch.no_grad():
-                    text_embeds = self.tower.text_embeds(batch["input_ids"], batch.get("attention_mask"))[real]
-                return self.tower.loss(gather_across_ranks(image_embeds.float()),
-                                       gather_across_ranks(text_embeds.float()))
-            case "distill":
-                return distill_loss(image_embeds, batch["index"][real], self.hparams.noise_seed,
-                                    None if "distill_noise" not in batch else batch["distill_noise"][real])
+    def statistics(self) -> FisherStatistics:
+        """The Fisher statistics of the last pass, summed across ranks."""
+        return self.fisher.compute()
 
     def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """Decide on the host, where the sample ids are, what would otherwise wait for the device once per batch:
@@ -117,14 +121,11 @@ class MaskedCLIPModule(L.LightningModule):
         self.masks.set(self.masks.head_mask.to(self.device), self.masks.neuron_mask.to(self.device))
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        if not self.collect_fisher:
+        if not self._gathers_fisher:
             return
         # Boolean indexing waits for the device (it must count the rows): only where padding exists.
         real = batch["index"] != PADDING if batch.get("padded", True) else slice(None)
-        with torch.enable_grad(), self.masks.tracking_samples():
-            loss = self.mask_loss(batch, real)
-            head_grads, neuron_grads = self.masks.per_sample_grads(loss)
-        self.fisher.update(head_grads[real], neuron_grads[real])
+        accumulate_fisher(self.fisher, self.masks, self.model, batch, self.hparams.loss, self.hparams.noise_seed, real)
 
     def configure_optimizers(self) -> None:
         """Nothing is trained: all weights stay frozen."""

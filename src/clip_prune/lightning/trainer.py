@@ -21,13 +21,15 @@ from lightning.pytorch.cli import SaveConfigCallback
 from clip_prune.core.deploy.onnx_export import export_pruned_onnx, require_onnxruntime
 from clip_prune.core.deploy.saving import load_pruned, read_masks
 from clip_prune.core.file_names import CONFIG_FILE, FISHER_FILE, REFIT_FILE, REPORT_FILE
-from clip_prune.core.pruning.fisher import load_fisher
+from clip_prune.core.pruning.fisher import FisherStatistics, load_fisher
 from clip_prune.core.pruning.masks import mask_shapes, mask_value_notes
 from clip_prune.core.pruning.options import PruningOptions
 from clip_prune.core.pruning.refit import load_refit
+from clip_prune.core.pruning.step import StepResult
 from clip_prune.core.run.cascade import check_top_m
-from clip_prune.core.run.finish import PrunedModelSpec, check_keeps_a_path, finish_run
+from clip_prune.core.run.finish import PrunedModelSpec, check_keeps_a_path, export_to
 from clip_prune.core.run.outputs import RunDirectory, write_json_atomically
+from clip_prune.core.run.report import write_report
 from clip_prune.core.run.summary import format_summary
 from clip_prune.data.synthetic import synthetic_inputs, write_synthetic_coco
 from clip_prune.files import check_file_free, record_written
@@ -139,29 +141,42 @@ class ClipPruneTrainer(L.Trainer):
         callback = PruningCallback(run, constraint, options or PruningOptions(),  # checks the constraint
                                    cascade_top_m=cascade_top_m, constraint_type=constraint_type)
         model.check_loss(tokenizer_available=datamodule.tokenizer() is not None)
-        all_batches = self.limit_val_batches
-        resumed = None
-        if fisher is None and run.interrupted_runs():
-            datamodule.setup("validate")  # the hash of the calibration sample decides whether the statistics fit
-            provenance = statistics_provenance(model, datamodule, self.world_size)
-            resumed = fisher = find_reusable_statistics(run, provenance, self.is_global_zero)
-        if fisher is not None:
-            callback.statistics = load_fisher(fisher, *mask_shapes(model.vision_config), model.hparams.pretrained)
-            callback.statistics_source = Path(fisher)
-            model.collect_fisher = False
-            # The loop still runs (for the callback's hooks and the calibration data); one batch suffices.
-            self.limit_val_batches = 1
+        reused = self._statistics_to_reuse(model, datamodule, run, fisher)
         self.callbacks.append(callback)
         with run.writing(keep=FISHER_FILE) if self.is_global_zero else nullcontext():
             save_resolved_config(self, run)
-            while not callback.finished:  # one validation pass (Fisher statistics) per pruning step
-                name_validation_bar(self, "Fisher pass" if model.collect_fisher else "Calibration batch")
+            summary = callback.prune(self, model, datamodule, partial(self.fisher_pass, model, datamodule), reused)
+        if summary is not None:  # rank zero, once the progress bar is done
+            print(summary)
+        if reused is not None and fisher is None and self.is_global_zero:  # an interrupted run's statistics
+            shutil.rmtree(reused[1].parent, ignore_errors=True)  # its statistics now live in the finished run
+
+    def fisher_pass(self, model: MaskedCLIPModule, datamodule: CocoDataModule, step: StepResult | None,
+                    gather_fisher: bool = True, batches: int | None = None) -> FisherStatistics | None:
+        """One validation pass over the calibration data with the model as `step` left it (None: dense): the module
+        gathers the Fisher statistics (summed across ranks), the callbacks see its batches. `gather_fisher` False:
+        only the first `batches` batches are read, for the images they hold."""
+        name_validation_bar(self, "Fisher pass" if gather_fisher else "Calibration images")
+        all_batches = self.limit_val_batches
+        self.limit_val_batches = all_batches if batches is None else batches
+        try:
+            with model.passing_as(step, gather_fisher):
                 self.validate(model, datamodule=datamodule, verbose=False)
-                model.collect_fisher, self.limit_val_batches = True, all_batches
-        if callback.summary is not None:  # rank zero, once the progress bar is done
-            print(callback.summary)
-        if resumed is not None and self.is_global_zero:  # its statistics now live in the finished run
-            shutil.rmtree(resumed.parent, ignore_errors=True)
+                return model.statistics() if gather_fisher else None
+        finally:
+            self.limit_val_batches = all_batches
+
+    def _statistics_to_reuse(self, model: MaskedCLIPModule, datamodule: CocoDataModule, run: RunDirectory,
+                             fisher: str | None) -> tuple[FisherStatistics, Path] | None:
+        """Statistics that spare the first gradient pass, and their file: `--fisher`, or an interrupted run's into
+        the same output directory when model, data and sampling match."""
+        if fisher is None and run.interrupted_runs():
+            datamodule.setup("validate")  # the hash of the calibration sample decides whether the statistics fit
+            provenance = statistics_provenance(model, datamodule, self.world_size)
+            fisher = find_reusable_statistics(run, provenance, self.is_global_zero)
+        if fisher is None:
+            return None
+        return load_fisher(fisher, *mask_shapes(model.vision_config), model.hparams.pretrained), Path(fisher)
 
     def apply(
         self,
@@ -205,17 +220,15 @@ class ClipPruneTrainer(L.Trainer):
         with run.writing():
             inputs, verified_on = verification_inputs(datamodule, getattr(model.vision_config, "image_size", None))
             save_resolved_config(self, run)
-            evaluate = None
+            report = {"model": model.hparams.pretrained, "masks": str(masks), "verified_on": verified_on,
+                      "warnings": notes}
+            pruned, measured = export_to(run, PrunedModelSpec(
+                dense, head_mask, neuron_mask, model.hparams.pretrained,
+                inputs_to(model.tower.vision_inputs(inputs), device), refit, latency_repeats, folder=""))
+            report |= measured
             if datamodule.has_evaluation_data():
-                evaluator = datamodule.evaluator(device)
-                evaluate = partial(evaluator.compare, dense, cascade_top_m=cascade_top_m)
-            summary = finish_run(
-                run, {"model": model.hparams.pretrained, "masks": str(masks), "verified_on": verified_on,
-                      "warnings": notes},
-                PrunedModelSpec(dense, head_mask, neuron_mask, model.hparams.pretrained,
-                                inputs_to(model.tower.vision_inputs(inputs), device), refit, latency_repeats,
-                                folder=""),
-                evaluate)
+                report["metrics"] = datamodule.evaluator(device).compare(dense, pruned, cascade_top_m)
+            summary = write_report(run, report)
         print(summary)
 
     def evaluate(
@@ -295,7 +308,7 @@ class ClipPruneTrainer(L.Trainer):
             while not callback.finished:
                 self.validate(model, datamodule=datamodule, verbose=False)
             if self.is_global_zero:
-                summary = finish_run(run, {"model": model.hparams.pretrained, **callback.report()})
+                summary = write_report(run, {"model": model.hparams.pretrained, **callback.report()})
         if self.is_global_zero:
             print(summary)
         self.strategy.barrier()

@@ -10,7 +10,7 @@ was trained with, how it scores image-text pairs, and which pruned classes save 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -126,6 +126,60 @@ class VisionTower:
         generator = torch.Generator().manual_seed(seed)
         pixels = torch.randn(batch_size, config.num_channels, size, size, generator=generator)
         return {"pixel_values": pixels.to(parameter.device, parameter.dtype)}
+
+    # The parts of an encoder layer that pruning reads, hooks and cuts, under clip-prune's own names: the core
+    # reaches a module only through these, so a family whose modules are named otherwise overrides `part_paths`.
+
+    part_paths: ClassVar[dict[str, str]] = {
+        "attention": "self_attn",
+        "queries": "self_attn.q_proj",
+        "keys": "self_attn.k_proj",
+        "values": "self_attn.v_proj",
+        "attention_output": "self_attn.out_proj",
+        "mlp": "mlp",
+        "mlp_input": "mlp.fc1",
+        "mlp_output": "mlp.fc2",
+        "norm_before_attention": "layer_norm1",
+        "norm_before_mlp": "layer_norm2",
+    }
+    """Part → its path inside an encoder layer. `attention_output` takes the heads' outputs side by side (head h:
+    input columns h·d … (h+1)·d − 1), `mlp_input` has a row and `mlp_output` a column per neuron."""
+
+    def part(self, layer: nn.Module, name: str) -> nn.Module:
+        """The part `name` of one encoder layer (`part_paths`)."""
+        return layer.get_submodule(self.part_paths[name])
+
+    def replace_part(self, layer: nn.Module, name: str, module: nn.Module) -> None:
+        """Put `module` in the place of the part `name` of one encoder layer (slicing swaps them)."""
+        parent, _, attribute = self.part_paths[name].rpartition(".")
+        setattr(layer.get_submodule(parent) if parent else layer, attribute, module)
+
+    def part_path(self, index: int, name: str) -> str:
+        """State-dict path of part `name` of layer `index`, relative to the encoder (e.g. `layers.3.mlp.fc2`): the
+        keys of refit files."""
+        return f"layers.{index}.{self.part_paths[name]}"
+
+    def head_count(self, layer: nn.Module) -> int:
+        """The heads one layer's attention computes."""
+        return self.part(layer, "attention").num_heads
+
+    def set_head_count(self, layer: nn.Module, count: int) -> None:
+        """Record that one layer's attention now computes `count` heads (its projections sliced to them)."""
+        self.part(layer, "attention").num_heads = count
+
+    def mlp_activation(self, layer: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The activation between the MLP's input and output projections."""
+        return self.part(layer, "mlp").activation_fn
+
+    @property
+    def head_dim(self) -> int:
+        """d, the width of one attention head."""
+        return self.config.hidden_size // self.config.num_attention_heads
+
+    @property
+    def encoder_name(self) -> str:
+        """The encoder's name as `torch.utils.flop_counter` reports it (the vision model's class, then `.encoder`)."""
+        return f"{type(self.vision).__name__}.encoder"
 
     # Family-specific.
 

@@ -19,6 +19,7 @@ from clip_prune.core.pruning.options import PruningOptions
 from clip_prune.core.pruning.search import BudgetTooSmall, WidthBudget
 from clip_prune.core.pruning.step import prune_step
 from clip_prune.core.run.latency_check import candidate_timer
+from clip_prune.core.run.report import step_section
 from clip_prune.core.timing import Timing, paired_ratio
 
 
@@ -142,7 +143,7 @@ def test_a_pruning_step_under_a_latency_budget_keeps_the_candidate_that_measures
     kept = table.latency_of((step.head_mask != 0).sum(1).tolist(), (step.neuron_mask != 0).sum(1).tolist())
     assert 0.8 * kept / table.dense_latency == pytest.approx(loop.rounds[loop.chosen].measured_ratio)
     assert abs(loop.rounds[loop.chosen].measured_ratio / 0.6 - 1) <= 0.03
-    assert step.report(0.6, macs)["latency_budget"]["rounds"][0]["budget"] == 0.6
+    assert step_section(step, 0.6, macs)["latency_budget"]["rounds"][0]["budget"] == 0.6
     assert "latency_check" in step.timings and not step.warnings
 
 

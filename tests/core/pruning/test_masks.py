@@ -9,8 +9,8 @@ import torch
 from conftest import tiny_vision_config
 from transformers import CLIPVisionModel
 
+from clip_prune.core.pruning.losses import distill_loss
 from clip_prune.core.pruning.masks import VisionMasks
-from clip_prune.lightning.module import distill_loss
 from clip_prune.towers import tower_of
 
 

@@ -1,11 +1,11 @@
 """Physical pruning of a vision encoder: pruning plans and weight slicing.
 
-Follows docs/design.md, "Physical pruning and the saved model": keep the q/k/v rows and
-out_proj columns of the kept heads and the fc1 rows and fc2 columns of the kept
-neurons, and fold each kept unit's mask scale into its out_proj or fc2 columns, so the
-sliced model computes what the hook-masked model (`model/masking.py`) computes.
-A layer left with no heads (or no neurons) gets a constant module that outputs the
-out_proj (or fc2) bias (docs/design.md, "Facts about transformers 5.x").
+Follows docs/design.md, "Physical pruning and the saved model": keep the query, key and value rows and the attention
+output columns of the kept heads, and the MLP input rows and output columns of the kept neurons, and fold each kept
+unit's mask scale into its output columns, so the sliced model computes what the hook-masked model
+(`core/pruning/masks.py`) computes. A layer left with no heads (or no neurons) gets a constant module that outputs the
+output projection's bias (docs/design.md, "Facts about transformers 5.x"). Modules are reached through the family's
+tower (`VisionTower.part`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import nn
 
 from clip_prune.core.pruning.masks import check_masks, head_columns, mask_shapes
 from clip_prune.hub.pruned_layers import ConstantAttention, ConstantMLP
-from clip_prune.towers import tower_of
+from clip_prune.towers import VisionTower, tower_of
 
 
 @dataclass
@@ -110,45 +110,44 @@ def _slice_columns(linear: nn.Linear, columns: torch.Tensor, scales: torch.Tenso
     return _new_linear(weight, bias, linear)
 
 
-def _slice_attention(attention: nn.Module, layer: LayerPlan) -> nn.Module:
-    """`attention` keeping the heads of `layer`, their scales folded into out_proj."""
-    if not layer.heads:
-        return ConstantAttention(attention.out_proj.bias.detach().clone())
-    device = attention.out_proj.weight.device
-    head_dim = attention.head_dim
-    heads = torch.tensor(layer.heads, device=device)
-    rows = head_columns(heads, head_dim)
-    scales = torch.tensor(layer.head_scales, dtype=torch.float64, device=device).repeat_interleave(head_dim)
-    attention.q_proj = _slice_rows(attention.q_proj, rows)
-    attention.k_proj = _slice_rows(attention.k_proj, rows)
-    attention.v_proj = _slice_rows(attention.v_proj, rows)
-    attention.out_proj = _slice_columns(attention.out_proj, rows, scales)
-    # forward reshapes with view(*shape, -1, head_dim), so only the bookkeeping changes; embed_dim
-    # stays D, the width of the layer's input and output.
-    attention.num_heads = len(layer.heads)
-    return attention
+def _slice_attention(tower: VisionTower, layer: nn.Module, plan: LayerPlan) -> None:
+    """Keep the heads of `plan` in `layer`'s attention, their scales folded into its output projection; no head left:
+    a constant (the output projection's bias)."""
+    output = tower.part(layer, "attention_output")
+    if not plan.heads:
+        tower.replace_part(layer, "attention", ConstantAttention(output.bias.detach().clone()))
+        return
+    device = output.weight.device
+    rows = head_columns(torch.tensor(plan.heads, device=device), tower.head_dim)
+    scales = torch.tensor(plan.head_scales, dtype=torch.float64, device=device).repeat_interleave(tower.head_dim)
+    for name in ("queries", "keys", "values"):
+        tower.replace_part(layer, name, _slice_rows(tower.part(layer, name), rows))
+    tower.replace_part(layer, "attention_output", _slice_columns(output, rows, scales))
+    # forward reshapes by the head size, so only the bookkeeping of the head count changes; the layer's input and
+    # output width stays D.
+    tower.set_head_count(layer, len(plan.heads))
 
 
-def _slice_mlp(mlp: nn.Module, layer: LayerPlan) -> nn.Module:
-    """`mlp` keeping the neurons of `layer`, their scales folded into fc2."""
-    if not layer.neurons:
-        return ConstantMLP(mlp.fc2.bias.detach().clone())
-    device = mlp.fc2.weight.device
-    neurons = torch.tensor(layer.neurons, device=device)
-    scales = torch.tensor(layer.neuron_scales, dtype=torch.float64, device=device)
-    mlp.fc1 = _slice_rows(mlp.fc1, neurons)
-    mlp.fc2 = _slice_columns(mlp.fc2, neurons, scales)
-    return mlp
+def _slice_mlp(tower: VisionTower, layer: nn.Module, plan: LayerPlan) -> None:
+    """Keep the neurons of `plan` in `layer`'s MLP, their scales folded into its output projection; no neuron left: a
+    constant (the output projection's bias)."""
+    output = tower.part(layer, "mlp_output")
+    if not plan.neurons:
+        tower.replace_part(layer, "mlp", ConstantMLP(output.bias.detach().clone()))
+        return
+    neurons = torch.tensor(plan.neurons, device=output.weight.device)
+    scales = torch.tensor(plan.neuron_scales, dtype=torch.float64, device=output.weight.device)
+    tower.replace_part(layer, "mlp_input", _slice_rows(tower.part(layer, "mlp_input"), neurons))
+    tower.replace_part(layer, "mlp_output", _slice_columns(output, neurons, scales))
 
 
-def _check_dense(layers: list[nn.Module], num_heads: int, num_neurons: int) -> None:
+def _check_dense(tower: VisionTower, num_heads: int, num_neurons: int) -> None:
     """Raise if a layer is already narrower than the dense config (slicing twice is not supported)."""
-    for index, layer in enumerate(layers):
-        attention, mlp = layer.self_attn, layer.mlp
-        # ConstantAttention/ConstantMLP (a layer sliced to nothing) have neither attribute.
-        heads = getattr(attention, "num_heads", None)
-        neurons = getattr(getattr(mlp, "fc1", None), "out_features", None)
-        if heads != num_heads or neurons != num_neurons:
+    for index, layer in enumerate(tower.layers):
+        sliced_away = isinstance(tower.part(layer, "attention"), ConstantAttention) or isinstance(
+            tower.part(layer, "mlp"), ConstantMLP)
+        if (sliced_away or tower.head_count(layer) != num_heads
+                or tower.part(layer, "mlp_input").out_features != num_neurons):
             raise ValueError(
                 f"encoder layer {index} is already pruned: slice_vision_tower needs the dense model; "
                 "to prune further, combine the masks and slice the dense model once"
@@ -171,11 +170,11 @@ def slice_vision_tower(model: nn.Module, head_mask: torch.Tensor, neuron_mask: t
     Returns:
         `model`, whose outputs now equal those of the hook-masked dense model.
     """
-    config = tower_of(model).vision.config
+    tower = tower_of(model)
+    config = tower.config
     check_masks(head_mask, neuron_mask, mask_shapes(config))
-    layers = tower_of(model).layers
-    _check_dense(layers, config.num_attention_heads, config.intermediate_size)
-    for layer, layer_plan in zip(layers, plan_from_masks(head_mask, neuron_mask), strict=True):
-        layer.self_attn = _slice_attention(layer.self_attn, layer_plan)
-        layer.mlp = _slice_mlp(layer.mlp, layer_plan)
+    _check_dense(tower, config.num_attention_heads, config.intermediate_size)
+    for layer, layer_plan in zip(tower.layers, plan_from_masks(head_mask, neuron_mask), strict=True):
+        _slice_attention(tower, layer, layer_plan)
+        _slice_mlp(tower, layer, layer_plan)
     return model

@@ -7,6 +7,7 @@ metric); `fisher_pass` is the same loop for one process, for `clip_prune.prune` 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import nullcontext
 from typing import Any, Literal
 
 import torch
@@ -15,6 +16,8 @@ from torch import nn
 from clip_prune.core.pruning.fisher import FisherInformation, FisherStatistics
 from clip_prune.core.pruning.losses import distill_loss, gather_across_ranks
 from clip_prune.core.pruning.masks import VisionMasks, mask_shapes
+from clip_prune.core.pruning.refit import refit_applied
+from clip_prune.core.pruning.step import StepResult
 from clip_prune.towers import inputs_to, tower_of
 
 LossName = Literal["contrastive", "distill"]
@@ -59,26 +62,27 @@ def accumulate_fisher(fisher: FisherInformation, masks: VisionMasks, model: nn.M
 
 
 def fisher_pass(model: nn.Module, batches: Iterable[Mapping[str, Any]], loss: LossName = "contrastive",
-                noise_seed: int = 0, head_mask: torch.Tensor | None = None,
-                neuron_mask: torch.Tensor | None = None) -> FisherStatistics:
-    """Fisher statistics of `model` (under these masks, all ones if None) over `batches`, in this process.
+                noise_seed: int = 0, step: StepResult | None = None) -> FisherStatistics:
+    """Fisher statistics of `model` as `step` left it (its masks hooked in, its refit columns in the weights for the
+    pass; None: dense) over `batches`, in this process.
 
     A `distill` batch without sample ids `index` gets the running count of samples, so that the same images in the
     same order draw the same noise as the CLI's calibration pass.
     """
-    head_shape, neuron_shape = mask_shapes(tower_of(model).config)
+    tower = tower_of(model)
+    head_shape, neuron_shape = mask_shapes(tower.config)
     device = next(model.parameters()).device
     fisher = FisherInformation(head_shape[0], head_shape[1], neuron_shape[1]).to(device)
-    masks = VisionMasks(model, None if head_mask is None else head_mask.to(device),
-                        None if neuron_mask is None else neuron_mask.to(device))
+    masks = VisionMasks(model, *(() if step is None else (step.head_mask.to(device), step.neuron_mask.to(device))))
     seen = 0
     try:
-        for batch in batches:
-            count = len(batch[tower_of(model).input_names[0]])
-            if loss == "distill" and "index" not in batch:
-                batch = {**batch, "index": torch.arange(seen, seen + count)}
-            accumulate_fisher(fisher, masks, model, batch, loss, noise_seed)
-            seen += count
+        with nullcontext() if step is None else refit_applied(model, step.head_mask, step.neuron_mask, step.refit):
+            for batch in batches:
+                count = len(batch[tower.input_names[0]])
+                if loss == "distill" and "index" not in batch:
+                    batch = {**batch, "index": torch.arange(seen, seen + count)}
+                accumulate_fisher(fisher, masks, model, batch, loss, noise_seed)
+                seen += count
     finally:
         masks.remove()
     return fisher.compute()

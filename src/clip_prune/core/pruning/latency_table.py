@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 import torch
+from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from clip_prune.core.run.outputs import write_json_atomically
 from clip_prune.core.timing import load_average, median_seconds
+from clip_prune.files import WRITTEN_BY, check_file_free, write_text_atomically
 from clip_prune.towers import tower_class, tower_of
 
 Result = TypeVar("Result")
@@ -209,6 +210,12 @@ def _tower(config: PretrainedConfig, heads: list[int], neurons: list[int], devic
     return model.to(device).eval()
 
 
+def _first_layer_part(model: PreTrainedModel, name: str) -> nn.Module:
+    """The part `name` (`VisionTower.part_paths`) of `model`'s first encoder layer."""
+    tower = tower_of(model)
+    return tower.part(tower.layers[0], name)
+
+
 def _dense_tower(config: PretrainedConfig, batch_size: int, device: torch.device, dtype: torch.dtype,
                  attn_implementation: str) -> tuple[PreTrainedModel, dict[str, torch.Tensor]]:
     """A random-weight dense tower of `config`'s shape and random inputs of `batch_size` images for it."""
@@ -252,9 +259,9 @@ def measure_latency_table(config: PretrainedConfig, batch_size: int, device: tor
     tokens = tower_class(config).num_tokens(config)
     hidden = torch.randn(batch_size, tokens, config.hidden_size, device=device, dtype=dtype)
     head_counts, neuron_counts = list(range(heads + 1)), neuron_grid(neurons, mlp_points, multiple_of)
-    attentions = [_tower(config, [h], [neurons], device, dtype, attn_implementation).encoder.layers[0].self_attn
+    attentions = [_first_layer_part(_tower(config, [h], [neurons], device, dtype, attn_implementation), "attention")
                   for h in head_counts]
-    mlps = [_tower(config, [heads], [n], device, dtype, attn_implementation).encoder.layers[0].mlp
+    mlps = [_first_layer_part(_tower(config, [heads], [n], device, dtype, attn_implementation), "mlp")
             for n in neuron_counts]
     runs = [lambda module=module: module(hidden) for module in attentions + mlps]
     seconds = median_seconds(runs, device, warmup, repeats)
@@ -274,7 +281,9 @@ def measure_latency_table(config: PretrainedConfig, batch_size: int, device: tor
 
 def write_table(table: LatencyTable, path: Path) -> None:
     """Save `table` as JSON (measurements, fits, fixed and dense seconds); concurrent runs never read half a file."""
-    write_json_atomically(path, table.to_json(), overwrite=True)
+    check_file_free(path, overwrite=True)  # a file of that name that clip-prune did not write is left alone
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(path, json.dumps({"written_by": WRITTEN_BY, **table.to_json()}, indent=2) + "\n")
 
 
 def read_table(path: Path) -> LatencyTable:

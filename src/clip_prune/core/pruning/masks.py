@@ -1,8 +1,8 @@
 """Head and neuron masks on a vision encoder, applied with forward pre-hooks.
 
 transformers 5.x dropped `head_mask` (docs/design.md, "Facts about transformers 5.x"), so the
-masks multiply the input of `self_attn.out_proj` (the concatenated head outputs,
-(B, T, H·d)) and the input of `mlp.fc2` (the post-activation neurons, (B, T, F)). Both
+masks multiply the input of each layer's attention output projection (the concatenated head outputs,
+(B, T, H·d)) and the input of its MLP output projection (the post-activation neurons, (B, T, F)). Both
 hooks work under `eager` and `sdpa` attention and leave the model's modules untouched.
 """
 
@@ -41,14 +41,15 @@ class VisionMasks:
         config = tower.config
         head_shape, neuron_shape = mask_shapes(config)
         self.head_dim = config.hidden_size // config.num_attention_heads
-        device = self.layers[0].mlp.fc2.weight.device
+        device = tower.part(self.layers[0], "mlp_output").weight.device
         self.head_mask = _checked(head_mask, head_shape, "head_mask", device)
         self.neuron_mask = _checked(neuron_mask, neuron_shape, "neuron_mask", device)
         self._per_sample: dict[str, list[torch.Tensor | None]] | None = None
         self._handles: list[RemovableHandle] = []
         for index, layer in enumerate(self.layers):
-            self._handles.append(layer.self_attn.out_proj.register_forward_pre_hook(self._head_hook(index)))
-            self._handles.append(layer.mlp.fc2.register_forward_pre_hook(self._neuron_hook(index)))
+            self._handles.append(tower.part(layer, "attention_output").register_forward_pre_hook(
+                self._head_hook(index)))
+            self._handles.append(tower.part(layer, "mlp_output").register_forward_pre_hook(self._neuron_hook(index)))
 
     def remove(self) -> None:
         """Detach the hooks: the model computes its dense outputs again."""

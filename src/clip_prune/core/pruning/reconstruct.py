@@ -43,7 +43,7 @@ from clip_prune.core.pruning.least_squares import (
 )
 from clip_prune.core.pruning.masks import VisionMasks, check_masks, head_columns, mask_shapes
 from clip_prune.core.pruning.refit import RefitWeights
-from clip_prune.towers import VisionInputs, as_inputs, tower_of
+from clip_prune.towers import VisionInputs, VisionTower, as_inputs, tower_of
 
 Method = Literal["weights", "scales"]
 ERROR_NAMES = ("heads_before", "heads_after", "neurons_before", "neurons_after")
@@ -114,9 +114,9 @@ class _Stage:
     layer: int
     """Index of the encoder layer."""
     linear: nn.Linear
-    """out_proj or fc2."""
+    """The attention or MLP output projection."""
     key: str
-    """State-dict prefix of `linear` inside the encoder, e.g. `layers.3.mlp.fc2`."""
+    """State-dict prefix of `linear` inside the encoder (`VisionTower.part_path`)."""
     units: torch.Tensor
     """[K] kept unit indices."""
     columns: torch.Tensor
@@ -143,6 +143,7 @@ class _Run:
     """State shared by the layers of one `reconstruct` call."""
 
     method: Method
+    tower: VisionTower
     head_mask: torch.Tensor
     neuron_mask: torch.Tensor
     teacher_states: list[torch.Tensor]
@@ -225,22 +226,25 @@ def _tokens(tensor: torch.Tensor, tokens: slice, real: torch.Tensor | None) -> t
 
 def _reconstruct_layer(run: _Run, index: int, layer: nn.Module, tokens: slice) -> tuple[torch.Tensor, list[float]]:
     """Reconstruct the heads, then the neurons of one layer; advance both states; return errors and dampings."""
-    attention, mlp = layer.self_attn, layer.mlp
+    tower = run.tower
+    attention, attention_output = tower.part(layer, "attention"), tower.part(layer, "attention_output")
     kept_heads = run.head_mask[index].nonzero().flatten()
     kept_neurons = run.neuron_mask[index].nonzero().flatten()
-    heads = _Stage("heads", index, attention.out_proj, f"layers.{index}.self_attn.out_proj", kept_heads,
-                   head_columns(kept_heads, attention.head_dim), run.head_mask[index, kept_heads])
-    neurons = _Stage("neurons", index, mlp.fc2, f"layers.{index}.mlp.fc2", kept_neurons, kept_neurons,
-                     run.neuron_mask[index, kept_neurons])
+    heads = _Stage("heads", index, attention_output, tower.part_path(index, "attention_output"), kept_heads,
+                   head_columns(kept_heads, tower.head_dim), run.head_mask[index, kept_heads])
+    neurons = _Stage("neurons", index, tower.part(layer, "mlp_output"), tower.part_path(index, "mlp_output"),
+                     kept_neurons, kept_neurons, run.neuron_mask[index, kept_neurons])
+    norm_before_attention = tower.part(layer, "norm_before_attention")
+    norm_before_mlp = tower.part(layer, "norm_before_mlp")
 
     # Pass A: the teacher's layer, the student's kept head contexts, the head stage's moments.
     contexts, moments = [], None
     for batch, (teacher, student) in enumerate(zip(run.teacher_states, run.student_states, strict=True)):
         attention_mask, real = run.attention_masks[batch], run.token_masks[batch]
-        with _recording_inputs(layer.layer_norm2) as (teacher_mid,):
+        with _recording_inputs(norm_before_mlp) as (teacher_mid,):
             run.teacher_states[batch] = _output(layer(teacher, attention_mask))
-        with _recording_inputs(attention.out_proj) as (context,):
-            attention(hidden_states=layer.layer_norm1(student), attention_mask=attention_mask)
+        with _recording_inputs(attention_output) as (context,):
+            attention(hidden_states=norm_before_attention(student), attention_mask=attention_mask)
         contexts.append(context.value[..., heads.columns])
         update = accumulate_moments(_tokens(contexts[-1], tokens, real),
                                     _tokens(teacher_mid.value - student, tokens, real))
@@ -248,10 +252,11 @@ def _reconstruct_layer(run: _Run, index: int, layer: nn.Module, tokens: slice) -
     head_weight, head_bias, head_errors, head_damping = _solve_stage(run, heads, moments, f"layer {index} heads")
 
     # Pass B: the student's x' under the new head columns, the neuron stage's moments.
-    fc1_weight, fc1_bias = mlp.fc1.weight[kept_neurons], mlp.fc1.bias[kept_neurons]
+    mlp_input, activation = tower.part(layer, "mlp_input"), tower.mlp_activation(layer)
+    input_weight, input_bias = mlp_input.weight[kept_neurons], mlp_input.bias[kept_neurons]
 
     def activations(mid: torch.Tensor) -> torch.Tensor:
-        return mlp.activation_fn(functional.linear(layer.layer_norm2(mid), fc1_weight, fc1_bias))
+        return activation(functional.linear(norm_before_mlp(mid), input_weight, input_bias))
 
     moments, kept_activations = None, []
     for batch, (student, context) in enumerate(zip(run.student_states, contexts, strict=True)):
@@ -339,7 +344,7 @@ def reconstruct(
     tower = tower_of(model)
     layers = tower.layers
     check_masks(head_mask, neuron_mask, mask_shapes(tower.config))
-    device = layers[0].mlp.fc2.weight.device
+    device = tower.part(layers[0], "mlp_output").weight.device
     student_heads, student_neurons = head_mask.detach().to(device).float(), neuron_mask.detach().to(device).float()
     masks = VisionMasks(model, _checked_teacher(teacher_head_mask, student_heads, "teacher_head_mask"),
                         _checked_teacher(teacher_neuron_mask, student_neurons, "teacher_neuron_mask"))
@@ -348,7 +353,7 @@ def reconstruct(
     try:
         inputs = [as_inputs(batch) for batch in batches]
         states = [tower.embed(batch) for batch in inputs]
-        run = _Run(method=method, head_mask=student_heads.clone(), neuron_mask=student_neurons.clone(),
+        run = _Run(method=method, tower=tower, head_mask=student_heads.clone(), neuron_mask=student_neurons.clone(),
                    teacher_states=states, student_states=list(states),
                    attention_masks=[tower.layer_attention_mask(batch) for batch in inputs],
                    token_masks=[tower.token_mask(batch) for batch in inputs], damping=damping,

@@ -1,15 +1,14 @@
 """Refit output columns (docs/design.md, "Weight refit"): what weight reconstruction changes in a model.
 
-Weight reconstruction keeps binary masks and replaces the out_proj columns of the kept heads and the
-fc2 columns of the kept neurons (and, optionally, their biases). These tensors are stored beside
-`head_mask.pt` / `neuron_mask.pt` in `refit.safetensors`, keyed like the vision encoder's state dict
-(`layers.3.mlp.fc2.weight` holds the [D, K] columns of layer 3's K kept neurons, in ascending neuron
-order), so that the masks plus this file rebuild exactly the saved model.
+Weight reconstruction keeps binary masks and replaces the attention output projection's columns of the kept heads
+and the MLP output projection's columns of the kept neurons (and, optionally, their biases). These tensors are stored
+beside `head_mask.pt` / `neuron_mask.pt` in `refit.safetensors`, keyed like the vision encoder's state dict (CLIP's
+`layers.3.mlp.fc2.weight` holds the [D, K] columns of layer 3's K kept neurons, in ascending neuron order), so that
+the masks plus this file rebuild exactly the saved model.
 """
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,33 +21,42 @@ from torch import nn
 
 from clip_prune.core.pruning.masks import head_columns
 from clip_prune.core.pruning.provenance import made_on_another_model, model_record
-from clip_prune.towers import tower_of
+from clip_prune.towers import VisionTower, tower_of
 
 RefitWeights = dict[str, torch.Tensor]
-"""`layers.{i}.self_attn.out_proj.{weight,bias}` and `layers.{i}.mlp.fc2.{weight,bias}` → refit tensor."""
+"""State-dict key of a layer's attention or MLP output projection's weight or bias (`VisionTower.part_path`: CLIP's
+`layers.3.mlp.fc2.weight`) → refit tensor."""
+
+REFIT_PARTS = ("attention_output", "mlp_output")
+"""The parts (`VisionTower.part_paths`) whose columns weight reconstruction refits."""
 
 
-_KEY = re.compile(r"layers\.(\d+)\.(self_attn\.out_proj|mlp\.fc2)\.(weight|bias)")
+def _parse_key(key: str, tower: VisionTower) -> tuple[int, str, str] | None:
+    """(layer, part, `weight` or `bias`) of a refit key of `tower`'s family, or None for a key it does not have."""
+    for index in range(len(tower.layers)):
+        for part in REFIT_PARTS:
+            for kind in ("weight", "bias"):
+                if key == f"{tower.part_path(index, part)}.{kind}":
+                    return index, part, kind
+    return None
 
 
 def _targets(model: nn.Module, head_mask: torch.Tensor, neuron_mask: torch.Tensor,
              refit: RefitWeights) -> list[tuple[nn.Parameter, torch.Tensor | None, torch.Tensor]]:
     """(parameter, kept columns or None for a bias, refit value) for every entry of `refit`, shapes checked."""
-    layers = tower_of(model).layers
+    tower = tower_of(model)
     targets = []
     for key, value in refit.items():
-        match = _KEY.fullmatch(key)
-        if match is None or int(match[1]) >= len(layers):
+        parsed = _parse_key(key, tower)
+        if parsed is None:
             raise ValueError(f"refit entry {key!r} names no encoder layer output of this model "
-                             f"({len(layers)} layers); was it written for another model?")
-        index, module_path, kind = int(match[1]), match[2], match[3]
-        layer = layers[index]
-        if module_path == "self_attn.out_proj":
-            linear = layer.self_attn.out_proj
+                             f"({len(tower.layers)} layers); was it written for another model?")
+        index, part, kind = parsed
+        linear = tower.part(tower.layers[index], part)
+        if part == "attention_output":
             kept = head_mask[index].to(linear.weight.device).nonzero().flatten()
-            columns = head_columns(kept, layer.self_attn.head_dim)
+            columns = head_columns(kept, tower.head_dim)
         else:
-            linear = layer.mlp.fc2
             columns = neuron_mask[index].to(linear.weight.device).nonzero().flatten()
         parameter = getattr(linear, kind)
         expected = (parameter.shape[0], len(columns)) if kind == "weight" else tuple(parameter.shape)
@@ -61,7 +69,7 @@ def _targets(model: nn.Module, head_mask: torch.Tensor, neuron_mask: torch.Tenso
 
 @torch.no_grad()
 def write_refit(model: nn.Module, head_mask: torch.Tensor, neuron_mask: torch.Tensor, refit: RefitWeights) -> None:
-    """Write the refit columns into the dense `model`'s out_proj and fc2 weights, in place."""
+    """Write the refit columns into the dense `model`'s attention and MLP output weights, in place."""
     for parameter, columns, value in _targets(model, head_mask, neuron_mask, refit):
         value = value.to(parameter)
         if columns is None:

@@ -11,7 +11,6 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
 
 import torch
 from torch import nn
@@ -52,19 +51,6 @@ class StepResult:
         missed = [] if self.budget_loop is None or self.budget_loop.met else [
             f"latency budget missed: {self.budget_loop.note}"]
         return missed + ([] if self.reconstruction is None else self.reconstruction.warnings)
-
-    def report(self, constraint: float, macs: MacCosts) -> dict[str, Any]:
-        """JSON-ready summary of the step."""
-        entry: dict[str, Any] = {
-            "constraint": constraint, "macs_ratio": macs.of_masks(self.head_mask, self.neuron_mask) / macs.dense,
-            "kept_heads": int((self.head_mask != 0).sum()), "kept_neurons": int((self.neuron_mask != 0).sum()),
-            "timings_s": self.timings,
-        }
-        if self.reconstruction is not None:
-            entry["reconstruction"] = self.reconstruction.report()
-        if self.budget_loop is not None:
-            entry["latency_budget"] = self.budget_loop.report()
-        return entry
 
 
 def prune_step(

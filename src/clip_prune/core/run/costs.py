@@ -36,9 +36,8 @@ def counted_vision_macs(model: nn.Module, image_size: int | None = None) -> int:
     counter = FlopCounterMode(display=False)
     with sdpa_kernel(SDPBackend.MATH), counter, torch.no_grad():
         vision(**tower.example_inputs(1, image_size), **resize)
-    # FlopCounterMode names modules after the root's class: "<Class>.encoder".
     counts = counter.get_flop_counts()
-    encoder = f"{type(vision).__name__}.encoder"
+    encoder = tower.encoder_name
     assert encoder in counts, f"FlopCounterMode saw no module {encoder}, only {sorted(counts)[:5]}..."
     flop_count = sum(counts[encoder].values())
     assert flop_count % 2 == 0, "matmul FLOPs are counted as 2 per multiply-accumulate"

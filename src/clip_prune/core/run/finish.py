@@ -1,13 +1,12 @@
-"""The end of a pruned run: masks → a physically smaller model on disk, verified against the masked model,
-measured and evaluated, and the run's report (`finish_run`).
+"""The end of a pruned run: masks → a physically smaller model on disk, verified against the masked model and
+measured (`export_pruned`), and the checks that refuse a model that would not work.
 
 Shared by `clip-prune prune` (which saves into `DIR/pruned/`), `clip-prune apply` (into its output directory)
-and `clip-prune sensitivity` (which saves no model, only its report).
+and `clip_prune.prune`'s `PruningResult.save`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,14 +17,13 @@ from transformers import PreTrainedModel
 
 from clip_prune.core.deploy.saving import cut_pruned_model, write_pruned_files
 from clip_prune.core.deploy.sharing import read_processor
-from clip_prune.core.deploy.slicing import plan_from_masks
-from clip_prune.core.file_names import REPORT_FILE
+from clip_prune.core.deploy.slicing import plan_from_masks, write_plan
+from clip_prune.core.file_names import HEAD_MASK_FILE, NEURON_MASK_FILE, PLAN_FILE, REFIT_FILE
 from clip_prune.core.pruning.masks import VisionMasks
-from clip_prune.core.pruning.refit import RefitWeights, refit_applied
+from clip_prune.core.pruning.refit import RefitWeights, refit_applied, save_refit
+from clip_prune.core.pruning.step import StepResult
 from clip_prune.core.run.costs import measure_costs
 from clip_prune.core.run.outputs import RunFolder
-from clip_prune.core.run.summary import format_summary
-from clip_prune.core.timing import timed
 from clip_prune.towers import VisionInputs, as_inputs, image_embeds, tower_of
 
 EQUIVALENCE_TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
@@ -46,7 +44,7 @@ def masked_embeddings(model: PreTrainedModel, head_mask: torch.Tensor, neuron_ma
 
 @dataclass(frozen=True)
 class PrunedModelSpec:
-    """What `finish_run` saves: the dense model, the masks (and refit columns) to cut it with, where, and how to
+    """What `export_to` saves: the dense model, the masks (and refit columns) to cut it with, where, and how to
     check and time it."""
 
     model: PreTrainedModel
@@ -68,35 +66,10 @@ class PrunedModelSpec:
     """Where in the run directory the model goes ("" for the run directory itself)."""
 
 
-def finish_run(run: RunFolder, report: dict[str, Any], model: PrunedModelSpec | None = None,
-               evaluate: Callable[[nn.Module], dict[str, Any]] | None = None,
-               timings: dict[str, float] | None = None) -> str:
-    """Finish a pruned run (on the rank that writes it): save the pruned model (sliced, verified, measured), evaluate
-    it, write `report.json`; return the summary to print once the run is in place.
-
-    Args:
-        run: the run directory (or a folder of it) being written (its `writing()` block moves it into place
-            afterwards).
-        report: what the run has to report so far; the saved model's checks and costs and its metrics are added.
-        model: the model to save, or None (a statistics-only `prune`, `sensitivity`).
-        evaluate: the dense vs pruned metrics of a pruned model (needs `model`); None without evaluation data.
-        timings: seconds per stage so far, to which "save" and "evaluate" are added and which the report
-            gives with their total; None reports no timings.
-    """
-    def stage(name: str, work: Callable[[], Any]) -> Any:
-        return work() if timings is None else timed(timings, name, work)
-
-    if model is not None:
-        pruned, measured = stage("save", lambda: export_pruned(
-            model.model, model.head_mask, model.neuron_mask, run.file(model.folder), model.pretrained, model.inputs,
-            model.latency_repeats, model.refit))
-        report |= measured
-        if evaluate is not None:
-            report["metrics"] = stage("evaluate", lambda: evaluate(pruned))
-    if timings is not None:
-        report["timings_s"] = {**timings, "total": sum(timings.values())}
-    run.write_json(REPORT_FILE, report)
-    return "\n".join(filter(None, [format_summary(report), f"clip-prune: wrote {run.path}"]))
+def export_to(run: RunFolder, spec: PrunedModelSpec) -> tuple[nn.Module, dict[str, Any]]:
+    """`export_pruned` of `spec` into its folder of `run`: the pruned model and what its checks and costs measured."""
+    return export_pruned(spec.model, spec.head_mask, spec.neuron_mask, run.file(spec.folder), spec.pretrained,
+                         spec.inputs, spec.latency_repeats, spec.refit)
 
 
 def export_pruned(model: PreTrainedModel, head_mask: torch.Tensor, neuron_mask: torch.Tensor,
@@ -176,3 +149,12 @@ def image_dependence(dense: torch.Tensor, pruned: torch.Tensor) -> dict[str, flo
                          f"images they spread {ratio:.2g} of the dense model's (at least {MIN_SPREAD_RATIO:g} needed); "
                          "prune less: raise --constraint, or use masks that keep more")
     return {"dense_spread": dense_spread, "pruned_spread": pruned_spread, "ratio": ratio}
+
+
+def write_masks(folder: RunFolder, step: StepResult, model_name: str) -> None:
+    """Write a step's masks (the original tool's format), its refit columns and its plan into `folder`."""
+    folder.save_tensor(HEAD_MASK_FILE, step.head_mask)
+    folder.save_tensor(NEURON_MASK_FILE, step.neuron_mask)
+    if step.refit:
+        save_refit(folder.file(REFIT_FILE), step.refit, model_name)
+    write_plan(plan_from_masks(step.head_mask, step.neuron_mask), folder.file(PLAN_FILE))
