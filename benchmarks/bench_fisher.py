@@ -23,8 +23,8 @@ import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from clip_prune.core.pruning.fisher import FisherInformation
+from clip_prune.core.pruning.losses import distill_loss
 from clip_prune.core.pruning.masks import VisionMasks, mask_shapes
-from clip_prune.lightning.module import distill_loss
 
 
 def build(layers: int, image_size: int) -> CLIPVisionModel:

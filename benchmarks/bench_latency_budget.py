@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_pipeline import save_vit_b16_clip  # noqa: E402
 
 from clip_prune.core.deploy.saving import load_pruned  # noqa: E402
-from clip_prune.core.pruning.latency_table import interleaved_seconds  # noqa: E402
+from clip_prune.core.timing import interleaved_seconds  # noqa: E402
 from clip_prune.data.synthetic import write_synthetic_coco  # noqa: E402
 from clip_prune.towers import load_model, tower_of  # noqa: E402
 
@@ -45,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8, help="images per batch and per timing (default: 8)")
     parser.add_argument("--pairs", type=int, default=7, help="timed dense/pruned pairs of the check (default: 7)")
     parser.add_argument("--image-size", type=int, default=224, help="ViT-B/16 input size (smaller: a quick try)")
+    parser.add_argument("--layers", type=int, default=12, help="encoder layers (ViT-B/16: 12; fewer: a quick try)")
     parser.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu", help="where the runs and the check run")
     return parser.parse_args(argv)
 
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
-        save_vit_b16_clip(root / "model", image_size=args.image_size)
+        save_vit_b16_clip(root / "model", image_size=args.image_size, layers=args.layers)
         write_synthetic_coco(root / "data", num_train=args.samples, num_val=8, image_size=args.image_size)
         environment = {**os.environ, "XDG_CACHE_HOME": str(root / "cache")}
         for table in ("fresh", "stale"):

@@ -4,7 +4,7 @@
     python benchmarks/bench_pipeline.py --samples 128 --constraint 0.75
 
 Builds a CLIPModel with openai/clip-vit-base-patch16's shapes (random weights: timings and
-memory do not depend on the values), a synthetic COCO-format folder at 224 px, runs the real
+memory do not depend on the values), a synthetic COCO-format folder at 224 px (`--image-size`), runs the real
 CLI on them, and prints the per-stage seconds of `report.json` next to one dense forward pass
 over the same calibration images, timed in this process.
 """
@@ -26,13 +26,13 @@ from clip_prune.data.tokenizer import build_word_tokenizer
 from clip_prune.lightning.cli import main as clip_prune
 
 
-def save_vit_b16_clip(path: Path, image_size: int = 224) -> None:
+def save_vit_b16_clip(path: Path, image_size: int = 224, layers: int = 12) -> None:
     """A random CLIP with ViT-B/16's vision tower and CLIP's text tower, saved like a Hub checkpoint (`image_size`
-    below 224: the same layers on fewer tokens, for a quick try)."""
+    below 224: the same layers on fewer tokens; fewer `layers` in both towers: for a quick try)."""
     tokenizer = build_word_tokenizer(caption_vocabulary(), max_length=77)
-    text = {"vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
+    text = {"vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id, "num_hidden_layers": layers,
             "bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id}
-    vision = {"image_size": image_size, "patch_size": 16}
+    vision = {"image_size": image_size, "patch_size": 16, "num_hidden_layers": layers}
     torch.manual_seed(0)
     CLIPModel(CLIPConfig(text_config=text, vision_config=vision)).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -43,7 +43,8 @@ def save_vit_b16_clip(path: Path, image_size: int = 224) -> None:
 @torch.inference_mode()
 def dense_forward_seconds(model_dir: Path, samples: int, batch_size: int) -> float:
     model = CLIPModel.from_pretrained(model_dir).eval()
-    pixels = torch.randn(batch_size, 3, 224, 224)
+    size = model.config.vision_config.image_size
+    pixels = torch.randn(batch_size, 3, size, size)
     model.vision_model(pixel_values=pixels)  # warm-up
     start = time.perf_counter()
     for _ in range(0, samples, batch_size):
@@ -57,11 +58,14 @@ def main() -> None:
     parser.add_argument("--eval-images", type=int, default=32, help="evaluation images (5 captions each)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--constraint", type=float, default=0.5)
+    parser.add_argument("--image-size", type=int, default=224, help="ViT-B/16 input size (smaller: a quick try)")
+    parser.add_argument("--layers", type=int, default=12, help="encoder layers (ViT-B/16: 12; fewer: a quick try)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
-        save_vit_b16_clip(root / "model")
-        write_synthetic_coco(root / "data", num_train=args.samples, num_val=args.eval_images, image_size=224)
+        save_vit_b16_clip(root / "model", image_size=args.image_size, layers=args.layers)
+        write_synthetic_coco(root / "data", num_train=args.samples, num_val=args.eval_images,
+                             image_size=args.image_size)
         start = time.perf_counter()
         clip_prune(["prune", "--model.pretrained", str(root / "model"), "--data.root", str(root / "data"),
                     "--data.num_samples", str(args.samples), "--data.batch_size", str(args.batch_size),

@@ -31,6 +31,7 @@ def _parse_args(args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--image-size", type=int, default=224, help="input size (smaller: a quick try)")
+    parser.add_argument("--layers", type=int, default=12, help="encoder layers (ViT-B/16: 12; fewer: a quick try)")
     return parser.parse_args(args)
 
 
@@ -70,7 +71,8 @@ def main(args: list[str] | None = None) -> None:
     device = torch.device(options.device)
     generator = torch.Generator().manual_seed(options.seed)
     torch.manual_seed(options.seed)
-    config = CLIPVisionConfig(image_size=options.image_size, patch_size=16)  # ViT-B/16: L=12, H=12, F=3072, D=768
+    config = CLIPVisionConfig(image_size=options.image_size, patch_size=16,  # ViT-B/16: L=12, H=12, F=3072, D=768
+                              num_hidden_layers=options.layers)
     model = CLIPVisionModel(config).eval().to(device)
     head_mask, neuron_mask, kept = _random_masks(config, options.constraint, generator)
     sizes = [options.batch_size] * (options.samples // options.batch_size)

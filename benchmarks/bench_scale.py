@@ -169,7 +169,7 @@ def baseline_seconds(args: argparse.Namespace, model_dir: Path, datamodule: Coco
     backward = time.perf_counter() - start
     module.masks.remove()
     images = min(args.samples, RECONSTRUCT_SAMPLES)
-    pixels = torch.randn(args.batch_size, 3, 224, 224, device=device)
+    pixels = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
     with torch.inference_mode(), autocast:
         module.model.vision_model(pixel_values=pixels)  # warm-up
         synchronize()
@@ -189,18 +189,22 @@ def main() -> None:
     parser.add_argument("--precision", default="32-true", help="--trainer.precision, e.g. bf16-mixed on a GPU")
     parser.add_argument("--constraint", type=float, default=0.75)
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "clip-prune" / "bench_scale")
+    parser.add_argument("--image-size", type=int, default=224, help="ViT-B/16 input size (smaller: a quick try)")
+    parser.add_argument("--layers", type=int, default=12, help="encoder layers (ViT-B/16: 12; fewer: a quick try)")
     parser.add_argument("--data-path-only", action="store_true", help="measure only the image path (no prune run)")
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
         run_child(args.child)
         return
-    data_root, model_dir = args.cache / "coco", args.cache / "vit-b16-clip"
+    data_root = args.cache / "coco"
+    shape = "" if (args.image_size, args.layers) == (224, 12) else f"-{args.image_size}px-{args.layers}layers"
+    model_dir = args.cache / f"vit-b16-clip{shape}"
     start = time.perf_counter()
     ensure_coco(data_root, "train2017", args.samples, first_id=1)
     ensure_coco(data_root, "val2017", args.eval_images, first_id=10_000_000)
     if not (model_dir / "config.json").is_file():
-        save_vit_b16_clip(model_dir)
+        save_vit_b16_clip(model_dir, image_size=args.image_size, layers=args.layers)
     print(f"data and model in {args.cache} ({time.perf_counter() - start:.0f} s)")
 
     datamodule = CocoDataModule(str(data_root), str(model_dir), num_samples=args.samples,

@@ -27,6 +27,7 @@ def _parse_args(args: list[str] | None = None) -> argparse.Namespace:
         "--constraints", type=float, nargs="+", default=[0.4, 0.6, 0.75], help="FLOP constraints to time"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--layers", type=int, default=12, help="encoder layers (ViT-B/16: 12; fewer: a quick try)")
     return parser.parse_args(args)
 
 
@@ -50,7 +51,7 @@ def main(args: list[str] | None = None) -> None:
     if options.threads is not None:
         torch.set_num_threads(options.threads)
     generator = torch.Generator().manual_seed(options.seed)
-    macs = mac_costs(CLIPVisionConfig(image_size=224, patch_size=16))
+    macs = mac_costs(CLIPVisionConfig(image_size=224, patch_size=16, num_hidden_layers=options.layers))
     shape = (macs.num_layers, macs.num_heads, macs.num_neurons)
     print(f"ViT-B/16 L, H, F = {shape}, torch threads {torch.get_num_threads()}")
     head_gram = _random_gram(macs.num_layers, macs.num_heads, options.samples, generator)
