@@ -24,6 +24,7 @@ TMP = "{tmp}"
 SMALLEST = {
     "bench_fisher.py": ["--layers", "1", "--image-size", "32", "--batch-size", "2", "--repeats", "1",
                         "--samples", "2"],
+    "bench_import.py": ["--repeats", "1"],
     "bench_latency.py": ["--image-size", "32", "--batch-size", "2", "--runs", "1", "--warmup", "0",
                          "--constraints", "0.5"],
     "bench_latency_budget.py": ["--budgets", "0.5", "--rounds", "1", "--samples", "2", "--batch-size", "2",
