@@ -13,10 +13,10 @@ from clip_prune.core.pruning.latency_budget import DEFAULT_ROUNDS, DEFAULT_TOLER
 from clip_prune.core.pruning.search import ConstraintType, constraint_in_range, constraint_problem
 
 ALIGNED_WIDTH_MULTIPLES = (64, 8)
-"""Default per-layer width multiples on a GPU and under a latency budget, the first that fits the model
-(benchmarks/bench_latency.py): at multiples of 64, ViT-B/16 towers ran within 1 % of their latency budget on an H200
-(bf16) and within 4.1 % on a 2-core CPU; with free widths up to 2 times over it on the H200 and 8 % on the CPU. 8 is
-what tensor cores need, for head sizes that 64 does not divide (SigLIP so400m: 72)."""
+"""Default per-layer width multiples on a GPU and under a latency budget, the first that fits the model: kernels keep
+their speed on aligned widths, so aligned towers hold their latency budget where free widths can run slower than their
+MACs say (docs/benchmarks.md, `bench_latency.py`). 8 is what tensor cores need, for head sizes that 64 does not divide
+(SigLIP so400m: 72)."""
 
 
 @dataclass(frozen=True)
@@ -44,8 +44,8 @@ class PruningOptions:
     max_abs_scale: float = 10.0
     """Bound on solved scales |s| (`scales`) and on the growth ‖W‖/‖W₀‖ of a stage's refit columns (`weights`)."""
     fit_bias: bool = True
-    """With `weights`, also refit out_proj's and fc2's bias (unpenalised); on the demo model this raised the
-    cosine to dense at every constraint, most at low ones (benchmarks/bench_quality.py)."""
+    """With `weights`, also refit the attention and MLP output projections' biases (unpenalised): the pruned
+    embeddings stay closer to the dense ones, most at low constraints (docs/demo.md, "What each stage buys")."""
     reconstruct_samples: int = 512
     """Calibration images used for reconstruction (split across ranks)."""
     last_layer_pooled_only: bool = True
@@ -60,10 +60,9 @@ class PruningOptions:
     """Slice the weights and save the smaller model into OUTPUT_DIR/pruned."""
     multiple_of: int | None = None
     """Keep each layer's widths (heads x head size, neurons) at multiples of this, or dense; 1 leaves them free.
-    None: 64 (or 8 where 64 does not divide the head size) on a GPU, where free widths ran slower than the dense
-    tower in bf16 on an H200, and under a latency budget, which aligned widths met within 5 % on that GPU and on a
-    CPU where free widths missed it (docs/usage.md, "Latency budget"); 1 for MAC budgets on a CPU and for small
-    models."""
+    None: 64 (or 8 where 64 does not divide the head size) on a GPU, where free widths can run slower than the dense
+    tower, and under a latency budget, which aligned widths meet where free widths miss it (docs/usage.md, "Latency
+    budget and hardware-friendly widths"); 1 for MAC budgets on a CPU and for small models."""
 
     def __post_init__(self) -> None:
         problems = []

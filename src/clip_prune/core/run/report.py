@@ -1,4 +1,4 @@
-"""`report.json`: built here, in one place, from the typed results of a run (docs/usage.md, "report.json").
+"""`report.json`: built here, in one place, from the typed results of a run (docs/usage.md, "What a run writes").
 
 Every verb and `clip_prune.prune` write their report with `write_report`; its sections come from the functions
 below, each from one kind of result: the statistics, the steps and their masks, the latency budget.
