@@ -91,8 +91,9 @@ def on_rank_zero(trainer: L.Trainer, work: Callable[[], Result]) -> Result | Non
 
 
 FisherPassOf = Callable[..., FisherStatistics | None]
-"""The Trainer's validation pass over the calibration data (`ClipPruneTrainer.fisher_pass`): called with the step
-whose model to pass over (None: dense), whether to gather Fisher statistics, and how many batches to read."""
+"""The Trainer's validation pass over the calibration data (`ClipPruneTrainer.fisher_pass`): called with the masks
+and refit columns of the model to pass over (none: dense), whether to gather Fisher statistics, and how many batches
+to read."""
 
 
 class PruningCallback(L.Callback):
@@ -159,7 +160,7 @@ class PruningCallback(L.Callback):
         summary = None
         steps = prune_in_steps(
             module.model, statistics, self.chain, self.options, self._calibration if self._reconstructs() else [],
-            fisher_pass,
+            lambda step: fisher_pass(step.head_mask, step.neuron_mask, step.refit),
             widths=self.widths, progress=trainer.is_global_zero,
             all_reduce=(lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if trainer.world_size > 1 else None,
             latency_timer=lambda index: self._candidate_timer(trainer, module) if self._checks_latency(index) else None)
@@ -193,10 +194,10 @@ class PruningCallback(L.Callback):
                                if self._reconstructs() else VERIFICATION_IMAGES)
         started = time.perf_counter()
         if reused is None:
-            statistics = fisher_pass(None)
+            statistics = fisher_pass()
         else:
             batch_size = datamodule.hparams.batch_size
-            fisher_pass(None, gather_fisher=False, batches=math.ceil(self._images_wanted / batch_size))
+            fisher_pass(gather_fisher=False, batches=math.ceil(self._images_wanted / batch_size))
             statistics = reused[0]
         self.timings["fisher"] = time.perf_counter() - started
         self._images_wanted = 0
@@ -214,7 +215,7 @@ class PruningCallback(L.Callback):
         report |= budget_section(step, self.constraint_type, self.widths, self.table_source)
         if self.options.save:
             if last:
-                module.masks.remove()
+                module.remove_masks()
             inputs = {name: value[:VERIFICATION_IMAGES] for name, value in self._calibration[0].items()}
             spec = PrunedModelSpec(module.model, step.head_mask, step.neuron_mask, module.hparams.pretrained, inputs,
                                    refit=step.refit, folder=PRUNED_FOLDER)
@@ -350,11 +351,11 @@ class PruningCallback(L.Callback):
 
 
 class SensitivityCallback(L.Callback):
-    """One round of sensitivity pruning per validation pass (docs/design.md, "Sensitivity-based pruning").
+    """Iterative sensitivity pruning, top to bottom in `prune` (docs/design.md, "Sensitivity-based pruning").
 
-    Before the pass the module's head mask is set to the current one; after it, the head
-    scores under that mask pick the next layer to reduce to its best head, `head_mask_{i}.pt`
-    is written and, with evaluation data, the round's metric decides the early stop.
+    Each round is one Fisher pass (the Trainer's) under the current head mask; its head scores pick the next layer to
+    reduce to its best head, `head_mask_{i}.pt` is written and, with evaluation data, the round's metric decides the
+    early stop.
 
     Args:
         run: where the masks and the report go.
@@ -372,58 +373,60 @@ class SensitivityCallback(L.Callback):
         self.stop_ratio = stop_ratio
         self.stop_metric = stop_metric
         self.rounds: list[dict[str, Any]] = []
-        self.reduced: set[int] = set()
-        self.head_mask: torch.Tensor | None = None
         self.evaluator: Evaluator | None = None
         self.dense_metric: float | None = None
-        self.finished = False
 
-    def on_validation_start(self, trainer: L.Trainer, pl_module: MaskedCLIPModule) -> None:
-        if self.head_mask is None:
-            config = pl_module.vision_config
-            self.head_mask = torch.ones(config.num_hidden_layers, config.num_attention_heads)
-            on_rank_zero(trainer, lambda: self._score_dense(trainer, pl_module))
-        pl_module.fisher.reset()
-        pl_module.masks.set(head_mask=self.head_mask)
+    def prune(self, trainer: L.Trainer, module: MaskedCLIPModule, datamodule: CocoDataModule,
+              fisher_pass: FisherPassOf) -> str | None:
+        """Rounds until every layer keeps one head or the metric falls below the stop; returns the summary to print
+        (rank zero)."""
+        macs = mac_costs(module.vision_config)
+        head_mask = torch.ones(macs.num_layers, macs.num_heads)
+        neuron_mask = torch.ones(macs.num_layers, macs.num_neurons)
+        reduced: set[int] = set()
+        while len(reduced) < macs.num_layers:
+            scores = fisher_pass(head_mask).head_fisher.cpu()  # synced across ranks, on their devices
+            if not self.rounds:  # after the first pass: the model is on its device
+                on_rank_zero(trainer, lambda: self._score_dense(module, datamodule))
+            layer, head = choose_head(scores, reduced)
+            reduced.add(layer)
+            head_mask = keep_single_head(head_mask, layer, head)
+            entry: dict[str, Any] = {"round": len(self.rounds), "layer": layer, "head": head,
+                                     "score": float(scores[layer, head]),
+                                     "macs_ratio": macs.of_masks(head_mask, neuron_mask) / macs.dense}
+            on_rank_zero(trainer, partial(self._finish_round, trainer, module, head_mask, entry))
+            entry = trainer.strategy.broadcast(entry)  # rank zero's metric and stop decision for every rank
+            self.rounds.append(entry)
+            if "stopped" in entry:
+                break
+        return on_rank_zero(trainer, partial(self._finish, module, neuron_mask))
 
-    def _score_dense(self, trainer: L.Trainer, pl_module: MaskedCLIPModule) -> None:
+    def _score_dense(self, module: MaskedCLIPModule, datamodule: CocoDataModule) -> None:
         """Rank zero: the dense model's metric, the reference of the early stop (if it can be measured)."""
-        datamodule = trainer.datamodule
-        if datamodule is None or not datamodule.has_evaluation_data() or not pl_module.tower.has_text:
+        if not datamodule.has_evaluation_data() or not module.tower.has_text:
             print("clip-prune sensitivity: no evaluation data for this model, so no early stop; all rounds run",
                   file=sys.stderr)
             return
-        self.evaluator = datamodule.evaluator(pl_module.device)
-        self.dense_metric = metric_value(self.evaluator(pl_module.model, "dense"), self.stop_metric)
+        self.evaluator = datamodule.evaluator(module.device)
+        self.dense_metric = metric_value(self.evaluator(module.model, "dense"), self.stop_metric)
 
-    def on_validation_end(self, trainer: L.Trainer, pl_module: MaskedCLIPModule) -> None:
-        scores = pl_module.fisher.compute().head_fisher.cpu()  # synced across ranks, on their devices
-        layer, head = choose_head(scores, self.reduced)
-        self.reduced.add(layer)
-        self.head_mask = keep_single_head(self.head_mask, layer, head)
-        macs = mac_costs(pl_module.vision_config)
-        neuron_mask = torch.ones(macs.num_layers, macs.num_neurons)
-        entry: dict[str, Any] = {"round": len(self.rounds), "layer": layer, "head": head,
-                                 "score": float(scores[layer, head]),
-                                 "macs_ratio": macs.of_masks(self.head_mask, neuron_mask) / macs.dense}
-        on_rank_zero(trainer, lambda: self._finish_round(trainer, pl_module, entry))
-        entry = trainer.strategy.broadcast(entry)  # rank zero's metric and stop decision for every rank
-        self.rounds.append(entry)
-        self.finished = "stopped" in entry or len(self.reduced) == macs.num_layers
-        if self.finished:
-            on_rank_zero(trainer, lambda: self.run.save_tensor(NEURON_MASK_FILE, neuron_mask))
-
-    def _finish_round(self, trainer: L.Trainer, pl_module: MaskedCLIPModule, entry: dict[str, Any]) -> None:
+    def _finish_round(self, trainer: L.Trainer, module: MaskedCLIPModule, head_mask: torch.Tensor,
+                      entry: dict[str, Any]) -> None:
         """Rank zero: write the round's mask, measure it, decide the early stop."""
-        self.run.save_tensor(f"head_mask_{entry['round']}.pt", self.head_mask)
+        self.run.save_tensor(f"head_mask_{entry['round']}.pt", head_mask)
         if self.evaluator is not None:
-            pl_module.masks.set(head_mask=self.head_mask)
-            entry["metric"] = metric_value(self.evaluator(pl_module.model, f"round {entry['round']}"),
-                                           self.stop_metric)
+            with module.masked_as(head_mask, gather_fisher=False):
+                metrics = self.evaluator(module.model, f"round {entry['round']}")
+            entry["metric"] = metric_value(metrics, self.stop_metric)
             if entry["metric"] < self.stop_ratio * self.dense_metric:
                 entry["stopped"] = (f"{self.stop_metric} {entry['metric']:.2f} < {self.stop_ratio} x dense "
                                     f"{self.dense_metric:.2f}")
         log_sensitivity_round(trainer, entry)
+
+    def _finish(self, module: MaskedCLIPModule, neuron_mask: torch.Tensor) -> str:
+        """Rank zero: the neuron mask the head masks go with (all ones) and the report."""
+        self.run.save_tensor(NEURON_MASK_FILE, neuron_mask)
+        return write_report(self.run, {"model": module.hparams.pretrained, **self.report()})
 
     def report(self) -> dict[str, Any]:
         return {"stop_metric": self.stop_metric, "stop_ratio": self.stop_ratio, "dense_metric": self.dense_metric,

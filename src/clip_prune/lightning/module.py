@@ -13,8 +13,7 @@ from clip_prune.core.pruning.fisher import FisherInformation, FisherStatistics
 from clip_prune.core.pruning.fisher_pass import accumulate_fisher
 from clip_prune.core.pruning.losses import distill_noise
 from clip_prune.core.pruning.masks import VisionMasks, mask_shapes
-from clip_prune.core.pruning.refit import refit_applied
-from clip_prune.core.pruning.step import StepResult
+from clip_prune.core.pruning.refit import RefitWeights, refit_applied
 from clip_prune.data.sampling import PADDING
 from clip_prune.startup import STARTUP
 from clip_prune.towers import load_model, tower_of
@@ -77,22 +76,30 @@ class MaskedCLIPModule(L.LightningModule):
         return self.tower.config
 
     @contextmanager
-    def passing_as(self, step: StepResult | None, gather_fisher: bool = True) -> Iterator[None]:
-        """Within the block, validation passes see the model as `step` left it (its masks hooked in, its refit columns
-        in the weights; None: dense) and gather Fisher statistics afresh, or none (`gather_fisher` False: a pass that
-        only feeds the callbacks the calibration images). Afterwards the model is dense again: it stays the teacher
-        of every step."""
+    def masked_as(self, head_mask: torch.Tensor | None = None, neuron_mask: torch.Tensor | None = None,
+                  refit: RefitWeights | None = None, gather_fisher: bool = True) -> Iterator[None]:
+        """Within the block the model computes under these masks (all ones where None) with these refit columns in
+        its weights, as a step or a sensitivity round left it, and validation passes gather Fisher statistics afresh,
+        or none (`gather_fisher` False: a pass that only feeds the callbacks the calibration images). Afterwards the
+        model is dense again, even after an error: it stays the teacher of every step."""
         self.fisher.reset()
         self._gathers_fisher = gather_fisher
-        with ExitStack() as pruned:
-            if step is not None:
-                self.masks.set(step.head_mask, step.neuron_mask)
-                pruned.enter_context(refit_applied(self.model, step.head_mask, step.neuron_mask, step.refit))
+        ones = torch.ones_like(self.masks.head_mask), torch.ones_like(self.masks.neuron_mask)
+        head_mask = ones[0] if head_mask is None else head_mask
+        neuron_mask = ones[1] if neuron_mask is None else neuron_mask
+        with ExitStack() as refitted:
+            self.masks.set(head_mask, neuron_mask)
+            if refit:
+                refitted.enter_context(refit_applied(self.model, head_mask, neuron_mask, refit))
             try:
                 yield
             finally:
-                self.masks.set(torch.ones_like(self.masks.head_mask), torch.ones_like(self.masks.neuron_mask))
+                self.masks.set(*ones)
                 self._gathers_fisher = True
+
+    def remove_masks(self) -> None:
+        """Detach the mask hooks for good: the model is the dense reference of saving and evaluation from here on."""
+        self.masks.remove()
 
     def statistics(self) -> FisherStatistics:
         """The Fisher statistics of the last pass, summed across ranks."""

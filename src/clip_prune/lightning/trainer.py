@@ -24,8 +24,7 @@ from clip_prune.core.file_names import CONFIG_FILE, FISHER_FILE, REFIT_FILE, REP
 from clip_prune.core.pruning.fisher import FisherStatistics, load_fisher
 from clip_prune.core.pruning.masks import mask_shapes, mask_value_notes
 from clip_prune.core.pruning.options import PruningOptions
-from clip_prune.core.pruning.refit import load_refit
-from clip_prune.core.pruning.step import StepResult
+from clip_prune.core.pruning.refit import RefitWeights, load_refit
 from clip_prune.core.run.cascade import check_top_m
 from clip_prune.core.run.finish import PrunedModelSpec, check_keeps_a_path, export_to
 from clip_prune.core.run.outputs import RunDirectory, write_json_atomically
@@ -151,16 +150,18 @@ class ClipPruneTrainer(L.Trainer):
         if reused is not None and fisher is None and self.is_global_zero:  # an interrupted run's statistics
             shutil.rmtree(reused[1].parent, ignore_errors=True)  # its statistics now live in the finished run
 
-    def fisher_pass(self, model: MaskedCLIPModule, datamodule: CocoDataModule, step: StepResult | None,
+    def fisher_pass(self, model: MaskedCLIPModule, datamodule: CocoDataModule, head_mask: torch.Tensor | None = None,
+                    neuron_mask: torch.Tensor | None = None, refit: RefitWeights | None = None,
                     gather_fisher: bool = True, batches: int | None = None) -> FisherStatistics | None:
-        """One validation pass over the calibration data with the model as `step` left it (None: dense): the module
-        gathers the Fisher statistics (summed across ranks), the callbacks see its batches. `gather_fisher` False:
-        only the first `batches` batches are read, for the images they hold."""
+        """One validation pass over the calibration data with the model under these masks and refit columns (None:
+        dense; `MaskedCLIPModule.masked_as`): the module gathers the Fisher statistics (summed across ranks), the
+        callbacks see its batches. `gather_fisher` False: only the first `batches` batches are read, for their
+        images."""
         name_validation_bar(self, "Fisher pass" if gather_fisher else "Calibration images")
         all_batches = self.limit_val_batches
         self.limit_val_batches = all_batches if batches is None else batches
         try:
-            with model.passing_as(step, gather_fisher):
+            with model.masked_as(head_mask, neuron_mask, refit, gather_fisher):
                 self.validate(model, datamodule=datamodule, verbose=False)
                 return model.statistics() if gather_fisher else None
         finally:
@@ -216,7 +217,7 @@ class ClipPruneTrainer(L.Trainer):
         notes = mask_value_notes(head_mask, neuron_mask, binary=refit is not None)
         device = self.strategy.root_device
         dense = model.model.to(device)
-        model.masks.remove()
+        model.remove_masks()
         with run.writing():
             inputs, verified_on = verification_inputs(datamodule, getattr(model.vision_config, "image_size", None))
             save_resolved_config(self, run)
@@ -269,7 +270,7 @@ class ClipPruneTrainer(L.Trainer):
         if pruned is not None:
             pruned = resolve_pruned(pruned)
         pruned_model = check_same_origin(load_pruned(pruned), model.model, pruned) if pruned is not None else None
-        model.masks.remove()
+        model.remove_masks()
         evaluator = datamodule.evaluator(device)
         if pruned_model is not None:
             pruned_model.to(device)
@@ -302,14 +303,10 @@ class ClipPruneTrainer(L.Trainer):
         callback = SensitivityCallback(run, stop_ratio, stop_metric)  # checks the stop settings
         model.check_loss(tokenizer_available=datamodule.tokenizer() is not None)
         self.callbacks.append(callback)
-        name_validation_bar(self, "Head scores")
         with run.writing() if self.is_global_zero else nullcontext():
             save_resolved_config(self, run)
-            while not callback.finished:
-                self.validate(model, datamodule=datamodule, verbose=False)
-            if self.is_global_zero:
-                summary = write_report(run, {"model": model.hparams.pretrained, **callback.report()})
-        if self.is_global_zero:
+            summary = callback.prune(self, model, datamodule, partial(self.fisher_pass, model, datamodule))
+        if summary is not None:
             print(summary)
         self.strategy.barrier()
 
