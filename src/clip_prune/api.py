@@ -20,9 +20,8 @@ from clip_prune.core.pruning.chain import prune_in_steps
 from clip_prune.core.pruning.costs import mac_costs
 from clip_prune.core.pruning.fisher import FisherStatistics, save_fisher
 from clip_prune.core.pruning.fisher_pass import LossName, fisher_pass
-from clip_prune.core.pruning.options import PruningOptions, requested_constraints
+from clip_prune.core.pruning.options import PruningOptions, requested_constraints, search_widths
 from clip_prune.core.pruning.refit import RefitWeights
-from clip_prune.core.pruning.search import WidthBudget, check_reachable
 from clip_prune.core.pruning.step import StepResult
 from clip_prune.core.run.finish import PrunedModelSpec, export_to, write_masks
 from clip_prune.core.run.outputs import RunDirectory
@@ -123,12 +122,7 @@ def prune(model: nn.Module, batches: Sequence[Batch], constraint: float, options
     if loss == "contrastive" and not (tower.has_text and "input_ids" in batches[0]):
         raise ValueError("the contrastive loss needs a model with a text tower and batches with `input_ids`; pass "
                          "loss='distill' to prune on images alone")
-    device = next(model.parameters()).device
-    config = tower.config
-    head_dim = config.hidden_size // config.num_attention_heads
-    multiple = options.widths_multiple(device, config.intermediate_size, head_dim)
-    widths = WidthBudget(head_dim, multiple, None) if multiple > 1 else None
-    check_reachable(constraint, mac_costs(config), tower.pooling_needs_attention(), widths)
+    widths = search_widths(options, model, constraint, next(model.parameters()).device)
 
     def pass_over(step: StepResult | None) -> FisherStatistics:
         return fisher_pass(model, batches, loss, noise_seed, step)

@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 from clip_prune.errors import add_note
 
@@ -116,6 +117,14 @@ def write_text_atomically(path: Path, text: str) -> None:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def write_json_atomically(path: Path, content: dict[str, Any], overwrite: bool = False) -> None:
+    """Write `content` as JSON to `path` through a temporary sibling, marked as clip-prune's (`written_by`); an
+    existing file is refused unless `overwrite` and clip-prune wrote it."""
+    check_file_free(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(path, json.dumps({"written_by": WRITTEN_BY, **content}, indent=2) + "\n")
 
 
 def _written_by_clip_prune(record: Path, describes: str | None = None) -> bool:

@@ -29,8 +29,8 @@ from clip_prune.core.pruning.costs import mac_costs
 from clip_prune.core.pruning.fisher import FisherStatistics, save_fisher
 from clip_prune.core.pruning.latency_budget import NOISE_MARGIN
 from clip_prune.core.pruning.latency_table import LatencyTable, TableSource, cached_latency_table, write_table
-from clip_prune.core.pruning.options import PruningOptions, requested_constraints
-from clip_prune.core.pruning.search import ConstraintType, SearchResult, WidthBudget, check_reachable
+from clip_prune.core.pruning.options import PruningOptions, requested_constraints, search_widths
+from clip_prune.core.pruning.search import ConstraintType, SearchResult, WidthBudget
 from clip_prune.core.pruning.sensitivity import choose_head, keep_single_head
 from clip_prune.core.pruning.step import StepResult
 from clip_prune.core.run.cascade import check_top_m
@@ -278,15 +278,9 @@ class PruningCallback(L.Callback):
     def _prepare_search(self, trainer: L.Trainer, pl_module: MaskedCLIPModule) -> None:
         """Choose how the search measures widths (the latency table, measured on the run's device, or multiples)
         and check that the constraint can be met at all."""
-        config = pl_module.vision_config
-        head_dim = config.hidden_size // config.num_attention_heads
-        multiple = self.options.widths_multiple(pl_module.device, config.intermediate_size, head_dim,
-                                                latency_budget=self.constraint_type == "latency")
-        if self.constraint_type == "latency" or multiple > 1:
-            table = self._latency_table(trainer, pl_module, multiple) if self.constraint_type == "latency" else None
-            self.widths = WidthBudget(head_dim, multiple, table)
-        check_reachable(self.constraint, mac_costs(config), pl_module.tower.pooling_needs_attention(),
-                        self.widths)  # the smallest constraint: the others are reached on the way
+        measure = partial(self._latency_table, trainer, pl_module) if self.constraint_type == "latency" else None
+        # The smallest constraint: the others are reached on the way.
+        self.widths = search_widths(self.options, pl_module.model, self.constraint, pl_module.device, measure)
 
     def _latency_table(self, trainer: L.Trainer, pl_module: MaskedCLIPModule, multiple_of: int) -> LatencyTable:
         """The run's latency table: measured (or read from the cache) on rank zero, saved in the run, shared."""

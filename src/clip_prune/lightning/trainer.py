@@ -27,11 +27,11 @@ from clip_prune.core.pruning.options import PruningOptions
 from clip_prune.core.pruning.refit import RefitWeights, load_refit
 from clip_prune.core.run.cascade import check_top_m
 from clip_prune.core.run.finish import PrunedModelSpec, check_keeps_a_path, export_to
-from clip_prune.core.run.outputs import RunDirectory, write_json_atomically
+from clip_prune.core.run.outputs import RunDirectory
 from clip_prune.core.run.report import write_report
 from clip_prune.core.run.summary import format_summary
 from clip_prune.data.synthetic import synthetic_inputs, write_synthetic_coco
-from clip_prune.files import check_file_free, record_written
+from clip_prune.files import check_file_free, record_written, write_json_atomically
 from clip_prune.lightning.callbacks import PruningCallback, SensitivityCallback
 from clip_prune.lightning.console import name_validation_bar
 from clip_prune.lightning.data import CocoDataModule

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from clip_prune import files
-from clip_prune.core.run.outputs import RunDirectory, write_json_atomically
+from clip_prune.core.run.outputs import RunDirectory
 from clip_prune.data.synthetic import write_synthetic_coco
 from clip_prune.errors import notes
 from clip_prune.files import (
@@ -22,6 +22,7 @@ from clip_prune.files import (
     check_output_location,
     record_written,
     stale_stagings,
+    write_json_atomically,
 )
 
 

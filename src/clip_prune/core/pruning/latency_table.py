@@ -27,7 +27,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from clip_prune.core.timing import load_average, median_seconds
-from clip_prune.files import WRITTEN_BY, check_file_free, write_text_atomically
+from clip_prune.files import write_json_atomically
 from clip_prune.towers import tower_class, tower_of
 
 Result = TypeVar("Result")
@@ -281,9 +281,7 @@ def measure_latency_table(config: PretrainedConfig, batch_size: int, device: tor
 
 def write_table(table: LatencyTable, path: Path) -> None:
     """Save `table` as JSON (measurements, fits, fixed and dense seconds); concurrent runs never read half a file."""
-    check_file_free(path, overwrite=True)  # a file of that name that clip-prune did not write is left alone
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(path, json.dumps({"written_by": WRITTEN_BY, **table.to_json()}, indent=2) + "\n")
+    write_json_atomically(path, table.to_json(), overwrite=True)
 
 
 def read_table(path: Path) -> LatencyTable:

@@ -40,7 +40,7 @@ class VisionMasks:
         self.layers = tower.layers
         config = tower.config
         head_shape, neuron_shape = mask_shapes(config)
-        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.head_dim = tower.head_dim
         device = tower.part(self.layers[0], "mlp_output").weight.device
         self.head_mask = _checked(head_mask, head_shape, "head_mask", device)
         self.neuron_mask = _checked(neuron_mask, neuron_shape, "neuron_mask", device)

@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from torch import nn
 
+from clip_prune.core.pruning.costs import mac_costs
 from clip_prune.core.pruning.latency_budget import DEFAULT_ROUNDS, DEFAULT_TOLERANCE
-from clip_prune.core.pruning.search import ConstraintType, constraint_in_range, constraint_problem
+from clip_prune.core.pruning.latency_table import LatencyTable
+from clip_prune.core.pruning.search import (
+    ConstraintType,
+    WidthBudget,
+    check_reachable,
+    constraint_in_range,
+    constraint_problem,
+)
+from clip_prune.towers import tower_of
 
 ALIGNED_WIDTH_MULTIPLES = (64, 8)
 """Default per-layer width multiples on a GPU and under a latency budget, the first that fits the model: kernels keep
@@ -127,3 +137,19 @@ def requested_constraints(constraint: float | Sequence[float], constraint_type: 
         if not constraint_in_range(value):
             raise ValueError(constraint_problem(value, constraint_type))
     return sorted(set(given), reverse=True)
+
+
+def search_widths(options: PruningOptions, model: nn.Module, constraint: float, device: torch.device,
+                  latency_table: Callable[[int], LatencyTable] | None = None) -> WidthBudget | None:
+    """How the search keeps each layer's widths: within the latency table `latency_table(multiple_of)` gives (a
+    latency budget), at multiples of `options.widths_multiple` (a GPU), or free (None); refuses, before any pass over
+    the data, a `constraint` no masks reach."""
+    tower = tower_of(model)
+    config = tower.config
+    multiple = options.widths_multiple(device, config.intermediate_size, tower.head_dim,
+                                       latency_budget=latency_table is not None)
+    widths = None
+    if latency_table is not None or multiple > 1:
+        widths = WidthBudget(tower.head_dim, multiple, None if latency_table is None else latency_table(multiple))
+    check_reachable(constraint, mac_costs(config), tower.pooling_needs_attention(), widths)
+    return widths

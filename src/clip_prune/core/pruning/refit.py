@@ -31,23 +31,20 @@ REFIT_PARTS = ("attention_output", "mlp_output")
 """The parts (`VisionTower.part_paths`) whose columns weight reconstruction refits."""
 
 
-def _parse_key(key: str, tower: VisionTower) -> tuple[int, str, str] | None:
-    """(layer, part, `weight` or `bias`) of a refit key of `tower`'s family, or None for a key it does not have."""
-    for index in range(len(tower.layers)):
-        for part in REFIT_PARTS:
-            for kind in ("weight", "bias"):
-                if key == f"{tower.part_path(index, part)}.{kind}":
-                    return index, part, kind
-    return None
+def _refit_keys(tower: VisionTower) -> dict[str, tuple[int, str, str]]:
+    """Every refit key of `tower`'s family and layers → (layer, part, `weight` or `bias`)."""
+    return {f"{tower.part_path(index, part)}.{kind}": (index, part, kind)
+            for index in range(len(tower.layers)) for part in REFIT_PARTS for kind in ("weight", "bias")}
 
 
 def _targets(model: nn.Module, head_mask: torch.Tensor, neuron_mask: torch.Tensor,
              refit: RefitWeights) -> list[tuple[nn.Parameter, torch.Tensor | None, torch.Tensor]]:
     """(parameter, kept columns or None for a bias, refit value) for every entry of `refit`, shapes checked."""
     tower = tower_of(model)
+    keys = _refit_keys(tower)
     targets = []
     for key, value in refit.items():
-        parsed = _parse_key(key, tower)
+        parsed = keys.get(key)
         if parsed is None:
             raise ValueError(f"refit entry {key!r} names no encoder layer output of this model "
                              f"({len(tower.layers)} layers); was it written for another model?")

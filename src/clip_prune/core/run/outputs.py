@@ -14,14 +14,11 @@ from typing import Any
 import torch
 
 from clip_prune.files import (
-    WRITTEN_BY,
     atomic_directory,
-    check_file_free,
     check_free,
     check_output_location,
     new_staging,
     stale_stagings,
-    write_text_atomically,
 )
 
 
@@ -122,11 +119,3 @@ def link_or_copy(source: Path, target: Path) -> None:
         os.link(source, target)
     except OSError:
         shutil.copyfile(source, target)
-
-
-def write_json_atomically(path: Path, content: dict[str, Any], overwrite: bool = False) -> None:
-    """Write `content` as JSON to `path` through a temporary sibling, marked as clip-prune's (`written_by`); an
-    existing file is refused unless `overwrite` and clip-prune wrote it."""
-    check_file_free(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(path, json.dumps({"written_by": WRITTEN_BY, **content}, indent=2) + "\n")
