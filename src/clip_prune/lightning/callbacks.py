@@ -138,6 +138,7 @@ class PruningCallback(L.Callback):
         """Where rank zero's latency table came from (measured, cached and checked, re-measured)."""
         self.timings: dict[str, float] = {}
         self.steps: list[StepResult] = []
+        self._search_prepared = False
         self._calibration: list[VisionInputs] = []
         self._images_wanted = 0
         self._timer: Callable[[Any], Timing] | None = None
@@ -249,7 +250,7 @@ class PruningCallback(L.Callback):
     # Hooks: what the Fisher passes show this callback.
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: MaskedCLIPModule) -> None:
-        if self.steps or self._search_prepared:
+        if self._search_prepared:  # a later pass: the search is set up
             return
         STARTUP.lap("lightning_setup")  # the model on its device, the loop and its DataLoader made
         if self.constraint is not None:
@@ -269,8 +270,6 @@ class PruningCallback(L.Callback):
         self._calibration.append(inputs_to(inputs, pl_module.device))
 
     # The parts.
-
-    _search_prepared = False
 
     def _reconstructs(self) -> bool:
         return self.constraint is not None and self.options.reconstruct != "none"
