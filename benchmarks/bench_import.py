@@ -2,8 +2,9 @@
 
 Each statement runs in a fresh interpreter, the statements taking turns `--repeats` times (a drift of the machine's
 speed touches all alike); the table gives their median seconds and their ratio to `import torch, transformers`.
-`transformers.modeling_utils` is what any model class of transformers imports: registering the pruned classes (so
-that `AutoModel.from_pretrained` opens a pruned directory) needs it.
+`transformers.modeling_utils` is what any model class of transformers imports: `import clip_prune` registers the
+pruned classes (so that `AutoModel.from_pretrained` opens a pruned directory) without it, and pays it only when a
+model is loaded (`clip_prune/registration.py`).
 
 Run:
     python benchmarks/bench_import.py [--repeats 5]

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPModel, CLIPProcessor, CLIPVisionModel, PretrainedConfig
 
-from clip_prune.hub import PrunedCLIPModel, PrunedCLIPVisionModel
+from clip_prune.hub.modeling_clip_pruned import PrunedCLIPModel, PrunedCLIPVisionModel
 from clip_prune.towers.base import VisionInputs, VisionTower
 
 

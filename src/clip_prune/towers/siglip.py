@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PretrainedConfig, SiglipModel, SiglipProcessor, SiglipVisionModel
 
-from clip_prune.hub import PrunedSiglipModel, PrunedSiglipVisionModel
+from clip_prune.hub.modeling_siglip_pruned import PrunedSiglipModel, PrunedSiglipVisionModel
 from clip_prune.towers.base import VisionInputs, VisionTower
 
 

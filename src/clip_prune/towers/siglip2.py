@@ -14,7 +14,7 @@ import torch
 from transformers import PretrainedConfig, Siglip2Model, Siglip2Processor, Siglip2VisionModel
 from transformers.masking_utils import create_bidirectional_mask
 
-from clip_prune.hub import PrunedSiglip2Model, PrunedSiglip2VisionModel
+from clip_prune.hub.modeling_siglip_pruned import PrunedSiglip2Model, PrunedSiglip2VisionModel
 from clip_prune.towers.base import VisionInputs
 from clip_prune.towers.siglip import SiglipTower
 

@@ -155,3 +155,28 @@ def test_zero_shot_pipeline_gives_the_scores_of_the_pruned_model_by_hand(family,
         logits = pruned(**inputs).logits_per_image[0]
     by_hand = logits.softmax(dim=-1) if family == "clip" else logits.sigmoid()
     assert [scores[label] for label in labels] == pytest.approx(by_hand.tolist(), abs=1e-6)
+
+
+# Runs in a fresh interpreter: what `import clip_prune` alone lets transformers do with DIR.
+ONLY_IMPORTED = """
+import sys
+import clip_prune
+from transformers import AutoConfig, AutoModel
+heavy = "transformers.modeling_utils" in sys.modules
+loaded = AutoModel.from_pretrained(sys.argv[1])
+built = AutoModel.from_config(AutoConfig.from_pretrained(sys.argv[1]))
+print(heavy, type(loaded).__module__, type(loaded).__name__, type(built) is type(loaded),
+      AutoModel._model_mapping[type(loaded.config)] is type(loaded))
+"""
+
+
+def test_import_registers_the_directory_without_modeling_code_and_loads_the_real_class(saved) -> None:
+    """`import clip_prune` registers stand-ins (clip_prune/registration.py); the first load puts the class in."""
+    directory, pruned = saved
+    result = subprocess.run([sys.executable, "-c", ONLY_IMPORTED, str(directory)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    heavy, module, name, built_alike, registered = result.stdout.split()
+    assert heavy == "False", "import clip_prune imported transformers.modeling_utils"
+    assert (module, name) == (type(pruned).__module__, type(pruned).__name__)
+    assert built_alike == registered == "True"

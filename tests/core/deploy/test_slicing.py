@@ -34,13 +34,9 @@ from clip_prune.core.pruning.costs import mac_costs
 from clip_prune.core.pruning.masks import VisionMasks
 from clip_prune.core.run.costs import counted_vision_macs
 from clip_prune.files import MANIFEST
-from clip_prune.hub import (
-    ConstantAttention,
-    ConstantMLP,
-    PrunedCLIPConfig,
-    PrunedCLIPVisionConfig,
-    PrunedCLIPVisionModel,
-)
+from clip_prune.hub.configuration_clip_pruned import PrunedCLIPConfig, PrunedCLIPVisionConfig
+from clip_prune.hub.modeling_clip_pruned import PrunedCLIPVisionModel
+from clip_prune.hub.pruned_layers import ConstantAttention, ConstantMLP
 from clip_prune.towers import tower_of
 from clip_prune.towers.clip import ClipTower
 

@@ -14,13 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForZeroShotImageClassification,
-    PretrainedConfig,
-    PreTrainedModel,
-)
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
 
 from clip_prune.core.deploy.sharing import write_remote_code
@@ -30,20 +24,6 @@ from clip_prune.core.pruning.masks import check_masks, mask_shapes
 from clip_prune.core.pruning.refit import RefitWeights, write_refit
 from clip_prune.files import atomic_directory
 from clip_prune.towers import FAMILIES, tower_of
-
-
-def register_pruned_models() -> None:
-    """Let `AutoConfig` and `AutoModel` load pruned directories of every family (called when `clip_prune` is imported).
-
-    Full models also register as what transformers' zero-shot-image-classification pipeline loads, as their
-    dense classes do.
-    """
-    for family in FAMILIES:
-        for dense_type, pruned in family.pruned_classes.items():
-            AutoConfig.register(pruned.config_class.model_type, pruned.config_class, exist_ok=True)
-            AutoModel.register(pruned.config_class, pruned, exist_ok=True)
-            if dense_type != family.vision_model_type:
-                AutoModelForZeroShotImageClassification.register(pruned.config_class, pruned, exist_ok=True)
 
 
 def cut_pruned_model(model: PreTrainedModel, head_mask: torch.Tensor, neuron_mask: torch.Tensor,
