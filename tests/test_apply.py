@@ -15,7 +15,7 @@ from clip_prune.core.pruning.masks import head_columns
 from clip_prune.core.pruning.refit import load_refit, save_refit
 from clip_prune.core.run.finish import PrunedModelSpec, export_pruned, export_to
 from clip_prune.core.run.outputs import RunDirectory
-from clip_prune.core.run.report import write_report
+from clip_prune.core.run.report import RunReport, StatisticsRecord, write_report
 from clip_prune.files import MANIFEST
 from clip_prune.towers import image_embeds
 
@@ -45,7 +45,7 @@ def test_save_with_refit_equals_the_masked_model_and_reloads(tiny_vision_dir: Pa
     before = {name: value.clone() for name, value in model.state_dict().items()}
     pruned, report = export_pruned(model, head_mask, neuron_mask, tmp_path / "out", str(tiny_vision_dir),
                                        pixels, latency_repeats=1, refit=refit)
-    assert report["equivalence"]["max_abs_diff"] <= report["equivalence"]["tolerance"]
+    assert report.equivalence["max_abs_diff"] <= report.equivalence["tolerance"]
     assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())  # dense untouched
     layer = pruned.encoder.layers[1].mlp.fc2
     torch.testing.assert_close(layer.weight, refit["layers.1.mlp.fc2.weight"])
@@ -81,7 +81,7 @@ def test_export_and_report_write_the_model_and_one_report(tiny_vision_dir: Path,
     with run.writing():
         _, measured = export_to(run, PrunedModelSpec(model, head_mask, neuron_mask, str(tiny_vision_dir), pixels,
                                                      refit, 1))
-        summary = write_report(run, {"model": "tiny", **measured}, timings)
+        summary = write_report(run, RunReport("tiny", export=measured, timings=timings))
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["model"] == "tiny"
     assert report["equivalence"]["max_abs_diff"] <= report["equivalence"]["tolerance"]
@@ -91,6 +91,6 @@ def test_export_and_report_write_the_model_and_one_report(tiny_vision_dir: Path,
     # Nothing to save (a sensitivity run, statistics only): only the report.
     bare = RunDirectory(tmp_path / "bare")
     with bare.writing():
-        assert write_report(bare, {"fisher_samples": 3}) == (f"  Fisher statistics of 3 samples\n"
-                                                             f"clip-prune: wrote {tmp_path / 'bare'}")
+        assert write_report(bare, RunReport("tiny", StatisticsRecord(3))) == (
+            f"  Fisher statistics of 3 samples\nclip-prune: wrote {tmp_path / 'bare'}")
     assert sorted(path.name for path in (tmp_path / "bare").iterdir()) == [MANIFEST, "report.json"]

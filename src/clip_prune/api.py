@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -25,7 +24,7 @@ from clip_prune.core.pruning.refit import RefitWeights
 from clip_prune.core.pruning.step import StepResult
 from clip_prune.core.run.finish import PrunedModelSpec, export_to, write_masks
 from clip_prune.core.run.outputs import RunDirectory
-from clip_prune.core.run.report import budget_section, pruning_section, statistics_section, write_report
+from clip_prune.core.run.report import PruningRecord, RunReport, StatisticsRecord, write_report
 from clip_prune.towers import VisionInputs, inputs_to, tower_of
 
 Batch = Mapping[str, torch.Tensor]
@@ -65,11 +64,11 @@ class PruningResult:
         """The physically smaller model, in memory (`save` also writes it, checked and measured)."""
         return cut_pruned_model(self.model, self.head_mask, self.neuron_mask, self.refit).eval()
 
-    def report(self) -> dict[str, Any]:
-        """The pruning part of `report.json`: constraint, options, MACs, kept units, every step, warnings."""
-        return (statistics_section(self.model.name_or_path, self.statistics.num_samples)
-                | pruning_section(self.steps, self.chain, self.options, mac_costs(tower_of(self.model).config))
-                | budget_section(self.steps[-1], "macs", None, None))
+    def report(self) -> RunReport:
+        """The run as `report.json` describes it: the statistics and the steps (`save` adds the saved model's checks
+        and costs)."""
+        return RunReport(self.model.name_or_path, StatisticsRecord(self.statistics.num_samples),
+                         PruningRecord(self.steps, self.chain, self.options, mac_costs(tower_of(self.model).config)))
 
     def save(self, directory: str | Path, overwrite: bool = False, latency_repeats: int = 15) -> Path:
         """Write what `clip-prune prune` writes into a run directory: the statistics, the masks, refit columns and
@@ -84,10 +83,9 @@ class PruningResult:
             write_masks(run, self.steps[-1], pretrained)
             report = self.report()
             if self.options.save:
-                _, measured = export_to(run, PrunedModelSpec(
+                _, report.export = export_to(run, PrunedModelSpec(
                     self.model, self.head_mask, self.neuron_mask, pretrained, self.verification_inputs, self.refit,
                     latency_repeats, folder=PRUNED_FOLDER))
-                report |= measured
             print(write_report(run, report))
         return run.path
 

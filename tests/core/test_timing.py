@@ -7,22 +7,31 @@ import math
 import pytest
 import torch
 
+from clip_prune.core.run.costs import DenseVsPruned, ModelCosts
+from clip_prune.core.run.finish import ExportResult
+from clip_prune.core.run.report import RunReport
 from clip_prune.core.run.summary import format_summary
 from clip_prune.core.timing import SHORTEST_TIMING_S, measure_latencies, relative_spread, summarise_latency
 
 
+def summary_of(latency) -> str:
+    """The printed summary of a saved model whose timing gave `latency`."""
+    counts = DenseVsPruned(2, 1, "")
+    return format_summary(RunReport("tiny", export=ExportResult({}, {}, ModelCosts(counts, counts, counts, latency))))
+
+
 def test_steady_timings_are_reported_as_a_speedup_even_on_a_busy_machine() -> None:
     latency = summarise_latency([0.010, 0.011, 0.010, 0.0105, 0.010], [0.005, 0.005, 0.0052, 0.005, 0.0051],
-                                load=3.5, cores=2)
-    assert latency["dense"] == 0.010 and latency["pruned"] == 0.005
-    assert latency["speedup"] == pytest.approx(2.0) and latency["repeats"] == 5
-    assert latency["spread"]["dense"] == pytest.approx((0.0105 - 0.010) / 0.010)  # quartiles over the median
-    assert latency["reliable"] and "unreliable" not in latency
+                                load=3.5, cores=2, batch=8, device="cpu")
+    assert latency.dense == 0.010 and latency.pruned == 0.005
+    assert latency.speedup == pytest.approx(2.0) and latency.repeats == 5
+    assert latency.spread["dense"] == pytest.approx((0.0105 - 0.010) / 0.010)  # quartiles over the median
+    assert latency.reliable and latency.unreliable is None and "unreliable" not in latency.to_json()
     # the median's standard error, 1.2533 (IQR / 1.349) / sqrt(n), of the two medians together
     one = 1.2533 * 0.05 / 1.349 / 5 ** 0.5
     two = 1.2533 * ((0.0051 - 0.005) / 0.005) / 1.349 / 5 ** 0.5
-    assert latency["speedup_error"] == pytest.approx((one ** 2 + two ** 2) ** 0.5)
-    text = format_summary({"latency_s": {**latency, "batch": 8}})
+    assert latency.speedup_error == pytest.approx((one ** 2 + two ** 2) ** 0.5)
+    text = summary_of(latency)
     assert "10.0 ±5%" in text and "2.00x ±2%" in text and "warning" not in text and "reliably" not in text
 
 
@@ -30,18 +39,18 @@ def test_a_wide_scatter_over_many_timings_still_gives_a_speedup() -> None:
     """Passes that scatter by a fifth still pin their median down when there are enough of them (a 2-core CPU)."""
     dense = [0.010 * (1 + 0.2 * ((i * 7) % 15 - 7) / 7) for i in range(15)]
     pruned = [0.005 * (1 + 0.2 * ((i * 4) % 15 - 7) / 7) for i in range(15)]
-    latency = summarise_latency(dense, pruned, load=1.0, cores=2)
-    assert latency["spread"]["dense"] > 0.15 and latency["reliable"] and latency["speedup_error"] < 0.1
+    latency = summarise_latency(dense, pruned, load=1.0, cores=2, batch=8, device="cpu")
+    assert latency.spread["dense"] > 0.15 and latency.reliable and latency.speedup_error < 0.1
 
 
 def test_scattered_timings_are_not_shown_as_a_speedup() -> None:
     noisy = summarise_latency([0.010, 0.030, 0.011, 0.060, 0.012], [0.009, 0.010, 0.009, 0.010, 0.009],
-                              load=3.5, cores=2)
-    assert noisy["spread"]["dense"] == pytest.approx((0.030 - 0.011) / 0.012)
-    assert not noisy["reliable"]
-    assert noisy["unreliable"].startswith("the timed passes vary by 158% (interquartile range / median), on a busy "
+                              load=3.5, cores=2, batch=8, device="cpu")
+    assert noisy.spread["dense"] == pytest.approx((0.030 - 0.011) / 0.012)
+    assert not noisy.reliable and noisy.to_json()["unreliable"] == noisy.unreliable
+    assert noisy.unreliable.startswith("the timed passes vary by 158% (interquartile range / median), on a busy "
                                           "machine (1-minute load 3.5 on 2 cores), so the speedup could be off by")
-    text = format_summary({"latency_s": {**noisy, "batch": 8}})
+    text = summary_of(noisy)
     assert "unreliable" in text and "x\n" not in text and "1.20x" not in text
     assert "  latency not measured reliably: the timed passes vary by 158%" in text
 

@@ -112,30 +112,69 @@ def median_error(times: list[float]) -> float:
     return 1.2533 * relative_spread(times) / 1.349 / math.sqrt(len(times)) if len(times) > 1 else math.inf
 
 
-def summarise_latency(dense: list[float], pruned: list[float], load: float | None, cores: int) -> dict[str, Any]:
-    """Medians, spreads and speedup of the timed passes with the speedup's relative standard error, and whether it
-    is reliable: above `LARGEST_SPEEDUP_ERROR`, `unreliable` says why and the speedup is not to be shown as one.
+@dataclass(frozen=True)
+class LatencyComparison:
+    """Median seconds of the dense and pruned models' timed passes (taken in turns), their spreads, and how far the
+    speedup can be trusted: above `LARGEST_SPEEDUP_ERROR` it is not to be shown as one."""
+
+    dense: float
+    pruned: float
+    repeats: int
+    spread: dict[str, float]
+    """Interquartile range / median of each model's passes, by "dense" and "pruned"."""
+    speedup_error: float
+    """Relative standard error of the speedup."""
+    load_1min: float | None
+    """The machine's 1-minute load average when timing started (None where unknown)."""
+    cores: int
+    batch: int
+    device: str
+
+    @property
+    def speedup(self) -> float:
+        return self.dense / self.pruned
+
+    @property
+    def reliable(self) -> bool:
+        return self.speedup_error <= LARGEST_SPEEDUP_ERROR
+
+    @property
+    def unreliable(self) -> str | None:
+        """Why the speedup is not to be trusted, or None where it is."""
+        if self.reliable:
+            return None
+        load, cores = self.load_1min, self.cores
+        busy = f", on a busy machine (1-minute load {load:.1f} on {cores} cores)" if load and load > cores else ""
+        return (f"the timed passes vary by {max(self.spread.values()):.0%} (interquartile range / median){busy}, so "
+                f"the speedup could be off by {self.speedup_error:.0%} or more; measure again on an idle machine or "
+                "with more --latency_repeats")
+
+    def to_json(self) -> dict[str, Any]:
+        entry = {"dense": self.dense, "pruned": self.pruned, "speedup": self.speedup, "repeats": self.repeats,
+                 "spread": self.spread, "load_1min": self.load_1min, "cores": self.cores,
+                 "speedup_error": self.speedup_error, "reliable": self.reliable}
+        if self.unreliable is not None:
+            entry["unreliable"] = self.unreliable
+        return entry | {"batch": self.batch, "device": self.device}
+
+
+def summarise_latency(dense: list[float], pruned: list[float], load: float | None, cores: int, batch: int,
+                      device: str) -> LatencyComparison:
+    """Medians, spreads and the speedup's relative standard error of the timed passes.
 
     Args:
         dense: seconds of the dense model's timed passes.
         pruned: seconds of the pruned model's timed passes.
         load: the machine's 1-minute load average when timing started (None where unknown).
         cores: CPU cores this process may use.
+        batch: images per timed pass.
+        device: where the passes ran, in words.
     """
-    spread = {"dense": relative_spread(dense), "pruned": relative_spread(pruned)}
-    summary: dict[str, Any] = {
-        "dense": statistics.median(dense), "pruned": statistics.median(pruned),
-        "speedup": statistics.median(dense) / statistics.median(pruned), "repeats": len(dense),
-        "spread": spread, "load_1min": load, "cores": cores,
-    }
-    summary["speedup_error"] = math.hypot(median_error(dense), median_error(pruned))
-    summary["reliable"] = summary["speedup_error"] <= LARGEST_SPEEDUP_ERROR
-    if not summary["reliable"]:
-        busy = f", on a busy machine (1-minute load {load:.1f} on {cores} cores)" if load and load > cores else ""
-        summary["unreliable"] = (f"the timed passes vary by {max(spread.values()):.0%} (interquartile range / "
-                                 f"median){busy}, so the speedup could be off by {summary['speedup_error']:.0%} or "
-                                 "more; measure again on an idle machine or with more --latency_repeats")
-    return summary
+    return LatencyComparison(
+        dense=statistics.median(dense), pruned=statistics.median(pruned), repeats=len(dense),
+        spread={"dense": relative_spread(dense), "pruned": relative_spread(pruned)},
+        speedup_error=math.hypot(median_error(dense), median_error(pruned)), load_1min=load, cores=cores,
+        batch=batch, device=device)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,16 +35,18 @@ from clip_prune.core.pruning.search import ConstraintType, SearchResult, WidthBu
 from clip_prune.core.pruning.sensitivity import choose_head, keep_single_head
 from clip_prune.core.pruning.step import StepResult
 from clip_prune.core.run.cascade import check_top_m
-from clip_prune.core.run.evaluation import Evaluator
+from clip_prune.core.run.evaluation import Comparison, Evaluator
 from clip_prune.core.run.finish import PrunedModelSpec, export_to, write_masks
 from clip_prune.core.run.latency_check import candidate_timer
 from clip_prune.core.run.metrics import METRIC_NAMES
 from clip_prune.core.run.outputs import RunDirectory, RunFolder, link_or_copy
 from clip_prune.core.run.report import (
-    budget_section,
-    pruning_section,
+    PruningRecord,
+    RunReport,
+    SensitivityRecord,
+    SensitivityRound,
+    StatisticsRecord,
     relative_source,
-    statistics_section,
     write_report,
 )
 from clip_prune.core.run.tradeoff import format_tradeoff, plot_tradeoff, point_folder, tradeoff_csv, tradeoff_rows
@@ -152,12 +155,13 @@ class PruningCallback(L.Callback):
         the chain; save each requested constraint's model. Returns the summary to print (rank zero)."""
         statistics = self._first_pass(trainer, datamodule, fisher_pass, reused)
         source = None if reused is None else relative_source(reused[1], self.run.path.name)
-        header = statistics_section(module.hparams.pretrained, statistics.num_samples, source, STARTUP.report())
+        header = RunReport(module.hparams.pretrained,
+                           StatisticsRecord(statistics.num_samples, source, STARTUP.report()))
         if trainer.is_global_zero:
             self._save_statistics(trainer, module, datamodule, statistics, None if reused is None else reused[1])
         if self.constraint is None:
-            return on_rank_zero(trainer, lambda: write_report(self.run, header, self.timings))
-        point_reports: dict[float, dict[str, Any]] = {}
+            return on_rank_zero(trainer, lambda: write_report(self.run, replace(header, timings=dict(self.timings))))
+        point_reports: dict[float, RunReport] = {}
         summary = None
         steps = prune_in_steps(
             module.model, statistics, self.chain, self.options, self._calibration if self._reconstructs() else [],
@@ -173,15 +177,14 @@ class PruningCallback(L.Callback):
                 step.timings["fisher"] = self.timings["fisher"]
             self._log_step(trainer, index, step)
             last = index == len(self.chain) - 1
-            if index in self.points:  # a requested constraint of several: saved and evaluated as a run of its own
-                folder = self.run.folder(point_folder(self.chain[index]))
-                report = dict(header)
-                summary = on_rank_zero(trainer, partial(self._export, trainer, module, datamodule, report, folder,
+            if index in self.points or last:  # a requested constraint of several is saved as a run of its own
+                folder = self.run.folder(point_folder(self.chain[index])) if index in self.points else self.run
+                written = on_rank_zero(trainer, partial(self._export, trainer, module, datamodule, header, folder,
                                                         last))
-                point_reports[self.chain[index]] = report
-            elif last:
-                summary = on_rank_zero(trainer, partial(self._export, trainer, module, datamodule, dict(header),
-                                                        self.run, last))
+                if written is not None:
+                    report, summary = written
+                    if index in self.points:
+                        point_reports[self.chain[index]] = report
         if self.points:
             summary = on_rank_zero(trainer, lambda: self._write_tradeoff(trainer, header, point_reports))
         return summary
@@ -205,30 +208,29 @@ class PruningCallback(L.Callback):
         return statistics
 
     def _export(self, trainer: L.Trainer, module: MaskedCLIPModule, datamodule: CocoDataModule,
-                report: dict[str, Any], folder: RunFolder, last: bool) -> str:
+                header: RunReport, folder: RunFolder, last: bool) -> tuple[RunReport, str]:
         """Rank zero: write the masks, refit columns and plan of the steps so far into `folder`, then save, verify,
         measure and evaluate the pruned model (`last`: no Fisher pass follows, so the masks' hooks may go) and write
-        the report. `report` is filled in place."""
+        the report: `header` completed with what the steps reached. Returns the report and its summary."""
         step = self.steps[-1]
         write_masks(folder, step, module.hparams.pretrained)
-        macs = mac_costs(module.vision_config)
-        report |= pruning_section(self.steps, self.chain, self.options, macs)
-        report |= budget_section(step, self.constraint_type, self.widths, self.table_source)
+        report = replace(header, pruning=PruningRecord(list(self.steps), self.chain, self.options,
+                                                       mac_costs(module.vision_config), self.constraint_type,
+                                                       self.widths, self.table_source))
         if self.options.save:
             if last:
                 module.remove_masks()
             inputs = {name: value[:VERIFICATION_IMAGES] for name, value in self._calibration[0].items()}
             spec = PrunedModelSpec(module.model, step.head_mask, step.neuron_mask, module.hparams.pretrained, inputs,
                                    refit=step.refit, folder=PRUNED_FOLDER)
-            pruned, measured = timed(self.timings, "save", lambda: export_to(folder, spec))
-            report |= measured
+            pruned, report.export = timed(self.timings, "save", lambda: export_to(folder, spec))
             if datamodule.has_evaluation_data():
-                report["metrics"] = timed(self.timings, "evaluate",
-                                          lambda: self._evaluate(trainer, module, datamodule, pruned))
-        return write_report(folder, report, self.timings)
+                report.metrics = timed(self.timings, "evaluate",
+                                       lambda: self._evaluate(trainer, module, datamodule, pruned))
+        report.timings = dict(self.timings)
+        return report, write_report(folder, report)
 
-    def _write_tradeoff(self, trainer: L.Trainer, header: dict[str, Any],
-                        point_reports: dict[float, dict[str, Any]]) -> str:
+    def _write_tradeoff(self, trainer: L.Trainer, header: RunReport, point_reports: dict[float, RunReport]) -> str:
         """Rank zero, after the last point: the trade-off of all points as a table (CSV, JSON), a picture and
         TensorBoard curves, and the run's own report."""
         rows = tradeoff_rows(point_reports)
@@ -237,15 +239,15 @@ class PruningCallback(L.Callback):
         not_drawn = plot_tradeoff(rows, self.run.file(TRADEOFF_PNG))
         log_tradeoff(trainer, rows)
         constraints = sorted(point_reports, reverse=True)
-        report = header | {"constraints": constraints,
-                           "points": [f"{point_folder(c)}/{REPORT_FILE}" for c in constraints],
-                           "tradeoff": [TRADEOFF_CSV, TRADEOFF_JSON] + ([] if not_drawn else [TRADEOFF_PNG])}
-        if not_drawn:
-            report["warnings"] = [not_drawn]
-        summary = write_report(self.run, report, self.timings)
+        written = [TRADEOFF_CSV, TRADEOFF_JSON] + ([] if not_drawn else [TRADEOFF_PNG])
+        report = replace(header, facts={"constraints": constraints,
+                                        "points": [f"{point_folder(c)}/{REPORT_FILE}" for c in constraints],
+                                        "tradeoff": written},
+                         warnings=[not_drawn] if not_drawn else None, timings=dict(self.timings))
+        summary = write_report(self.run, report)
         folders = ", ".join(point_folder(point) for point in constraints)
         return "\n".join([format_tradeoff(rows), f"  one run per constraint in {folders}; the trade-off in "
-                          f"{', '.join(report['tradeoff'])}", summary])
+                          f"{', '.join(written)}", summary])
 
     # Hooks: what the Fisher passes show this callback.
 
@@ -333,7 +335,7 @@ class PruningCallback(L.Callback):
             log_reconstruction(trainer, index + 1, step.reconstruction.errors)
 
     def _evaluate(self, trainer: L.Trainer, pl_module: MaskedCLIPModule, datamodule: CocoDataModule,
-                  pruned: Any) -> dict[str, Any]:
+                  pruned: Any) -> Comparison:
         """Retrieval / zero-shot metrics of the dense and the pruned model (caption embeddings and the dense model's
         scores computed once for all points)."""
         if self._evaluator is None:
@@ -365,7 +367,7 @@ class SensitivityCallback(L.Callback):
         self.run = run
         self.stop_ratio = stop_ratio
         self.stop_metric = stop_metric
-        self.rounds: list[dict[str, Any]] = []
+        self.rounds: list[SensitivityRound] = []
         self.evaluator: Evaluator | None = None
         self.dense_metric: float | None = None
 
@@ -384,13 +386,12 @@ class SensitivityCallback(L.Callback):
             layer, head = choose_head(scores, reduced)
             reduced.add(layer)
             head_mask = keep_single_head(head_mask, layer, head)
-            entry: dict[str, Any] = {"round": len(self.rounds), "layer": layer, "head": head,
-                                     "score": float(scores[layer, head]),
-                                     "macs_ratio": macs.of_masks(head_mask, neuron_mask) / macs.dense}
+            entry = SensitivityRound(len(self.rounds), layer, head, float(scores[layer, head]),
+                                     macs.of_masks(head_mask, neuron_mask) / macs.dense)
             on_rank_zero(trainer, partial(self._finish_round, trainer, module, head_mask, entry))
             entry = trainer.strategy.broadcast(entry)  # rank zero's metric and stop decision for every rank
             self.rounds.append(entry)
-            if "stopped" in entry:
+            if entry.stopped is not None:
                 break
         return on_rank_zero(trainer, partial(self._finish, module, neuron_mask))
 
@@ -404,26 +405,23 @@ class SensitivityCallback(L.Callback):
         self.dense_metric = metric_value(self.evaluator(module.model, "dense"), self.stop_metric)
 
     def _finish_round(self, trainer: L.Trainer, module: MaskedCLIPModule, head_mask: torch.Tensor,
-                      entry: dict[str, Any]) -> None:
+                      entry: SensitivityRound) -> None:
         """Rank zero: write the round's mask, measure it, decide the early stop."""
-        self.run.save_tensor(f"head_mask_{entry['round']}.pt", head_mask)
+        self.run.save_tensor(f"head_mask_{entry.round}.pt", head_mask)
         if self.evaluator is not None:
             with module.masked_as(head_mask, gather_fisher=False):
-                metrics = self.evaluator(module.model, f"round {entry['round']}")
-            entry["metric"] = metric_value(metrics, self.stop_metric)
-            if entry["metric"] < self.stop_ratio * self.dense_metric:
-                entry["stopped"] = (f"{self.stop_metric} {entry['metric']:.2f} < {self.stop_ratio} x dense "
-                                    f"{self.dense_metric:.2f}")
+                metrics = self.evaluator(module.model, f"round {entry.round}")
+            entry.metric = metric_value(metrics, self.stop_metric)
+            if entry.metric < self.stop_ratio * self.dense_metric:
+                entry.stopped = (f"{self.stop_metric} {entry.metric:.2f} < {self.stop_ratio} x dense "
+                                 f"{self.dense_metric:.2f}")
         log_sensitivity_round(trainer, entry)
 
     def _finish(self, module: MaskedCLIPModule, neuron_mask: torch.Tensor) -> str:
         """Rank zero: the neuron mask the head masks go with (all ones) and the report."""
         self.run.save_tensor(NEURON_MASK_FILE, neuron_mask)
-        return write_report(self.run, {"model": module.hparams.pretrained, **self.report()})
-
-    def report(self) -> dict[str, Any]:
-        return {"stop_metric": self.stop_metric, "stop_ratio": self.stop_ratio, "dense_metric": self.dense_metric,
-                "rounds": self.rounds}
+        return write_report(self.run, RunReport(module.hparams.pretrained, sensitivity=SensitivityRecord(
+            self.stop_metric, self.stop_ratio, self.dense_metric, self.rounds)))
 
 
 def metric_value(metrics: dict[str, Any], name: str) -> float:

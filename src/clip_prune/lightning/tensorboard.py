@@ -9,6 +9,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer import Trainer
 
 from clip_prune.core.pruning.fisher import FisherStatistics
+from clip_prune.core.run.evaluation import Comparison
+from clip_prune.core.run.report import SensitivityRound
 
 CELL = 16
 """Pixels per head in the heat maps, so a 12×12 map is readable."""
@@ -78,32 +80,32 @@ def log_reconstruction(trainer: Trainer, step: int, errors: dict[str, torch.Tens
     writer.flush()
 
 
-def log_metrics(trainer: Trainer, metrics: dict[str, Any]) -> None:
+def log_metrics(trainer: Trainer, metrics: Comparison) -> None:
     """Retrieval and zero-shot metrics of the dense (step 0) and pruned (step 1) models, and the cascade's
     recall, MAC ratio and measured speedup against its M (the step)."""
     writer = summary_writer(trainer)
     if writer is None:
         return
-    for step, model in enumerate(("dense", "pruned")):
-        for task, values in metrics.get(model, {}).items():
+    for step, scores in enumerate((metrics.dense, metrics.pruned or {})):
+        for task, values in scores.items():
             for name, value in values.items():
                 writer.add_scalar(f"metrics/{task}/{name}", value, step)
-    for entry in metrics.get("cascade", []):
-        for name, value in entry["retrieval"].items():
-            writer.add_scalar(f"cascade/{name}_by_top_m", value, entry["top_m"])
-        writer.add_scalar("cascade/macs_ratio_by_top_m", entry["macs"]["ratio"], entry["top_m"])
-        writer.add_scalar("cascade/speedup_by_top_m", entry["seconds"]["speedup"], entry["top_m"])
+    for entry in metrics.cascade:
+        for name, value in entry.retrieval.items():
+            writer.add_scalar(f"cascade/{name}_by_top_m", value, entry.top_m)
+        writer.add_scalar("cascade/macs_ratio_by_top_m", entry.macs.ratio, entry.top_m)
+        writer.add_scalar("cascade/speedup_by_top_m", entry.seconds.speedup, entry.top_m)
     writer.flush()
 
 
-def log_sensitivity_round(trainer: Trainer, entry: dict) -> None:
+def log_sensitivity_round(trainer: Trainer, entry: SensitivityRound) -> None:
     """A sensitivity round's metric (if measured) against its MAC ratio, in per mille of the dense MACs."""
     writer = summary_writer(trainer)
     if writer is None:
         return
-    if "metric" in entry:
-        writer.add_scalar("sensitivity/metric_by_macs_permille", entry["metric"], round(1000 * entry["macs_ratio"]))
-    writer.add_scalar("sensitivity/macs_ratio_by_round", entry["macs_ratio"], entry["round"])
+    if entry.metric is not None:
+        writer.add_scalar("sensitivity/metric_by_macs_permille", entry.metric, round(1000 * entry.macs_ratio))
+    writer.add_scalar("sensitivity/macs_ratio_by_round", entry.macs_ratio, entry.round)
     writer.flush()
 
 

@@ -28,8 +28,8 @@ from clip_prune.core.pruning.refit import RefitWeights, load_refit
 from clip_prune.core.run.cascade import check_top_m
 from clip_prune.core.run.finish import PrunedModelSpec, check_keeps_a_path, export_to
 from clip_prune.core.run.outputs import RunDirectory
-from clip_prune.core.run.report import write_report
-from clip_prune.core.run.summary import format_summary
+from clip_prune.core.run.report import RunReport, write_report
+from clip_prune.core.run.summary import format_metrics, format_onnx_summary
 from clip_prune.data.synthetic import synthetic_inputs, write_synthetic_coco
 from clip_prune.files import check_file_free, record_written, write_json_atomically
 from clip_prune.lightning.callbacks import PruningCallback, SensitivityCallback
@@ -221,15 +221,14 @@ class ClipPruneTrainer(L.Trainer):
         with run.writing():
             inputs, verified_on = verification_inputs(datamodule, getattr(model.vision_config, "image_size", None))
             save_resolved_config(self, run)
-            report = {"model": model.hparams.pretrained, "masks": str(masks), "verified_on": verified_on,
-                      "warnings": notes}
-            pruned, measured = export_to(run, PrunedModelSpec(
+            pruned, export = export_to(run, PrunedModelSpec(
                 dense, head_mask, neuron_mask, model.hparams.pretrained,
                 inputs_to(model.tower.vision_inputs(inputs), device), refit, latency_repeats, folder=""))
-            report |= measured
-            if datamodule.has_evaluation_data():
-                report["metrics"] = datamodule.evaluator(device).compare(dense, pruned, cascade_top_m)
-            summary = write_report(run, report)
+            metrics = (datamodule.evaluator(device).compare(dense, pruned, cascade_top_m)
+                       if datamodule.has_evaluation_data() else None)
+            summary = write_report(run, RunReport(model.hparams.pretrained, export=export, metrics=metrics,
+                                                  facts={"masks": str(masks), "verified_on": verified_on},
+                                                  warnings=notes))
         print(summary)
 
     def evaluate(
@@ -275,10 +274,10 @@ class ClipPruneTrainer(L.Trainer):
         if pruned_model is not None:
             pruned_model.to(device)
         metrics = evaluator.compare(model.model.to(device), pruned_model, cascade_top_m)
-        print(format_summary({"metrics": metrics}))
+        print(format_metrics(metrics))
         if output_json is not None:
-            write_json_atomically(Path(output_json), metrics, overwrite)
-        return metrics
+            write_json_atomically(Path(output_json), metrics.to_json(), overwrite)
+        return metrics.to_json()
 
     def sensitivity(
         self,
@@ -350,15 +349,13 @@ class ClipPruneTrainer(L.Trainer):
         report_path = path.with_name(f"{path.stem}_report.json")
         check_file_free(path, overwrite, record=report_path)  # the report says whose the ONNX file is
         check_file_free(report_path, overwrite)
-        report = export_pruned_onnx(pruned, path, batch_size, latency_repeats)
-        write_json_atomically(report_path, {"describes": path.name, **report}, overwrite=True)
+        export = export_pruned_onnx(pruned, path, batch_size, latency_repeats)
+        write_json_atomically(report_path, {"describes": path.name, **export.to_json()}, overwrite=True)
         for written in (path, report_path):
             record_written(written)
-        print(format_summary(report))
-        print(f"  onnxruntime vs PyTorch: max abs diff {report['parity']['max_abs_diff']:.2g} "
-              f"(tolerance {report['parity']['tolerance']:.2g})")
+        print(format_onnx_summary(export))
         print(f"clip-prune: wrote {path}")
-        return report
+        return export.to_json()
 
 
 # Verbs are named like their method, in the command line's spelling (a Python name cannot hold a hyphen).

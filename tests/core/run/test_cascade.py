@@ -82,11 +82,11 @@ def test_planted_shortlists_recall_and_macs_by_hand() -> None:
     assert top_1.images.tolist() == [[1], [0], [3], [0]]  # c3: images 0 and 2 tie, the lower index goes first
     assert top_1.reranked_images().tolist() == [0, 1, 3]  # image 2 needs no dense encoding
     macs = cascade_macs(top_1, dense_per_image=100, pruned_per_image=30)
-    assert (macs["dense"], macs["cascade"], macs["ratio"], macs["queries"]) == (400, 4 * 30 + 3 * 100, 420 / 400, 4)
+    assert (macs.dense, macs.cascade, macs.ratio, macs.queries) == (400, 4 * 30 + 3 * 100, 420 / 400, 4)
     # Asked one by one, the queries need 1, 2, 3, 3 dense encodings in all; 4·30 + n·100 < 400 holds for n <= 2.
     assert union_growth(top_1, torch.arange(4)).tolist() == [1, 2, 3, 3]
     assert union_growth(top_1, torch.tensor([3, 1, 0, 2])).tolist() == [1, 1, 2, 3]
-    assert macs["break_even_queries"] == (union_growth(top_1, torch.randperm(4, generator=torch.Generator()
+    assert macs.break_even_queries == (union_growth(top_1, torch.randperm(4, generator=torch.Generator()
                                                                               .manual_seed(0))) <= 2).sum()
 
     top_2 = shortlist_images(pruned, texts, text_to_image, 2)

@@ -11,6 +11,7 @@ import importlib
 import importlib.util
 import os
 import tempfile
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from torch import nn
 from transformers import AutoImageProcessor, PreTrainedModel
 
 from clip_prune.core.deploy.saving import load_pruned
-from clip_prune.core.timing import interleaved_seconds, load_average, summarise_latency
+from clip_prune.core.timing import LatencyComparison, interleaved_seconds, load_average, summarise_latency
 from clip_prune.data.coco import available_cores
 from clip_prune.data.synthetic import synthetic_pixels
 from clip_prune.errors import MissingExtra, first_line
@@ -123,8 +124,24 @@ def measure_onnx_latencies(paths: list[Path], pixels: torch.Tensor, repeats: int
     return interleaved_seconds(runs, torch.device("cpu"), warmup=2, repeats=repeats)
 
 
+@dataclass(frozen=True)
+class OnnxExport:
+    """What `export_pruned_onnx` wrote and measured: the file, its inputs and output, the parity check against
+    PyTorch and onnxruntime's latency of the dense shapes against the pruned model."""
+
+    onnx: Path
+    inputs: dict[str, list[str | int]]
+    output: str
+    parity: dict[str, Any]
+    latency: LatencyComparison
+
+    def to_json(self) -> dict[str, Any]:
+        return {"onnx": str(self.onnx), "inputs": self.inputs, "output": self.output, "parity": self.parity,
+                "latency_s": self.latency.to_json()}
+
+
 def export_pruned_onnx(directory: str | Path, output: str | Path, batch_size: int = 8,
-                       latency_repeats: int = 10) -> dict[str, Any]:
+                       latency_repeats: int = 10) -> OnnxExport:
     """Export the pruned model in `directory` to `output`, check it, time it against the dense shapes; a report.
 
     Parity is checked at batch 1 and `batch_size` on synthetic images of the model's input size run
@@ -149,11 +166,7 @@ def export_pruned_onnx(directory: str | Path, output: str | Path, batch_size: in
         load = load_average()
         dense, pruned = measure_onnx_latencies([dense_path, candidate], pixels, latency_repeats)
         os.replace(candidate, output)
-    return {
-        "onnx": str(output),
-        "inputs": {"pixel_values": ["batch", 3, image_size, image_size]},
-        "output": output_name,
-        "parity": {**parity, "batches": [1, batch_size], "runtime": "onnxruntime CPUExecutionProvider"},
-        "latency_s": {**summarise_latency(dense, pruned, load, available_cores()), "batch": batch_size,
-                      "device": "onnxruntime CPUExecutionProvider"},
-    }
+    return OnnxExport(output, {"pixel_values": ["batch", 3, image_size, image_size]}, output_name,
+                      {**parity, "batches": [1, batch_size], "runtime": "onnxruntime CPUExecutionProvider"},
+                      summarise_latency(dense, pruned, load, available_cores(), batch_size,
+                                        "onnxruntime CPUExecutionProvider"))

@@ -75,12 +75,16 @@ class BudgetLoop(Generic[Candidate]):
     def met(self) -> bool:
         return self.note is None
 
+    @property
+    def measured_ratio(self) -> float:
+        """The kept candidate's measured latency over the dense tower's."""
+        return self.rounds[self.chosen].measured_ratio
+
     def report(self) -> dict[str, object]:
         """JSON-ready: the rounds, the kept one and, when missed, by how much and why."""
-        chosen = self.rounds[self.chosen]
         return {"constraint": self.constraint, "tolerance": self.tolerance,
                 "rounds": [asdict(entry) for entry in self.rounds], "chosen_round": self.chosen,
-                "measured_ratio": chosen.measured_ratio, "miss": chosen.measured_ratio / self.constraint - 1,
+                "measured_ratio": self.measured_ratio, "miss": self.measured_ratio / self.constraint - 1,
                 "met": self.met, **({"note": self.note} if self.note else {})}
 
 

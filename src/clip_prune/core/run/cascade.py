@@ -158,8 +158,69 @@ def union_growth(shortlists: Shortlists, order: Tensor) -> Tensor:
     return torch.bincount(first_query[first_query < num_queries], minlength=num_queries).cumsum(0)
 
 
+@dataclass(frozen=True)
+class CascadeMacs:
+    """Encoder MACs to search a gallery with the dense model alone and with the cascade (`cascade_macs`)."""
+
+    dense: int
+    cascade: int
+    queries: int
+    break_even_queries: int
+    """How many of the queries (in a random order) the cascade serves with fewer MACs than the dense model."""
+
+    @property
+    def ratio(self) -> float:
+        return self.cascade / self.dense
+
+    def to_json(self) -> dict[str, Any]:
+        return {"dense": self.dense, "cascade": self.cascade, "ratio": self.ratio, "queries": self.queries,
+                "break_even_queries": self.break_even_queries, "unit": "encoder MACs (analytic) to encode the gallery"}
+
+
+@dataclass(frozen=True)
+class CascadeSeconds:
+    """Seconds of image-encoder forward passes to search a gallery: the dense model alone against the cascade (the
+    pruned model over every image, then the dense one over the re-ranked images)."""
+
+    dense: float
+    first_stage: float
+    reranking: float
+    device: str
+    batch: int
+
+    @property
+    def cascade(self) -> float:
+        return self.first_stage + self.reranking
+
+    @property
+    def speedup(self) -> float:
+        return self.dense / self.cascade
+
+    def to_json(self) -> dict[str, Any]:
+        return {"dense": self.dense, "cascade": self.cascade, "first_stage": self.first_stage,
+                "reranking": self.reranking, "speedup": self.speedup, "device": self.device, "batch": self.batch,
+                "unit": "image-encoder forward passes only (no image decoding)"}
+
+
+@dataclass(frozen=True)
+class CascadeResult:
+    """The cascade that re-ranks each caption's top M: its text-to-image recall (percent) and what it costs."""
+
+    top_m: int
+    retrieval: dict[str, float]
+    images: int
+    reranked_images: int
+    """Distinct images of the top-M lists, which the dense model encodes."""
+    macs: CascadeMacs
+    seconds: CascadeSeconds
+
+    def to_json(self) -> dict[str, Any]:
+        return {"top_m": self.top_m, "retrieval": self.retrieval, "images": self.images,
+                "reranked_images": self.reranked_images, "macs": self.macs.to_json(), "seconds": self.seconds.to_json()}
+
+
 def cascade_macs(shortlists: Shortlists, dense_per_image: int, pruned_per_image: int,
-                 seed: int = 0) -> dict[str, Any]:
+                 seed: int = 0) -> CascadeMacs:
     """Encoder MACs to search the gallery: the dense model alone vs the cascade, from the actual top-M lists.
 
     The cascade encodes every image with the pruned model and the distinct images of the top-M
@@ -174,5 +235,4 @@ def cascade_macs(shortlists: Shortlists, dense_per_image: int, pruned_per_image:
     cascade = num_images * pruned_per_image + reranked * dense_per_image
     order = torch.randperm(num_queries, generator=torch.Generator().manual_seed(seed))
     below = num_images * pruned_per_image + union_growth(shortlists, order) * dense_per_image < dense
-    return {"dense": dense, "cascade": cascade, "ratio": cascade / dense, "queries": num_queries,
-            "break_even_queries": int(below.sum()), "unit": "encoder MACs (analytic) to encode the gallery"}
+    return CascadeMacs(dense, cascade, num_queries, int(below.sum()))

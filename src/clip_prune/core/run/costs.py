@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -11,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import PreTrainedModel
 
 from clip_prune.core.pruning.costs import mac_costs
-from clip_prune.core.timing import load_average, measure_latencies, summarise_latency
+from clip_prune.core.timing import LatencyComparison, load_average, measure_latencies, summarise_latency
 from clip_prune.data.coco import available_cores
 from clip_prune.towers import VisionInputs, as_inputs, tower_of
 
@@ -59,24 +60,49 @@ def count_parameters(module: nn.Module) -> int:
     return sum(parameter.numel() for parameter in module.parameters())
 
 
+@dataclass(frozen=True)
+class DenseVsPruned:
+    """One count of the dense model and of the pruned one."""
+
+    dense: int
+    pruned: int
+    unit: str
+
+    @property
+    def ratio(self) -> float:
+        return self.pruned / self.dense
+
+    def to_json(self) -> dict[str, Any]:
+        return {"dense": self.dense, "pruned": self.pruned, "ratio": self.ratio, "unit": self.unit}
+
+
+@dataclass(frozen=True)
+class ModelCosts:
+    """What the pruned vision tower costs against the dense one: MACs by the formula and as counted, parameters and
+    measured latency."""
+
+    macs: DenseVsPruned
+    macs_counted: DenseVsPruned
+    parameters: DenseVsPruned
+    latency: LatencyComparison
+
+    def to_json(self) -> dict[str, Any]:
+        return {"macs": self.macs.to_json(), "macs_counted": self.macs_counted.to_json(),
+                "parameters": self.parameters.to_json(), "latency_s": self.latency.to_json()}
+
+
 def measure_costs(dense: nn.Module, pruned: nn.Module, head_mask: torch.Tensor, neuron_mask: torch.Tensor,
-                  pixels: torch.Tensor | VisionInputs, latency_repeats: int) -> dict[str, Any]:
+                  pixels: torch.Tensor | VisionInputs, latency_repeats: int) -> ModelCosts:
     """Analytic and counted MACs, parameters and measured latency of the dense and pruned vision towers."""
     pixels = as_inputs(pixels)
     macs = mac_costs(tower_of(dense).config)
-    analytic = macs.of_masks(head_mask, neuron_mask)
-    counted_dense, counted_pruned = counted_vision_macs(dense), counted_vision_macs(pruned)
     load = load_average()
     dense_times, pruned_times = measure_latencies([dense, pruned], pixels, latency_repeats)
-    parameters = count_parameters(tower_of(dense).vision), count_parameters(tower_of(pruned).vision)
-    return {
-        "macs": {"dense": macs.dense, "pruned": analytic, "ratio": analytic / macs.dense,
-                  "unit": "encoder MACs per image (analytic)"},
-        "macs_counted": {"dense": counted_dense, "pruned": counted_pruned, "ratio": counted_pruned / counted_dense,
-                          "unit": "encoder MACs per image (torch.utils.flop_counter)"},
-        "parameters": {"dense": parameters[0], "pruned": parameters[1], "ratio": parameters[1] / parameters[0],
-                       "unit": "vision tower"},
-        "latency_s": {**summarise_latency(dense_times, pruned_times, load, available_cores()),
-                      "batch": len(pixels["pixel_values"]), "device": str(pixels["pixel_values"].device)},
-    }
-
+    return ModelCosts(
+        macs=DenseVsPruned(macs.dense, macs.of_masks(head_mask, neuron_mask), "encoder MACs per image (analytic)"),
+        macs_counted=DenseVsPruned(counted_vision_macs(dense), counted_vision_macs(pruned),
+                                   "encoder MACs per image (torch.utils.flop_counter)"),
+        parameters=DenseVsPruned(count_parameters(tower_of(dense).vision), count_parameters(tower_of(pruned).vision),
+                                 "vision tower"),
+        latency=summarise_latency(dense_times, pruned_times, load, available_cores(), len(pixels["pixel_values"]),
+                                  str(pixels["pixel_values"].device)))

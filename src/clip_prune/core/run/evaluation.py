@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import statistics
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from itertools import zip_longest
 from typing import Any
@@ -23,12 +23,23 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from clip_prune.core.run.cascade import Shortlists, cascade_macs, cascade_recall, check_top_m, shortlist_images
+from clip_prune.core.run.cascade import (
+    CascadeResult,
+    CascadeSeconds,
+    Shortlists,
+    cascade_macs,
+    cascade_recall,
+    check_top_m,
+    shortlist_images,
+)
 from clip_prune.core.run.costs import analytic_macs_per_image
 from clip_prune.core.run.metrics import retrieval_recall, zero_shot_accuracy
 from clip_prune.core.timing import timed_call
 from clip_prune.data.coco import ImageItems, RetrievalSplit, ZeroShotSplit, text_length_limit
 from clip_prune.towers import image_embeds, inputs_to, tower_of
+
+Scores = dict[str, dict[str, float]]
+"""A model's metrics in percent, by task and name: `scores["retrieval"]["t2i_R@1"]`, `scores["zero_shot"]["top1"]`."""
 
 
 class Evaluator:
@@ -54,40 +65,40 @@ class Evaluator:
         self.device = device
         self.progress = progress
         self._texts: dict[str, torch.Tensor] = {}
-        self._dense: tuple[PreTrainedModel, dict[str, Any], torch.Tensor] | None = None
+        self._dense: tuple[PreTrainedModel, Scores, torch.Tensor] | None = None
 
-    def __call__(self, model: PreTrainedModel, name: str) -> dict[str, Any]:
+    def __call__(self, model: PreTrainedModel, name: str) -> Scores:
         """Metrics of `model` (in percent); `name` labels the progress bars."""
         return self._score(model, name)[0]
 
     def compare(self, dense: PreTrainedModel, pruned: PreTrainedModel | None,
-                cascade_top_m: list[int] | None = None) -> dict[str, Any]:
+                cascade_top_m: list[int] | None = None) -> Comparison:
         """Metrics of the dense model and, if given, the pruned one, how closely its image embeddings follow the
         dense model's (`cosine_to_dense`, the one measure a vision-only model has) and their cascades
         (`cascade_top_m`)."""
         if self._dense is None or self._dense[0] is not dense:  # scored once for the points of a run
             self._dense = (dense, *self._score(dense, "dense"))
         _, dense_metrics, dense_images = self._dense
-        metrics: dict[str, Any] = {"dense": dense_metrics}
-        if pruned is not None:
-            metrics["pruned"], pruned_images = self._score(pruned, "pruned")
-            metrics["cosine_to_dense"] = cosine_to_dense(dense_images, pruned_images)
-            if cascade_top_m:
-                if self.retrieval is None or not tower_of(pruned).has_text:
-                    warnings.warn("--cascade_top_m needs a model with its text tower and the retrieval split; "
-                                  "no cascade measured", stacklevel=2)
-                else:
-                    metrics["cascade"] = self._cascade(dense, pruned, pruned_images, cascade_top_m)
-        return metrics
+        if pruned is None:
+            return Comparison(dense_metrics)
+        pruned_metrics, pruned_images = self._score(pruned, "pruned")
+        cascade: list[CascadeResult] = []
+        if cascade_top_m:
+            if self.retrieval is None or not tower_of(pruned).has_text:
+                warnings.warn("--cascade_top_m needs a model with its text tower and the retrieval split; "
+                              "no cascade measured", stacklevel=2)
+            else:
+                cascade = self._cascade(dense, pruned, pruned_images, cascade_top_m)
+        return Comparison(dense_metrics, pruned_metrics, cosine_to_dense(dense_images, pruned_images), cascade)
 
-    def _score(self, model: PreTrainedModel, name: str) -> tuple[dict[str, Any], torch.Tensor]:
+    def _score(self, model: PreTrainedModel, name: str) -> tuple[Scores, torch.Tensor]:
         """Metrics of `model` (none for a vision-only one) and its image embeddings [N_img, E] of the retrieval split,
         or of the zero-shot tree where there is no retrieval split."""
         has_text = tower_of(model).has_text
         if has_text and self.tokenizer is None:
             raise ValueError("the checkpoint has no tokenizer, so captions and prompts cannot be embedded; "
                              "save the tokenizer beside the model to evaluate it")
-        results: dict[str, Any] = {}
+        results: Scores = {}
         images = None
         if self.retrieval is not None:
             images, _ = self._encode_images(model, self.retrieval.images, f"{name}: retrieval images")
@@ -107,7 +118,7 @@ class Evaluator:
         return results, images
 
     def _cascade(self, dense: PreTrainedModel, pruned: PreTrainedModel, pruned_images: torch.Tensor,
-                top_ms: list[int]) -> list[dict[str, Any]]:
+                top_ms: list[int]) -> list[CascadeResult]:
         """Text-to-image recall and cost of the pruned-then-dense cascade for each M in `top_ms`.
 
         The dense embeddings the cascade re-ranks with come from encoding only the images of the
@@ -127,22 +138,16 @@ class Evaluator:
         return results
 
     def _cascade_entry(self, lists: Shortlists, subset: torch.Tensor, embeds: torch.Tensor, reranking_s: float,
-                       timings: EncodingTimes, dense_macs: int, pruned_macs: int) -> dict[str, Any]:
+                       timings: EncodingTimes, dense_macs: int, pruned_macs: int) -> CascadeResult:
         texts = self._texts["captions"]
         dense_rows = torch.full((lists.num_images, embeds.shape[1]), float("nan"), device=embeds.device)
         dense_rows[subset.to(embeds.device)] = embeds  # only the re-ranked images have a dense embedding
-        cascade_s = timings.pruned_s + reranking_s
-        return {
-            "top_m": lists.top_m,
-            "retrieval": cascade_recall(dense_rows, texts, self.retrieval.text_to_image.to(embeds.device), lists),
-            "images": lists.num_images,
-            "reranked_images": len(subset),
-            "macs": cascade_macs(lists, dense_macs, pruned_macs),
-            "seconds": {"dense": timings.dense_s, "cascade": cascade_s, "first_stage": timings.pruned_s,
-                        "reranking": reranking_s, "speedup": timings.dense_s / cascade_s,
-                        "device": str(self.device), "batch": self.batch_size,
-                        "unit": "image-encoder forward passes only (no image decoding)"},
-        }
+        return CascadeResult(
+            top_m=lists.top_m,
+            retrieval=cascade_recall(dense_rows, texts, self.retrieval.text_to_image.to(embeds.device), lists),
+            images=lists.num_images, reranked_images=len(subset),
+            macs=cascade_macs(lists, dense_macs, pruned_macs),
+            seconds=CascadeSeconds(timings.dense_s, timings.pruned_s, reranking_s, str(self.device), self.batch_size))
 
     @torch.no_grad()
     def _encode_images(self, model: PreTrainedModel, images: ImageItems,
@@ -170,10 +175,41 @@ class Evaluator:
         return self._texts[key]
 
 
-def cosine_to_dense(dense: torch.Tensor, pruned: torch.Tensor) -> dict[str, float | int]:
+@dataclass(frozen=True)
+class Agreement:
+    """How closely the pruned model's image embeddings follow the dense model's: cosines over `images` images."""
+
+    mean: float
+    min: float
+    images: int
+
+
+def cosine_to_dense(dense: torch.Tensor, pruned: torch.Tensor) -> Agreement:
     """Mean and lowest cosine between each image's pruned and dense embeddings ([N, E] rows of unit length)."""
     cosines = (dense * pruned).sum(dim=-1)
-    return {"mean": float(cosines.mean()), "min": float(cosines.min()), "images": len(cosines)}
+    return Agreement(float(cosines.mean()), float(cosines.min()), len(cosines))
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The dense model's metrics and, for a pruned model, its own, its agreement with the dense model and its
+    cascades (one per M)."""
+
+    dense: Scores
+    pruned: Scores | None = None
+    cosine_to_dense: Agreement | None = None
+    cascade: list[CascadeResult] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """As `report.json` and `clip-prune evaluate --output_json` hold it."""
+        entry: dict[str, Any] = {"dense": self.dense}
+        if self.pruned is not None:
+            entry["pruned"] = self.pruned
+        if self.cosine_to_dense is not None:
+            entry["cosine_to_dense"] = asdict(self.cosine_to_dense)
+        if self.cascade:
+            entry["cascade"] = [result.to_json() for result in self.cascade]
+        return entry
 
 
 @dataclass(frozen=True)

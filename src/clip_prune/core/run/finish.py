@@ -22,7 +22,7 @@ from clip_prune.core.file_names import HEAD_MASK_FILE, NEURON_MASK_FILE, PLAN_FI
 from clip_prune.core.pruning.masks import VisionMasks
 from clip_prune.core.pruning.refit import RefitWeights, refit_applied, save_refit
 from clip_prune.core.pruning.step import StepResult
-from clip_prune.core.run.costs import measure_costs
+from clip_prune.core.run.costs import ModelCosts, measure_costs
 from clip_prune.core.run.outputs import RunFolder
 from clip_prune.towers import VisionInputs, as_inputs, image_embeds, tower_of
 
@@ -66,7 +66,20 @@ class PrunedModelSpec:
     """Where in the run directory the model goes ("" for the run directory itself)."""
 
 
-def export_to(run: RunFolder, spec: PrunedModelSpec) -> tuple[nn.Module, dict[str, Any]]:
+@dataclass(frozen=True)
+class ExportResult:
+    """What saving a pruned model checked (its embeddings against the masked model's, and that they still depend on
+    the image) and measured (`ModelCosts`)."""
+
+    equivalence: dict[str, Any]
+    image_dependence: dict[str, float | None]
+    costs: ModelCosts
+
+    def to_json(self) -> dict[str, Any]:
+        return {"equivalence": self.equivalence, "image_dependence": self.image_dependence, **self.costs.to_json()}
+
+
+def export_to(run: RunFolder, spec: PrunedModelSpec) -> tuple[nn.Module, ExportResult]:
     """`export_pruned` of `spec` into its folder of `run`: the pruned model and what its checks and costs measured."""
     return export_pruned(spec.model, spec.head_mask, spec.neuron_mask, run.file(spec.folder), spec.pretrained,
                          spec.inputs, spec.latency_repeats, spec.refit)
@@ -74,8 +87,9 @@ def export_to(run: RunFolder, spec: PrunedModelSpec) -> tuple[nn.Module, dict[st
 
 def export_pruned(model: PreTrainedModel, head_mask: torch.Tensor, neuron_mask: torch.Tensor,
                       directory: Path, pretrained: str, pixels: torch.Tensor | VisionInputs, latency_repeats: int = 15,
-                      refit: RefitWeights | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Slice `model` by the masks, check it against the masked model, save it to `directory`; return it and a report.
+                      refit: RefitWeights | None = None) -> tuple[nn.Module, ExportResult]:
+    """Slice `model` by the masks, check it against the masked model, save it to `directory`; return it and what
+    was checked and measured.
 
     The reference of the check is the dense model under hook masks with the refit columns written into
     its weights: it shares no code with the slicing.
@@ -110,12 +124,10 @@ def export_pruned(model: PreTrainedModel, head_mask: torch.Tensor, neuron_mask: 
         )
     directory.mkdir(parents=True, exist_ok=True)
     write_pruned_files(pruned, directory, plan_from_masks(head_mask, neuron_mask), processor=read_processor(pretrained))
-    return pruned, {
-        "equivalence": {"max_abs_diff": difference, "tolerance": tolerance, "dtype": str(reference.dtype),
-                        "samples": len(pixels["pixel_values"])},
-        "image_dependence": dependence,
-        **measure_costs(model, pruned, head_mask, neuron_mask, pixels, latency_repeats),
-    }
+    equivalence = {"max_abs_diff": difference, "tolerance": tolerance, "dtype": str(reference.dtype),
+                   "samples": len(pixels["pixel_values"])}
+    return pruned, ExportResult(equivalence, dependence,
+                                measure_costs(model, pruned, head_mask, neuron_mask, pixels, latency_repeats))
 
 
 MIN_SPREAD_RATIO = 1e-3

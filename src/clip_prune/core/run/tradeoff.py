@@ -11,6 +11,8 @@ import io
 from pathlib import Path
 from typing import Any
 
+from clip_prune.core.run.report import RunReport
+
 RECALLS = ("t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10")
 """Retrieval recalls of a row, in percent."""
 PLOTTED = ("t2i_R@1", "t2i_R@10")
@@ -22,8 +24,8 @@ def point_folder(constraint: float) -> str:
     return f"c{constraint:g}"
 
 
-def tradeoff_rows(reports: dict[float, dict[str, Any]]) -> list[dict[str, Any]]:
-    """The dense row and one row per point (by falling constraint) from each point's `report.json` content."""
+def tradeoff_rows(reports: dict[float, RunReport]) -> list[dict[str, Any]]:
+    """The dense row and one row per point (by falling constraint) from each point's report."""
     first = next(iter(reports.values()))
     rows = [_row(first, "dense", 1.0)]
     for constraint in sorted(reports, reverse=True):
@@ -31,30 +33,32 @@ def tradeoff_rows(reports: dict[float, dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _row(report: dict[str, Any], model: str, constraint: float) -> dict[str, Any]:
+def _row(report: RunReport, model: str, constraint: float) -> dict[str, Any]:
     pruned = model == "pruned"
-    latency = report.get("latency_s", {})
-    metrics = report.get("metrics", {})
-    scores = metrics.get(model, {})
+    costs = None if report.export is None else report.export.costs  # none where the model was not saved
+    latency = None if costs is None else costs.latency
+    metrics = report.metrics
+    scores = {} if metrics is None else (metrics.dense if not pruned else metrics.pruned or {})
     row: dict[str, Any] = {
         "model": model,
         "constraint": constraint,
-        "macs_ratio": report["macs"]["ratio"] if pruned else 1.0,
-        "parameters": report.get("parameters", {}).get(model),  # none where the model was not saved
-        "latency_ms": 1e3 * latency[model] if latency else None,
-        "latency_spread": latency.get("spread", {}).get(model),
-        "speedup": (latency["speedup"] if pruned else 1.0) if latency else None,
-        "speedup_error": latency.get("speedup_error") if pruned else None,
-        "latency_reliable": latency.get("reliable"),
+        "macs_ratio": report.pruning.macs_kept().ratio if pruned else 1.0,
+        "parameters": None if costs is None else getattr(costs.parameters, model),
+        "latency_ms": None if latency is None else 1e3 * getattr(latency, model),
+        "latency_spread": None if latency is None else latency.spread[model],
+        "speedup": None if latency is None else (latency.speedup if pruned else 1.0),
+        "speedup_error": latency.speedup_error if latency is not None and pruned else None,
+        "latency_reliable": None if latency is None else latency.reliable,
     }
     row |= {name: scores.get("retrieval", {}).get(name) for name in RECALLS}
     row["zero_shot_top1"] = scores.get("zero_shot", {}).get("top1")
-    row["cosine_to_dense"] = metrics.get("cosine_to_dense", {}).get("mean") if pruned else 1.0
-    for entry in metrics.get("cascade", []) if pruned else []:
-        prefix = f"cascade_M{entry['top_m']}"
-        row |= {f"{prefix}_{name}": value for name, value in entry["retrieval"].items()}
-        row[f"{prefix}_gallery_macs_ratio"] = entry["macs"]["ratio"]
-        row[f"{prefix}_reranked_fraction"] = entry["reranked_images"] / entry["images"]
+    agreement = None if metrics is None else metrics.cosine_to_dense
+    row["cosine_to_dense"] = (None if agreement is None else agreement.mean) if pruned else 1.0
+    for entry in metrics.cascade if metrics is not None and pruned else []:
+        prefix = f"cascade_M{entry.top_m}"
+        row |= {f"{prefix}_{name}": value for name, value in entry.retrieval.items()}
+        row[f"{prefix}_gallery_macs_ratio"] = entry.macs.ratio
+        row[f"{prefix}_reranked_fraction"] = entry.reranked_images / entry.images
     return row
 
 
