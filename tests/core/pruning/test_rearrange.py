@@ -1,4 +1,4 @@
-"""Tests of the greedy mask rearrangement (DESIGN.md, "Mask rearrangement")."""
+"""Tests of the greedy mask rearrangement (docs/design.md, "Mask rearrangement")."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def _damage(pruned: set[int], gram: torch.Tensor) -> float:
 
 
 def _reference_greedy_layer(mask: torch.Tensor, scores: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-    """DESIGN.md's greedy written directly, recomputing 1ᵀG1 of every candidate set."""
+    """The greedy of docs/design.md written directly, recomputing 1ᵀG1 of every candidate set."""
     num_pruned = int((mask == 0).sum())
     if num_pruned in (0, mask.numel()):
         return mask.clone()

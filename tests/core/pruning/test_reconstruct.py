@@ -1,4 +1,4 @@
-"""Layer-wise reconstruction (DESIGN.md, "Mask rescaling" and "Weight refit"), on tiny random CLIPs."""
+"""Layer-wise reconstruction (docs/design.md, "Mask rescaling" and "Weight refit"), on tiny random CLIPs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Iterative pruning's step constraints and the options' checks (DESIGN.md, "Weight refit")."""
+"""Iterative pruning's step constraints and the options' checks (docs/design.md, "Weight refit")."""
 
 from __future__ import annotations
 
