@@ -176,6 +176,11 @@ def run_cli_subprocess(args: list[str], cwd: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # The workers share the cores: torch's default of one thread per core in each of them slows all of them down.
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _raise_user_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     """`main` raises user errors instead of exiting with status 2, so tests can match their type and message."""

@@ -203,20 +203,23 @@ def test_fisher_file_of_another_model_is_refused(tiny_clip_dir, tiny_coco_root, 
         run_prune(tiny_clip_dir, tiny_coco_root, tmp_path / "out", "--constraint", "0.5", "--fisher", str(corrupt))
 
 
-def _prune_subprocess(model_dir: Path, data_root: Path, output_dir: Path, *extra: str, loss: str = "distill") -> None:
-    run_cli_subprocess(["prune", "--config", str(CONFIG), "--model.pretrained", str(model_dir), "--data.root",
-                        str(data_root), "--output_dir", str(output_dir), "--model.loss", loss,
-                        "--trainer.logger", "false", *extra], cwd=output_dir.parent)
+def _prune_in_one_and_two_processes(model_dir: Path, data_root: Path, folder: Path, *extra: str,
+                                    one: tuple[str, ...] = (), two: tuple[str, ...] = ()) -> None:
+    """The same run in this process (folder/one) and under 2-process gloo DDP (folder/two: DDP needs a fresh launch)."""
+    common = ["prune", "--config", str(CONFIG), "--model.pretrained", str(model_dir), "--data.root", str(data_root),
+              "--trainer.logger", "false", *extra]
+    main([*common, "--output_dir", str(folder / "one"), *one])
+    run_cli_subprocess([*common, "--output_dir", str(folder / "two"), "--trainer.strategy", "ddp",
+                        "--trainer.devices", "2", *two], cwd=folder)
 
 
 def test_fisher_from_two_ddp_processes_equals_one_for_every_family(tiny_model_dir, tiny_coco_root, tmp_path) -> None:
     """The family's own loss (SigLIP's sigmoid loss over the global batch; distill for a vision tower alone) and
     its inputs (SigLIP2's patch masks) under 2-process gloo DDP; 9 samples, so rank 1 pads the last batch."""
     loss = "distill" if _vision_only(tiny_model_dir) else "contrastive"
-    common = ("--data.num_samples", "9", "--constraint", "null")
-    _prune_subprocess(tiny_model_dir, tiny_coco_root, tmp_path / "one", *common, "--data.batch_size", "8", loss=loss)
-    _prune_subprocess(tiny_model_dir, tiny_coco_root, tmp_path / "two", *common, "--data.batch_size", "4",
-                      "--trainer.strategy", "ddp", "--trainer.devices", "2", loss=loss)
+    _prune_in_one_and_two_processes(tiny_model_dir, tiny_coco_root, tmp_path, "--model.loss", loss,
+                                    "--data.num_samples", "9", "--constraint", "null",
+                                    one=("--data.batch_size", "8"), two=("--data.batch_size", "4"))
     one, two = load_file(tmp_path / "one" / "fisher.safetensors"), load_file(tmp_path / "two" / "fisher.safetensors")
     assert one["head_fisher"].sum() > 0
     for key in one:  # float32 passes at batch 4 vs 8: equal to 1e-6 of each statistic's largest entry
@@ -225,10 +228,8 @@ def test_fisher_from_two_ddp_processes_equals_one_for_every_family(tiny_model_di
 
 @pytest.mark.parametrize("num_samples", [8, 11])
 def test_fisher_from_two_ddp_processes_equals_one(num_samples, tiny_clip_dir, tiny_coco_root, tmp_path) -> None:
-    common = ("--data.num_samples", str(num_samples), "--constraint", "0.6")
-    _prune_subprocess(tiny_clip_dir, tiny_coco_root, tmp_path / "one", *common)
-    _prune_subprocess(tiny_clip_dir, tiny_coco_root, tmp_path / "two", *common,
-                      "--trainer.strategy", "ddp", "--trainer.devices", "2")
+    _prune_in_one_and_two_processes(tiny_clip_dir, tiny_coco_root, tmp_path, "--model.loss", "distill",
+                                    "--data.num_samples", str(num_samples), "--constraint", "0.6")
     one, two = load_file(tmp_path / "one" / "fisher.safetensors"), load_file(tmp_path / "two" / "fisher.safetensors")
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-9)
