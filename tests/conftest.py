@@ -176,9 +176,11 @@ def run_cli_subprocess(args: list[str], cwd: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-if "PYTEST_XDIST_WORKER" in os.environ:
-    # The workers share the cores: torch's default of one thread per core in each of them slows all of them down.
-    torch.set_num_threads(1)
+def pytest_configure(config: pytest.Config) -> None:
+    """One torch thread in each pytest-xdist worker: the workers share the cores, and torch's default of one thread
+    per core in each of them slows all of them down."""
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -49,9 +49,9 @@ def test_arrows_point_down() -> None:
 
 def test_the_code_cites_only_documents_users_have() -> None:
     """No reference to a design document outside the repository; every cited section of docs/*.md exists."""
-    docs = PACKAGE.parents[1] / "docs"
-    sections = {path.stem: set(re.findall(r"^##+ (.+)$", path.read_text(), re.M)) for path in docs.glob("*.md")}
     root = PACKAGE.parents[1]
+    sections = {path.stem: set(re.findall(r"^##+ (.+)$", path.read_text(), re.M))
+                for path in (root / "docs").glob("*.md")}
     files = [path for folder in ("src", "tests", "benchmarks", "configs") for path in (root / folder).rglob("*")]
     for path in files:
         if path.suffix not in (".py", ".yaml") or path == Path(__file__):
